@@ -1,0 +1,1 @@
+"""Backends: one module per inference engine, all behind wafer.backends.base.Backend."""

@@ -1,0 +1,105 @@
+"""The backend contract: load a model, run a batch, report health, close.
+
+A backend knows nothing of gRPC, queues or other models. It is driven from one worker thread
+at a time (the registry guarantees it), so it needs no locks of its own.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from wafer.domain import ChatMessage, FloatMatrix, GenerationDelta, SamplingParams
+from wafer.errors import FailedPreconditionError, InvalidArgumentError
+from wafer.specs import ModelSpec, Task
+
+
+class InputTooLongError(InvalidArgumentError):
+    """An input exceeds the model's window and the caller did not ask for truncation."""
+
+    def __init__(self, index: int, tokens: int, limit: int, model: str) -> None:
+        super().__init__(
+            f"input {index} has {tokens} tokens, more than the {limit} that model {model!r} reads; "
+            "shorten it or set truncate=true"
+        )
+        self.index = index
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFiles:
+    """Local files a spec's sources resolved to."""
+
+    weights: Path
+    tokenizer: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    threads: int
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Pooled, not yet normalized vectors [n, dimensions] and each input's token count."""
+
+    vectors: FloatMatrix
+    token_counts: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class RelevanceScores:
+    scores: list[float]
+    token_counts: list[int]
+
+
+class Backend(abc.ABC):
+    """Base of every backend. Subclasses override the tasks they list in `tasks`."""
+
+    tasks: ClassVar[frozenset[Task]] = frozenset()
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> Backend:
+        """Read the model into memory; raise FailedPreconditionError if it cannot be used."""
+
+    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+        """Embed texts (prompts already applied). Too-long inputs raise InputTooLongError
+        unless `truncate`, which keeps the first `spec.max_tokens` tokens."""
+        raise self._unsupported(Task.EMBED)
+
+    def score_relevance(
+        self, query: str, documents: Sequence[str], *, instruction: str, truncate: bool
+    ) -> RelevanceScores:
+        """Probability in [0, 1] that each document is relevant to the query."""
+        raise self._unsupported(Task.RERANK)
+
+    def generate(
+        self,
+        *,
+        prompt: str | None,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[GenerationDelta]:
+        """Stream text. Stops early once `cancelled()` is true. The last delta has a finish reason
+        and the token counts."""
+        raise self._unsupported(Task.GENERATE)
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` takes with this model's tokenizer, special tokens included."""
+
+    def health(self) -> None:
+        """Raise if the model cannot serve (a tiny real inference, not a flag)."""
+
+    def close(self) -> None:
+        """Free the model's memory. The backend is not used afterwards."""
+
+    def _unsupported(self, task: Task) -> FailedPreconditionError:
+        return FailedPreconditionError(f"model {self.spec.name!r} ({self.spec.backend}) cannot {task.value}")

@@ -1,0 +1,58 @@
+"""Server settings: one typed object, read once in `main` from defaults, environment (WAFER_*)
+and command-line flags (highest first: flags, environment, defaults), then passed down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "wafer"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WAFER_", extra="forbid")
+
+    address: str = Field(
+        default="127.0.0.1:50051",
+        description="Where to listen: host:port (port 0 picks a free one) or unix:///absolute/path.",
+    )
+    models_file: Path = Field(default=Path("models.yaml"), description="The model catalog.")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir, description="Vector store, job state and caches live here."
+    )
+    model_cache_dir: Path | None = Field(
+        default=None, description="Where hf:// sources are downloaded; default: <data_dir>/models."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, gt=0, description="CPU threads per model."
+    )
+    max_inputs_per_request: int = Field(default=1024, gt=0, le=100_000)
+    max_input_bytes: int = Field(
+        default=4 * 1024 * 1024, gt=0, description="Largest single input text or prompt, in bytes."
+    )
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest gRPC message.")
+    default_max_new_tokens: int = Field(default=256, gt=0)
+    unload_drain_timeout_seconds: float = Field(default=30.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    @field_validator("data_dir", "models_file", "model_cache_dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def hub_cache_dir(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "qdrant"

@@ -1,0 +1,1 @@
+"""The gRPC layer: servicers that validate, translate and map errors; no business logic."""

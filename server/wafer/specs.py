@@ -1,0 +1,155 @@
+"""The model catalog: what `models.yaml` declares, validated once at start.
+
+A spec says where a model's files come from and how to use it (pooling, prompts, windows);
+it says nothing about whether the model is loaded: that is the registry's business.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from wafer.errors import InvalidArgumentError
+
+
+class Task(StrEnum):
+    EMBED = "embed"
+    RERANK = "rerank"
+    GENERATE = "generate"
+
+
+class Pooling(StrEnum):
+    """How token states become one vector. Must match the model's own training config."""
+
+    MEAN = "mean"
+    CLS = "cls"
+    LAST = "last"
+    # The graph already outputs one vector per text.
+    NONE = "none"
+
+
+class LoadPolicy(StrEnum):
+    STARTUP = "startup"
+    ON_DEMAND = "on_demand"
+
+
+class RerankMethod(StrEnum):
+    # Bi-encoder: cosine between the query's and each document's embedding.
+    COSINE = "cosine"
+    # LLM judge: probability that the answer to "does the document answer the query" is "yes".
+    RELEVANCE = "relevance"
+
+
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+class ModelSpec(BaseModel):
+    """One entry of `models.yaml`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    name: str = Field(description="Name clients use; the key in models.yaml.")
+    backend: str = Field(description="Backend that runs the model: 'onnx' or 'gguf'.")
+    source: str = Field(
+        description="Weights: a path (relative to models.yaml), pkg://distribution/path/in/dist, "
+        "or hf://org/repo/path/in/repo[@revision]."
+    )
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer.json for ONNX models, in the same forms as `source`."
+    )
+    tasks: Annotated[list[Task], Field(min_length=1)]
+    dimensions: int | None = Field(default=None, gt=0, description="Embedding dimension.")
+    matryoshka_dimensions: list[int] = Field(
+        default_factory=list,
+        description="Dimensions the model was trained to be cut to; empty allows any prefix.",
+    )
+    max_tokens: int = Field(default=512, gt=0, description="Longest input read for embed/rerank, in tokens.")
+    context_length: int | None = Field(
+        default=None, gt=0, description="GGUF context window for generation; default: the model's own."
+    )
+    pooling: Pooling = Pooling.MEAN
+    normalize: bool = True
+    query_prompt: str = Field(default="", description="Prefix for INPUT_TYPE_QUERY inputs.")
+    document_prompt: str = Field(default="", description="Prefix for INPUT_TYPE_DOCUMENT inputs.")
+    rerank_method: RerankMethod | None = Field(
+        default=None, description="Default: cosine for embedding models, relevance for generative ones."
+    )
+    rerank_instruction: str = DEFAULT_RERANK_INSTRUCTION
+    load: LoadPolicy = LoadPolicy.ON_DEMAND
+    threads: int | None = Field(default=None, gt=0, description="CPU threads; default: the server's.")
+    description: str = ""
+    requires: str = Field(
+        default="", description="What must be true before this model can load, told to whoever tries."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if Task.EMBED in self.tasks and self.dimensions is None:
+            raise ValueError("an embedding model needs `dimensions`")
+        if any(d > (self.dimensions or 0) for d in self.matryoshka_dimensions):
+            raise ValueError("matryoshka_dimensions must not exceed `dimensions`")
+        if Task.RERANK in self.tasks and self.effective_rerank_method is RerankMethod.COSINE:
+            if Task.EMBED not in self.tasks:
+                raise ValueError("cosine reranking needs the model to embed")
+        return self
+
+    @property
+    def effective_rerank_method(self) -> RerankMethod:
+        if self.rerank_method is not None:
+            return self.rerank_method
+        return RerankMethod.RELEVANCE if Task.GENERATE in self.tasks else RerankMethod.COSINE
+
+
+class Catalog(BaseModel):
+    """All of `models.yaml`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    defaults: dict[Task, str] = Field(default_factory=dict)
+    models: dict[str, ModelSpec]
+    # Folder that relative sources are resolved against: the folder of models.yaml.
+    base_dir: Path = Path()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            data = dict(data)
+            data["models"] = {
+                name: {"name": name, **spec} if isinstance(spec, dict) else spec
+                for name, spec in data["models"].items()
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _check_defaults(self) -> Self:
+        for task, name in self.defaults.items():
+            spec = self.models.get(name)
+            if spec is None:
+                raise ValueError(f"default model {name!r} for {task.value} is not in `models`")
+            if task not in spec.tasks:
+                raise ValueError(f"default model {name!r} for {task.value} does not do {task.value}")
+        return self
+
+    def default_for(self, task: Task) -> str | None:
+        """The model that answers `task` when a request names none."""
+        if task in self.defaults:
+            return self.defaults[task]
+        return next((spec.name for spec in self.models.values() if task in spec.tasks), None)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> Catalog:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidArgumentError(f"cannot read models file {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise InvalidArgumentError(f"models file {path} must be a mapping with a `models` key")
+        try:
+            return cls.model_validate({**raw, "base_dir": path.resolve().parent})
+        except ValidationError as exc:
+            raise InvalidArgumentError(f"models file {path} is invalid:\n{exc}") from exc

@@ -1,0 +1,1 @@
+"""Vector stores behind one interface (Qdrant: embedded local mode or a server)."""
