@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from wafer.specs import Catalog, ModelSpec
 from wafer.sources import SourceResolver
+from wafer.specs import Catalog, ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_YAML = ROOT / "models.yaml"

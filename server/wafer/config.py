@@ -40,7 +40,8 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, gt=0, description="Largest single input text or prompt, in bytes."
     )
     max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest gRPC message.")
-    default_max_new_tokens: int = Field(default=256, gt=0)
+    default_max_new_tokens: int = Field(default=256, gt=0, description="Generate's max_tokens when unset.")
+    max_new_tokens_limit: int = Field(default=4096, gt=0, description="Largest max_tokens a call may ask.")
     unload_drain_timeout_seconds: float = Field(default=30.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 

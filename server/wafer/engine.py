@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
 
+from wafer.backends.base import InputTooLongError
 from wafer.config import Settings
 from wafer.domain import (
     EmbedRequest,
@@ -42,7 +43,8 @@ def _ms(seconds: float) -> float:
 
 def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    normalized: FloatMatrix = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    return normalized
 
 
 class InferenceEngine:
@@ -96,7 +98,13 @@ class InferenceEngine:
             if spec.effective_rerank_method is RerankMethod.COSINE:
                 texts = [spec.query_prompt + request.query]
                 texts += [spec.document_prompt + doc for doc in request.documents]
-                output = await model.worker.run(lambda: backend.embed(texts, truncate=request.truncate))
+                try:
+                    output = await model.worker.run(lambda: backend.embed(texts, truncate=request.truncate))
+                except InputTooLongError as error:
+                    # Row 0 is the query; documents follow.
+                    if error.index == 0:
+                        raise error.renamed("the query", 0) from None
+                    raise error.renamed(f"documents[{error.index - 1}]", error.index - 1) from None
                 vectors = l2_normalize(output.vectors)
                 scores = (vectors[1:] @ vectors[0]).tolist()
                 token_counts = output.token_counts
@@ -219,8 +227,11 @@ class InferenceEngine:
             if not message.content:
                 raise InvalidArgumentError(f"messages[{i}].content is empty")
         sampling = request.sampling
-        if sampling.max_tokens <= 0:
-            raise InvalidArgumentError("max_tokens must be positive")
+        if not 0 < sampling.max_tokens <= self._settings.max_new_tokens_limit:
+            raise InvalidArgumentError(
+                f"max_tokens must be between 1 and {self._settings.max_new_tokens_limit}, "
+                f"not {sampling.max_tokens}"
+            )
         if not 0.0 <= sampling.temperature <= 2.0:
             raise InvalidArgumentError(f"temperature must be in [0, 2], not {sampling.temperature:g}")
         if not 0.0 < sampling.top_p <= 1.0:

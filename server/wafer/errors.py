@@ -70,7 +70,7 @@ STATUS_BY_ERROR: dict[type[WaferError], grpc.StatusCode] = {
 def status_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC status for an exception; anything that is not a WaferError is INTERNAL."""
     for cls in type(error).__mro__:
-        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
+        code = STATUS_BY_ERROR.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

@@ -123,7 +123,8 @@ class ModelRegistry:
         if task not in entry.spec.tasks:
             able = ", ".join(n for n, e in self._entries.items() if task in e.spec.tasks) or "none"
             raise FailedPreconditionError(
-                f"model {name!r} cannot {task.value} (it can: {', '.join(t.value for t in entry.spec.tasks)}); "
+                f"model {name!r} cannot {task.value} "
+                f"(it can: {', '.join(t.value for t in entry.spec.tasks)}); "
                 f"models that can {task.value}: {able}"
             )
         return entry.spec
@@ -159,7 +160,9 @@ class ModelRegistry:
         entry = self._entries[spec.name]
         while entry.state is not ModelState.READY:
             if entry.state is ModelState.UNLOADING:
-                raise UnavailableError(f"model {spec.name!r} is being unloaded; retry once it is loaded again")
+                raise UnavailableError(
+                    f"model {spec.name!r} is being unloaded; retry once it is loaded again"
+                )
             await self.load(spec.name)
         assert entry.loaded is not None
         entry.active += 1

@@ -76,33 +76,83 @@ class SourceResolver:
         return path
 
     def _from_hub(self, hub_file: HubFile, model: str) -> Path:
-        # Imported here: huggingface_hub reads its environment (HF_ENDPOINT, HF_HUB_OFFLINE) at import.
-        from huggingface_hub import hf_hub_download
+        # Imported here: huggingface_hub reads its environment (HF_ENDPOINT, HF_HUB_OFFLINE) at import,
+        # and the client-only install does not need it.
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
         from huggingface_hub.errors import (
-            EntryNotFoundError,
+            GatedRepoError,
             LocalEntryNotFoundError,
+            RemoteEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
 
-        common = {
-            "repo_id": hub_file.repo_id,
-            "filename": hub_file.filename,
-            "revision": hub_file.revision,
-            "cache_dir": self._hub_cache_dir,
-            "endpoint": self._hub_endpoint,
-        }
+        repo, filename, revision = hub_file.repo_id, hub_file.filename, hub_file.revision
+        at = f"@{revision}" if revision else ""
+        # The cache first, without a request: a cached file loads offline and instantly, and a branch
+        # that moved upstream does not silently swap the weights a collection's vectors came from
+        # (pin `@revision`, or clear the cache, to take a new one).
         try:
-            return Path(hf_hub_download(**common))
+            return Path(
+                hf_hub_download(
+                    repo, filename, revision=revision, cache_dir=self._hub_cache_dir, local_files_only=True
+                )
+            )
         except LocalEntryNotFoundError:
+            pass
+        endpoint = self._hub_endpoint or constants.ENDPOINT
+        try:
+            # One HEAD without retries first: hf_hub_download retries an unreachable Hub with backoff
+            # for about 25 s before giving up, which a model load (and an offline machine) should not
+            # wait for. When the Hub answers, the download below repeats this HEAD, then fetches.
+            get_hf_file_metadata(
+                hf_hub_url(repo, filename, revision=revision, endpoint=self._hub_endpoint),
+                endpoint=self._hub_endpoint,
+            )
+            return Path(
+                hf_hub_download(
+                    repo,
+                    filename,
+                    revision=revision,
+                    cache_dir=self._hub_cache_dir,
+                    endpoint=self._hub_endpoint,
+                )
+            )
+        except GatedRepoError:
             raise FailedPreconditionError(
-                f"model {model!r} is not on this machine and the Hugging Face Hub cannot be reached: "
-                f"{hub_file.repo_id}/{hub_file.filename}. On a machine that is online, run "
-                f"`hf download {hub_file.repo_id} {hub_file.filename} --cache-dir {self._hub_cache_dir}` "
-                "and copy that folder here, or point the model's `source` at a local file"
+                f"model {model!r}: the Hub repository {repo} is gated: accept its terms on the Hub, "
+                "then set HF_TOKEN to a token of that account"
             ) from None
-        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        except RepositoryNotFoundError:
             raise FailedPreconditionError(
-                f"model {model!r}: the Hub has no {hub_file.repo_id}/{hub_file.filename}"
-                f"{'@' + hub_file.revision if hub_file.revision else ''}: {type(exc).__name__}"
+                f"model {model!r}: the Hub has no repository {repo} (or it is private: set HF_TOKEN); "
+                "check the model's `source`"
             ) from None
+        except RevisionNotFoundError:
+            raise FailedPreconditionError(
+                f"model {model!r}: the Hub repository {repo} has no revision {revision!r}; "
+                "check the model's `source`"
+            ) from None
+        except RemoteEntryNotFoundError:
+            raise FailedPreconditionError(
+                f"model {model!r}: the Hub repository {repo} has no file {filename!r}"
+                f"{f' at revision {revision!r}' if revision else ''}; check the model's `source`"
+            ) from None
+        except Exception as exc:
+            # Everything else means the file could not be fetched: no network, offline mode
+            # (HF_HUB_OFFLINE), a refused or timed-out connection, a Hub error. The transport's own
+            # exception types differ between huggingface_hub releases, so they are not named here.
+            revision_flag = f" --revision {revision}" if revision else ""
+            raise FailedPreconditionError(
+                f"model {model!r} needs {repo}/{filename}{at}, which is not in the model cache "
+                f"({self._hub_cache_dir}) and could not be downloaded from {endpoint} "
+                f"({type(exc).__name__}: {_first_line(exc)}). On a machine that is online, run "
+                f"`hf download {repo} {filename}{revision_flag} --cache-dir <folder>` and copy that "
+                f"folder's contents into {self._hub_cache_dir}, or point the model's `source` at a "
+                "local file"
+            ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"

@@ -92,9 +92,9 @@ class ModelSpec(BaseModel):
             raise ValueError("an embedding model needs `dimensions`")
         if any(d > (self.dimensions or 0) for d in self.matryoshka_dimensions):
             raise ValueError("matryoshka_dimensions must not exceed `dimensions`")
-        if Task.RERANK in self.tasks and self.effective_rerank_method is RerankMethod.COSINE:
-            if Task.EMBED not in self.tasks:
-                raise ValueError("cosine reranking needs the model to embed")
+        cosine_rerank = Task.RERANK in self.tasks and self.effective_rerank_method is RerankMethod.COSINE
+        if cosine_rerank and Task.EMBED not in self.tasks:
+            raise ValueError("cosine reranking needs the model to embed")
         return self
 
     @property

@@ -20,12 +20,20 @@ from wafer.specs import ModelSpec, Task
 class InputTooLongError(InvalidArgumentError):
     """An input exceeds the model's window and the caller did not ask for truncation."""
 
-    def __init__(self, index: int, tokens: int, limit: int, model: str) -> None:
+    def __init__(self, index: int, tokens: int, limit: int, model: str, *, what: str = "") -> None:
+        what = what or f"input {index}"
         super().__init__(
-            f"input {index} has {tokens} tokens, more than the {limit} that model {model!r} reads; "
+            f"{what} has {tokens} tokens, more than the {limit} that model {model!r} reads; "
             "shorten it or set truncate=true"
         )
         self.index = index
+        self.tokens = tokens
+        self.limit = limit
+        self.model = model
+
+    def renamed(self, what: str, index: int) -> InputTooLongError:
+        """The same error, told in the caller's terms (a rerank's `documents[3]`, not `input 4`)."""
+        return InputTooLongError(index, self.tokens, self.limit, self.model, what=what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +103,11 @@ class Backend(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens `text` takes with this model's tokenizer, special tokens included."""
 
+    @abc.abstractmethod
     def health(self) -> None:
         """Raise if the model cannot serve (a tiny real inference, not a flag)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Free the model's memory. The backend is not used afterwards."""
 

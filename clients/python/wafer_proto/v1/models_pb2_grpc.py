@@ -77,7 +77,8 @@ class ModelsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
-        """Loads a model and returns once it is ready (or has failed).
+        """Loads a model and returns once it is ready. A load that fails answers
+        FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

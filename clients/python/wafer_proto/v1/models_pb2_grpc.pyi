@@ -39,7 +39,9 @@ class ModelsStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.ModelInfo]
     LoadModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.LoadModelRequest, _models_pb2.ModelInfo]
-    """Loads a model and returns once it is ready (or has failed)."""
+    """Loads a model and returns once it is ready. A load that fails answers
+    FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
+    """
     UnloadModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.UnloadModelRequest, _models_pb2.ModelInfo]
     """Refuses new requests for the model (UNAVAILABLE), lets the ones it holds
     finish, then frees it.
@@ -55,7 +57,9 @@ class ModelsAsyncStub(ModelsStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.ModelInfo]  # type: ignore[assignment]
     LoadModel: _aio.UnaryUnaryMultiCallable[_models_pb2.LoadModelRequest, _models_pb2.ModelInfo]  # type: ignore[assignment]
-    """Loads a model and returns once it is ready (or has failed)."""
+    """Loads a model and returns once it is ready. A load that fails answers
+    FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
+    """
     UnloadModel: _aio.UnaryUnaryMultiCallable[_models_pb2.UnloadModelRequest, _models_pb2.ModelInfo]  # type: ignore[assignment]
     """Refuses new requests for the model (UNAVAILABLE), lets the ones it holds
     finish, then frees it.
@@ -86,7 +90,9 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
         request: _models_pb2.LoadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_models_pb2.ModelInfo, _abc.Awaitable[_models_pb2.ModelInfo]]:
-        """Loads a model and returns once it is ready (or has failed)."""
+        """Loads a model and returns once it is ready. A load that fails answers
+        FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
+        """
 
     @_abc_1.abstractmethod
     def UnloadModel(

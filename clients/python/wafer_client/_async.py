@@ -1,0 +1,400 @@
+"""The asyncio client (grpc.aio). Same methods as the blocking client, awaited."""
+
+# ASYNC109 prefers asyncio.timeout(), but a per-call `timeout` here is the gRPC deadline the server sees
+# and uses to drop queued work; a client-side asyncio timeout could not tell the server anything.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar, Unpack
+
+import grpc
+
+from wafer_client import _convert, _health
+from wafer_client._base import USE_CLIENT_DEFAULT, BaseClient, ClientOptions, Timeout
+from wafer_client._convert import DocumentInput, MessageInput
+from wafer_client.errors import from_rpc_error
+from wafer_client.types import (
+    CollectionInfo,
+    Completion,
+    EmbedResult,
+    GenerationChunk,
+    InputType,
+    ModelInfo,
+    Priority,
+    RerankResult,
+    SearchResult,
+    StoredDocument,
+    Timings,
+    UpsertResult,
+    Usage,
+)
+from wafer_proto.v1 import (
+    index_pb2,
+    index_pb2_grpc,
+    inference_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+
+
+class _Stubs:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.inference = inference_pb2_grpc.InferenceStub(channel)
+        self.models = models_pb2_grpc.ModelsStub(channel)
+        self.index = index_pb2_grpc.IndexStub(channel)
+        self.health: grpc.aio.UnaryUnaryMultiCallable[str, str] = channel.unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.serialize_request,
+            response_deserializer=_health.deserialize_status,
+        )
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+T = TypeVar("T")
+
+
+class AsyncWaferClient(BaseClient):
+    """An asyncio Wafer client. One instance holds one channel, opened on first use and bound to that
+    event loop; construct it anywhere, use and close it on one loop.
+
+    ``address`` is ``host:port`` or ``unix:///path`` (default: ``$WAFER_ADDRESS``, else
+    ``127.0.0.1:50051``). ``timeout`` is each call's deadline in seconds (None: no deadline) and can be
+    overridden per call. ``retries`` is how many times a call failing with RESOURCE_EXHAUSTED or
+    UNAVAILABLE is retried (so 2 means up to 3 attempts), or a :class:`RetryPolicy`. ``metadata`` is sent
+    with every call (e.g. ``{"authorization": "Bearer ..."}``). TLS is used when ``tls`` is true or
+    certificates are given; ``credentials`` overrides all of that.
+
+    Every failed call raises a :class:`wafer_client.errors.WaferError` subclass.
+    """
+
+    def __init__(self, address: str | None = None, **options: Unpack[ClientOptions]) -> None:
+        super().__init__(address, **options)
+        # Connected on first use: a grpc.aio channel belongs to the loop running when it is made, and a
+        # client is often constructed before any loop runs (module level, app factories).
+        self._stubs: _Stubs | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _connect(self) -> _Stubs:
+        loop = asyncio.get_running_loop()
+        if self._stubs is None:
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(self.address, self._credentials, options=self._options)
+            else:
+                channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            self._stubs = _Stubs(channel)
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "this AsyncWaferClient is bound to the event loop it was first used in; "
+                "create one client per event loop"
+            )
+        return self._stubs
+
+    @property
+    def _inference(self) -> inference_pb2_grpc.InferenceAsyncStub:
+        return self._connect().inference
+
+    @property
+    def _models(self) -> models_pb2_grpc.ModelsAsyncStub:
+        return self._connect().models
+
+    @property
+    def _index(self) -> index_pb2_grpc.IndexAsyncStub:
+        return self._connect().index
+
+    @property
+    def _health_check(self) -> grpc.aio.UnaryUnaryMultiCallable[str, str]:
+        return self._connect().health
+
+    async def close(self) -> None:
+        stubs, self._stubs, self._loop = self._stubs, None, None
+        if stubs is not None:
+            await stubs.channel.close(None)
+
+    # httpx spells it aclose; accept both so code moving between the two reads naturally.
+    aclose = close
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # Calling
+
+    async def _unary(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        timeout: Timeout,
+        *,
+        retry: bool = True,
+    ) -> Resp:
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            try:
+                return await method(
+                    request, timeout=self._remaining(deadline), metadata=self._call_metadata()
+                )
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = self._retry_delay(error, attempt, deadline) if retry else None
+                if delay is None:
+                    raise error from rpc_error
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _stream(
+        self,
+        method: grpc.aio.UnaryStreamMultiCallable[Req, Resp],
+        request: Req,
+        timeout: Timeout,
+        convert: Callable[[Resp], T],
+    ) -> AsyncGenerator[T, None]:
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            call = method(request, timeout=self._remaining(deadline), metadata=self._call_metadata())
+            started = False
+            try:
+                async for response in call:
+                    started = True
+                    yield convert(response)
+                return
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                # Once text reached the caller a retry would repeat or contradict it: fail instead.
+                delay = None if started else self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from rpc_error
+            finally:
+                # A caller that stops iterating early must not leave the server generating for nobody.
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    # Inference
+
+    async def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        model: str = "",
+        input_type: InputType = "document",
+        dimensions: int = 0,
+        truncate: bool = False,
+        normalize: bool | None = None,
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> EmbedResult:
+        """Embeds each input into one vector: ``result.vectors`` is float32 [len(inputs), dimensions]."""
+        request = _convert.embed_request(
+            inputs,
+            model=model,
+            input_type=input_type,
+            dimensions=dimensions,
+            truncate=truncate,
+            normalize=normalize,
+            priority=priority,
+        )
+        return _convert.embed_result(await self._unary(self._inference.Embed, request, timeout))
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str = "",
+        top_n: int = 0,
+        return_documents: bool = False,
+        truncate: bool = False,
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> RerankResult:
+        """Scores documents against the query; results come best first (``top_n`` 0 returns all)."""
+        request = _convert.rerank_request(
+            query,
+            documents,
+            model=model,
+            top_n=top_n,
+            return_documents=return_documents,
+            truncate=truncate,
+            priority=priority,
+        )
+        return _convert.rerank_result(await self._unary(self._inference.Rerank, request, timeout))
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageInput] | None = None,
+        model: str = "",
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """Streams generated text from a raw ``prompt`` or a chat (``messages``), one delta per chunk; the
+        last chunk carries ``finish_reason``, ``usage`` and ``timings``. To stop early, ``await
+        stream.aclose()``: that cancels the call on the server at once, where merely leaving the loop
+        waits for the garbage collector."""
+        request = _convert.generate_request(
+            prompt,
+            messages=messages,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            priority=priority,
+        )
+        return self._stream(self._inference.Generate, request, timeout, _convert.generation_chunk)
+
+    async def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageInput] | None = None,
+        model: str = "",
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> Completion:
+        """:meth:`generate`, joined into one :class:`Completion`."""
+        chunks = self.generate(
+            prompt,
+            messages=messages,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            priority=priority,
+            timeout=timeout,
+        )
+        parts: list[str] = []
+        last = GenerationChunk(text="")
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            last = chunk
+        return Completion(
+            text="".join(parts),
+            model=last.model,
+            finish_reason=last.finish_reason,
+            usage=last.usage or Usage(),
+            timings=last.timings or Timings(),
+        )
+
+    # Models
+
+    async def list_models(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ModelInfo]:
+        response = await self._unary(self._models.ListModels, models_pb2.ListModelsRequest(), timeout)
+        return [_convert.model_info(m) for m in response.models]
+
+    async def get_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        request = models_pb2.GetModelRequest(name=name)
+        return _convert.model_info(await self._unary(self._models.GetModel, request, timeout))
+
+    async def load_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """Loads a model and returns once it is ready (or failed: see ``.state`` and ``.error``)."""
+        request = models_pb2.LoadModelRequest(name=name)
+        return _convert.model_info(await self._unary(self._models.LoadModel, request, timeout))
+
+    async def unload_model(
+        self, name: str, drain_timeout_seconds: float = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> ModelInfo:
+        """Unloads a model once the requests holding it finish (``drain_timeout_seconds`` 0: the
+        server's default wait)."""
+        request = models_pb2.UnloadModelRequest(name=name, drain_timeout_seconds=drain_timeout_seconds)
+        return _convert.model_info(await self._unary(self._models.UnloadModel, request, timeout))
+
+    # Index
+
+    async def upsert(
+        self,
+        collection: str,
+        documents: Sequence[DocumentInput],
+        *,
+        model: str = "",
+        truncate: bool = False,
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> UpsertResult:
+        """Embeds and writes documents (``Document``, ``{"id", "text", "payload"}`` dicts or bare
+        texts); writing an id again replaces it, so retrying is safe."""
+        request = _convert.upsert_request(
+            collection, documents, model=model, truncate=truncate, priority=priority
+        )
+        return _convert.upsert_result(await self._unary(self._index.Upsert, request, timeout))
+
+    async def search(
+        self,
+        collection: str,
+        query: str,
+        *,
+        top_k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        with_vectors: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> SearchResult:
+        """The ``top_k`` documents nearest the query; ``filter`` holds exact-match payload conditions."""
+        request = _convert.search_request(
+            collection, query, top_k=top_k, filter=filter, with_vectors=with_vectors
+        )
+        return _convert.search_result(await self._unary(self._index.Search, request, timeout))
+
+    async def get_documents(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        *,
+        with_vectors: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> list[StoredDocument]:
+        """Documents by id, in request order; unknown ids are left out."""
+        request = index_pb2.GetDocumentsRequest(
+            collection=collection, ids=_convert._strings(ids, "ids"), with_vectors=with_vectors
+        )
+        return _convert.stored_documents(await self._unary(self._index.GetDocuments, request, timeout))
+
+    async def delete_documents(
+        self, collection: str, ids: Sequence[str], *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        request = index_pb2.DeleteDocumentsRequest(collection=collection, ids=_convert._strings(ids, "ids"))
+        await self._unary(self._index.DeleteDocuments, request, timeout)
+
+    async def list_collections(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[CollectionInfo]:
+        response = await self._unary(self._index.ListCollections, index_pb2.ListCollectionsRequest(), timeout)
+        return _convert.collections(response)
+
+    # Health
+
+    async def health(self, service: str = "", *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
+        """The server's serving status ("SERVING", "NOT_SERVING", ...) for ``service`` ("" is the whole
+        server; e.g. "wafer.v1.Inference" for one service). Not retried: it answers "now"."""
+        return await self._unary(self._health_check, service, timeout, retry=False)

@@ -1,0 +1,339 @@
+"""Protobuf ⇄ client types, shared by both clients. Requests are built (and checked) here, eagerly, so a
+bad argument fails at the call site rather than inside a stream or a retry loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import EnumDescriptor
+
+from wafer_client.errors import InternalError
+from wafer_client.types import (
+    ChatMessage,
+    CollectionInfo,
+    Document,
+    EmbedResult,
+    FinishReason,
+    GenerationChunk,
+    ModelInfo,
+    RerankHit,
+    RerankResult,
+    SearchHit,
+    SearchResult,
+    StoredDocument,
+    Timings,
+    UpsertResult,
+    Usage,
+    Vector,
+)
+from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, models_pb2
+
+DocumentInput = Document | Mapping[str, Any] | str
+MessageInput = ChatMessage | Mapping[str, str]
+
+_PRIORITY = {
+    "interactive": common_pb2.PRIORITY_INTERACTIVE,
+    "batch": common_pb2.PRIORITY_BATCH,
+}
+_INPUT_TYPE = {
+    "document": inference_pb2.INPUT_TYPE_DOCUMENT,
+    "query": inference_pb2.INPUT_TYPE_QUERY,
+}
+_FINISH_REASON: dict[int, FinishReason] = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+}
+_DOCUMENT_KEYS = frozenset({"id", "text", "payload"})
+
+
+def _choice(table: Mapping[str, int], value: str, what: str) -> Any:
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"{what} must be one of {sorted(table)}, not {value!r}") from None
+
+
+def _strings(values: Sequence[str] | str, what: str) -> list[str]:
+    # A str is itself a Sequence[str]: without this, rerank("q", "doc") would rank single letters.
+    if isinstance(values, str):
+        raise TypeError(f"{what} must be a sequence of strings, not a single string")
+    return list(values)
+
+
+def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if value is None:
+        return None
+    result = struct_pb2.Struct()
+    result.update(dict(value))
+    return result
+
+
+def _label(enum: EnumDescriptor, prefix: str, number: int) -> str:
+    value = enum.values_by_number.get(number)
+    # A newer server may send enum values this client does not know; show the number, do not fail.
+    return value.name.removeprefix(prefix).lower() if value is not None else str(number)
+
+
+# Requests
+
+
+def embed_request(
+    inputs: str | Sequence[str],
+    *,
+    model: str,
+    input_type: str,
+    dimensions: int,
+    truncate: bool,
+    normalize: bool | None,
+    priority: str,
+) -> inference_pb2.EmbedRequest:
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    request = inference_pb2.EmbedRequest(
+        model=model,
+        inputs=texts,
+        input_type=_choice(_INPUT_TYPE, input_type, "input_type"),
+        dimensions=dimensions,
+        truncate=truncate,
+        priority=_choice(_PRIORITY, priority, "priority"),
+    )
+    if normalize is not None:
+        request.normalize = normalize
+    return request
+
+
+def rerank_request(
+    query: str,
+    documents: Sequence[str],
+    *,
+    model: str,
+    top_n: int,
+    return_documents: bool,
+    truncate: bool,
+    priority: str,
+) -> inference_pb2.RerankRequest:
+    return inference_pb2.RerankRequest(
+        model=model,
+        query=query,
+        documents=_strings(documents, "documents"),
+        top_n=top_n,
+        return_documents=return_documents,
+        truncate=truncate,
+        priority=_choice(_PRIORITY, priority, "priority"),
+    )
+
+
+def _message(message: MessageInput) -> inference_pb2.ChatMessage:
+    if isinstance(message, ChatMessage):
+        return inference_pb2.ChatMessage(role=message.role, content=message.content)
+    return inference_pb2.ChatMessage(role=message["role"], content=message["content"])
+
+
+def generate_request(
+    prompt: str | None,
+    *,
+    messages: Sequence[MessageInput] | None,
+    model: str,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int,
+    seed: int | None,
+    stop: Sequence[str],
+    priority: str,
+) -> inference_pb2.GenerateRequest:
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt and messages")
+    request = inference_pb2.GenerateRequest(
+        model=model,
+        prompt=prompt or "",
+        messages=[_message(m) for m in messages or ()],
+        max_tokens=max_tokens,
+        top_k=top_k,
+        stop=_strings(stop, "stop"),
+        priority=_choice(_PRIORITY, priority, "priority"),
+    )
+    if temperature is not None:
+        request.temperature = temperature
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def _document(document: DocumentInput) -> index_pb2.Document:
+    if isinstance(document, str):
+        return index_pb2.Document(text=document)
+    if isinstance(document, Document):
+        return index_pb2.Document(id=document.id, text=document.text, payload=_struct(document.payload))
+    unknown = set(document) - _DOCUMENT_KEYS
+    if unknown:
+        # Guessing that stray keys belong in the payload would silently index the wrong thing.
+        raise ValueError(f"unknown document keys {sorted(unknown)}; put extra fields under 'payload'")
+    return index_pb2.Document(
+        id=str(document.get("id", "")),
+        text=str(document.get("text", "")),
+        payload=_struct(document.get("payload")),
+    )
+
+
+def upsert_request(
+    collection: str,
+    documents: Sequence[DocumentInput],
+    *,
+    model: str,
+    truncate: bool,
+    priority: str,
+) -> index_pb2.UpsertRequest:
+    if isinstance(documents, str | Mapping | Document):
+        raise TypeError("documents must be a sequence of documents, not a single one")
+    return index_pb2.UpsertRequest(
+        collection=collection,
+        model=model,
+        documents=[_document(d) for d in documents],
+        truncate=truncate,
+        priority=_choice(_PRIORITY, priority, "priority"),
+    )
+
+
+def search_request(
+    collection: str, query: str, *, top_k: int, filter: Mapping[str, Any] | None, with_vectors: bool
+) -> index_pb2.SearchRequest:
+    return index_pb2.SearchRequest(
+        collection=collection, query=query, top_k=top_k, filter=_struct(filter), with_vectors=with_vectors
+    )
+
+
+# Responses
+
+
+def usage(message: common_pb2.Usage) -> Usage:
+    return Usage(
+        prompt_tokens=message.prompt_tokens,
+        completion_tokens=message.completion_tokens,
+        total_tokens=message.total_tokens,
+    )
+
+
+def timings(message: common_pb2.Timings) -> Timings:
+    return Timings(
+        queue_ms=message.queue_ms,
+        inference_ms=message.inference_ms,
+        batch_size=message.batch_size,
+        time_to_first_token_ms=message.time_to_first_token_ms,
+    )
+
+
+def _vector(values: Iterable[float]) -> Vector:
+    return np.fromiter(values, dtype=np.float32)
+
+
+def embed_result(response: inference_pb2.EmbedResponse) -> EmbedResult:
+    rows = [_vector(e.values) for e in response.embeddings]
+    if not rows:
+        vectors = np.zeros((0, 0), dtype=np.float32)
+    elif len({row.shape[0] for row in rows}) != 1:
+        raise InternalError(f"server returned vectors of different lengths from model {response.model!r}")
+    else:
+        vectors = np.stack(rows)
+    return EmbedResult(
+        model=response.model, vectors=vectors, usage=usage(response.usage), timings=timings(response.timings)
+    )
+
+
+def rerank_result(response: inference_pb2.RerankResponse) -> RerankResult:
+    return RerankResult(
+        model=response.model,
+        results=[RerankHit(index=r.index, score=r.score, document=r.document) for r in response.results],
+        usage=usage(response.usage),
+        timings=timings(response.timings),
+    )
+
+
+def generation_chunk(response: inference_pb2.GenerateResponse) -> GenerationChunk:
+    finish = _FINISH_REASON.get(response.finish_reason)
+    last = finish is not None
+    return GenerationChunk(
+        text=response.text,
+        model=response.model,
+        finish_reason=finish,
+        usage=usage(response.usage) if last or response.HasField("usage") else None,
+        timings=timings(response.timings) if last or response.HasField("timings") else None,
+    )
+
+
+def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
+    task = common_pb2.Task.DESCRIPTOR
+    return ModelInfo(
+        name=message.name,
+        backend=message.backend,
+        tasks=tuple(_label(task, "TASK_", t) for t in message.tasks),
+        state=_label(models_pb2.ModelState.DESCRIPTOR, "MODEL_STATE_", message.state),
+        dimensions=message.dimensions,
+        max_tokens=message.max_tokens,
+        source=message.source,
+        description=message.description,
+        default_for=tuple(_label(task, "TASK_", t) for t in message.default_for),
+        load_policy=_label(models_pb2.LoadPolicy.DESCRIPTOR, "LOAD_POLICY_", message.load_policy),
+        memory_bytes=message.memory_bytes,
+        load_seconds=message.load_seconds,
+        last_used=message.last_used.ToDatetime(tzinfo=UTC) if message.HasField("last_used") else None,
+        active_requests=message.active_requests,
+        error=message.error,
+        pooling=message.pooling,
+        normalize=message.normalize,
+        query_prompt=message.query_prompt,
+        document_prompt=message.document_prompt,
+    )
+
+
+def _payload(document: index_pb2.Document) -> dict[str, Any]:
+    return json_format.MessageToDict(document.payload) if document.HasField("payload") else {}
+
+
+def upsert_result(response: index_pb2.UpsertResponse) -> UpsertResult:
+    return UpsertResult(
+        model=response.model,
+        ids=list(response.ids),
+        usage=usage(response.usage),
+        timings=timings(response.timings),
+    )
+
+
+def search_result(response: index_pb2.SearchResponse) -> SearchResult:
+    hits = [
+        SearchHit(
+            id=r.document.id,
+            text=r.document.text,
+            score=r.score,
+            payload=_payload(r.document),
+            vector=_vector(r.vector) if r.vector else None,
+        )
+        for r in response.results
+    ]
+    return SearchResult(
+        model=response.model, hits=hits, usage=usage(response.usage), timings=timings(response.timings)
+    )
+
+
+def stored_documents(response: index_pb2.GetDocumentsResponse) -> list[StoredDocument]:
+    return [
+        StoredDocument(
+            id=d.document.id,
+            text=d.document.text,
+            payload=_payload(d.document),
+            vector=_vector(d.vector) if d.vector else None,
+        )
+        for d in response.documents
+    ]
+
+
+def collections(response: index_pb2.ListCollectionsResponse) -> list[CollectionInfo]:
+    return [
+        CollectionInfo(name=c.name, model=c.model, dimensions=c.dimensions, documents=c.documents)
+        for c in response.collections
+    ]

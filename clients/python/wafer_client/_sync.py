@@ -1,0 +1,349 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar, Unpack
+
+import grpc
+
+from wafer_client import _convert, _health
+from wafer_client._base import USE_CLIENT_DEFAULT, BaseClient, ClientOptions, Timeout
+from wafer_client._convert import DocumentInput, MessageInput
+from wafer_client.errors import from_rpc_error
+from wafer_client.types import (
+    CollectionInfo,
+    Completion,
+    EmbedResult,
+    GenerationChunk,
+    InputType,
+    ModelInfo,
+    Priority,
+    RerankResult,
+    SearchResult,
+    StoredDocument,
+    Timings,
+    UpsertResult,
+    Usage,
+)
+from wafer_proto.v1 import (
+    index_pb2,
+    index_pb2_grpc,
+    inference_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+T = TypeVar("T")
+
+
+class WaferClient(BaseClient):
+    """A blocking Wafer client. One instance holds one channel; share it across threads.
+
+    ``address`` is ``host:port`` or ``unix:///path`` (default: ``$WAFER_ADDRESS``, else
+    ``127.0.0.1:50051``). ``timeout`` is each call's deadline in seconds (None: no deadline) and can be
+    overridden per call. ``retries`` is how many times a call failing with RESOURCE_EXHAUSTED or
+    UNAVAILABLE is retried (so 2 means up to 3 attempts), or a :class:`RetryPolicy`. ``metadata`` is sent
+    with every call (e.g. ``{"authorization": "Bearer ..."}``). TLS is used when ``tls`` is true or
+    certificates are given; ``credentials`` overrides all of that.
+
+    Every failed call raises a :class:`wafer_client.errors.WaferError` subclass.
+    """
+
+    def __init__(self, address: str | None = None, **options: Unpack[ClientOptions]) -> None:
+        super().__init__(address, **options)
+        if self._credentials is not None:
+            self._channel = grpc.secure_channel(self.address, self._credentials, options=self._options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=self._options)
+        self._inference = inference_pb2_grpc.InferenceStub(self._channel)
+        self._models = models_pb2_grpc.ModelsStub(self._channel)
+        self._index = index_pb2_grpc.IndexStub(self._channel)
+        self._health_check: grpc.UnaryUnaryMultiCallable[str, str] = self._channel.unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.serialize_request,
+            response_deserializer=_health.deserialize_status,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Calling
+
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        timeout: Timeout,
+        *,
+        retry: bool = True,
+    ) -> Resp:
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            try:
+                return method(request, timeout=self._remaining(deadline), metadata=self._call_metadata())
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = self._retry_delay(error, attempt, deadline) if retry else None
+                if delay is None:
+                    raise error from rpc_error
+            time.sleep(delay)
+            attempt += 1
+
+    def _stream(
+        self,
+        method: grpc.UnaryStreamMultiCallable[Req, Resp],
+        request: Req,
+        timeout: Timeout,
+        convert: Callable[[Resp], T],
+    ) -> Generator[T, None, None]:
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            call = method(request, timeout=self._remaining(deadline), metadata=self._call_metadata())
+            started = False
+            try:
+                for response in call:
+                    started = True
+                    yield convert(response)
+                return
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                # Once text reached the caller a retry would repeat or contradict it: fail instead.
+                delay = None if started else self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from rpc_error
+            finally:
+                # A caller that stops iterating early must not leave the server generating for nobody.
+                call.cancel()  # type: ignore[no-untyped-call]
+            time.sleep(delay)
+            attempt += 1
+
+    # Inference
+
+    def embed(
+        self,
+        inputs: str | Sequence[str],
+        *,
+        model: str = "",
+        input_type: InputType = "document",
+        dimensions: int = 0,
+        truncate: bool = False,
+        normalize: bool | None = None,
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> EmbedResult:
+        """Embeds each input into one vector: ``result.vectors`` is float32 [len(inputs), dimensions]."""
+        request = _convert.embed_request(
+            inputs,
+            model=model,
+            input_type=input_type,
+            dimensions=dimensions,
+            truncate=truncate,
+            normalize=normalize,
+            priority=priority,
+        )
+        return _convert.embed_result(self._unary(self._inference.Embed, request, timeout))
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str = "",
+        top_n: int = 0,
+        return_documents: bool = False,
+        truncate: bool = False,
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> RerankResult:
+        """Scores documents against the query; results come best first (``top_n`` 0 returns all)."""
+        request = _convert.rerank_request(
+            query,
+            documents,
+            model=model,
+            top_n=top_n,
+            return_documents=return_documents,
+            truncate=truncate,
+            priority=priority,
+        )
+        return _convert.rerank_result(self._unary(self._inference.Rerank, request, timeout))
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageInput] | None = None,
+        model: str = "",
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> Generator[GenerationChunk, None, None]:
+        """Streams generated text from a raw ``prompt`` or a chat (``messages``), one delta per chunk; the
+        last chunk carries ``finish_reason``, ``usage`` and ``timings``. Stop iterating (or ``close()``) to
+        cancel the call on the server."""
+        request = _convert.generate_request(
+            prompt,
+            messages=messages,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            priority=priority,
+        )
+        return self._stream(self._inference.Generate, request, timeout, _convert.generation_chunk)
+
+    def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[MessageInput] | None = None,
+        model: str = "",
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> Completion:
+        """:meth:`generate`, joined into one :class:`Completion`."""
+        chunks = self.generate(
+            prompt,
+            messages=messages,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            priority=priority,
+            timeout=timeout,
+        )
+        parts: list[str] = []
+        last = GenerationChunk(text="")
+        for chunk in chunks:
+            parts.append(chunk.text)
+            last = chunk
+        return Completion(
+            text="".join(parts),
+            model=last.model,
+            finish_reason=last.finish_reason,
+            usage=last.usage or Usage(),
+            timings=last.timings or Timings(),
+        )
+
+    # Models
+
+    def list_models(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ModelInfo]:
+        response = self._unary(self._models.ListModels, models_pb2.ListModelsRequest(), timeout)
+        return [_convert.model_info(m) for m in response.models]
+
+    def get_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        request = models_pb2.GetModelRequest(name=name)
+        return _convert.model_info(self._unary(self._models.GetModel, request, timeout))
+
+    def load_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """Loads a model and returns once it is ready (or failed: see ``.state`` and ``.error``)."""
+        request = models_pb2.LoadModelRequest(name=name)
+        return _convert.model_info(self._unary(self._models.LoadModel, request, timeout))
+
+    def unload_model(
+        self, name: str, drain_timeout_seconds: float = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> ModelInfo:
+        """Unloads a model once the requests holding it finish (``drain_timeout_seconds`` 0: the
+        server's default wait)."""
+        request = models_pb2.UnloadModelRequest(name=name, drain_timeout_seconds=drain_timeout_seconds)
+        return _convert.model_info(self._unary(self._models.UnloadModel, request, timeout))
+
+    # Index
+
+    def upsert(
+        self,
+        collection: str,
+        documents: Sequence[DocumentInput],
+        *,
+        model: str = "",
+        truncate: bool = False,
+        priority: Priority = "interactive",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> UpsertResult:
+        """Embeds and writes documents (``Document``, ``{"id", "text", "payload"}`` dicts or bare
+        texts); writing an id again replaces it, so retrying is safe."""
+        request = _convert.upsert_request(
+            collection, documents, model=model, truncate=truncate, priority=priority
+        )
+        return _convert.upsert_result(self._unary(self._index.Upsert, request, timeout))
+
+    def search(
+        self,
+        collection: str,
+        query: str,
+        *,
+        top_k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        with_vectors: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> SearchResult:
+        """The ``top_k`` documents nearest the query; ``filter`` holds exact-match payload conditions."""
+        request = _convert.search_request(
+            collection, query, top_k=top_k, filter=filter, with_vectors=with_vectors
+        )
+        return _convert.search_result(self._unary(self._index.Search, request, timeout))
+
+    def get_documents(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        *,
+        with_vectors: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> list[StoredDocument]:
+        """Documents by id, in request order; unknown ids are left out."""
+        request = index_pb2.GetDocumentsRequest(
+            collection=collection, ids=_convert._strings(ids, "ids"), with_vectors=with_vectors
+        )
+        return _convert.stored_documents(self._unary(self._index.GetDocuments, request, timeout))
+
+    def delete_documents(
+        self, collection: str, ids: Sequence[str], *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        request = index_pb2.DeleteDocumentsRequest(collection=collection, ids=_convert._strings(ids, "ids"))
+        self._unary(self._index.DeleteDocuments, request, timeout)
+
+    def list_collections(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[CollectionInfo]:
+        response = self._unary(self._index.ListCollections, index_pb2.ListCollectionsRequest(), timeout)
+        return _convert.collections(response)
+
+    # Health
+
+    def health(self, service: str = "", *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
+        """The server's serving status ("SERVING", "NOT_SERVING", ...) for ``service`` ("" is the whole
+        server; e.g. "wafer.v1.Inference" for one service). Not retried: it answers "now"."""
+        return self._unary(self._health_check, service, timeout, retry=False)

@@ -1,0 +1,514 @@
+"""The ``wafer`` command: run the server, or talk to one.
+
+Client commands print results for people (rich tables) or, with ``--json``, for programs. A failed
+call prints ``error: <CODE>: <details>`` on stderr and exits 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+# Submodules, not the package root: they import even where the package is a namespace package (a
+# stale editable install), so the command keeps working there.
+from wafer_client._sync import WaferClient
+from wafer_client.errors import WaferError
+from wafer_client.types import ChatMessage, GenerationChunk, ModelInfo
+
+app = typer.Typer(
+    name="wafer",
+    help="Wafer: a gRPC inference server for small text models, and a client for it.",
+    no_args_is_help=True,
+    # Plain help text: rich markup would swallow the brackets of "[default: ...]" and "wafer[server]".
+    rich_markup_mode=None,
+    # Locals in a crash report would include the client and its metadata: authorization headers.
+    pretty_exceptions_show_locals=False,
+)
+models_app = typer.Typer(
+    help="List, inspect, load and unload models.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(models_app, name="models")
+
+_PREVIEW = 6
+_TEXT_WIDTH = 60
+
+
+@dataclass
+class _Options:
+    address: str | None = None
+    timeout: float | None = None
+    headers: list[str] = field(default_factory=list)
+    address_given: bool = False
+
+
+def _options(ctx: typer.Context) -> _Options:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, _Options) else _Options()
+
+
+def _metadata(headers: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for header in headers:
+        # Whichever separator comes first splits, so values may contain the other one (URLs, tokens).
+        cuts = [i for i in (header.find(":"), header.find("=")) if i >= 0]
+        key, sep, value = header.partition(header[min(cuts)]) if cuts else (header, "", "")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{header!r} is not 'name: value'", param_hint="--header")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _client(ctx: typer.Context) -> WaferClient:
+    opts = _options(ctx)
+    if opts.timeout is not None:
+        return WaferClient(opts.address, timeout=opts.timeout, metadata=_metadata(opts.headers))
+    return WaferClient(opts.address, metadata=_metadata(opts.headers))
+
+
+@contextmanager
+def _reporting_errors() -> Iterator[None]:
+    try:
+        yield
+    except WaferError as error:
+        typer.echo(f"error: {error.code.name}: {error.details}", err=True)
+        if error.request_id:
+            typer.echo(f"request id: {error.request_id}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _short(text: str, width: int = _TEXT_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, ensure_ascii=False, default=str))
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            "-a",
+            envvar="WAFER_ADDRESS",
+            help="Server address: host:port or unix:///path [default: 127.0.0.1:50051].",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="Deadline of each call, in seconds [default: 60].")
+    ] = None,
+    header: Annotated[
+        list[str] | None,
+        typer.Option("--header", "-H", help="Extra call metadata, 'name: value' (repeatable)."),
+    ] = None,
+) -> None:
+    """Wafer: a gRPC inference server for small text models, and a client for it."""
+    source = ctx.get_parameter_source("address")
+    ctx.obj = _Options(
+        address=address,
+        timeout=timeout,
+        headers=list(header or []),
+        address_given=source is not None and source.name == "COMMANDLINE",
+    )
+
+
+# Server
+
+
+class LogFormat(StrEnum):
+    json = "json"
+    console = "console"
+
+
+ServeMain = Callable[[dict[str, object]], None]
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    *,
+    address: Annotated[
+        str | None, typer.Option(help="Address to listen on: host:port or unix:///path.")
+    ] = None,
+    models: Annotated[
+        Path | None, typer.Option("--models", help="The models.yaml to serve.", dir_okay=False)
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where collections, jobs and caches live.", file_okay=False)
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    log_format: Annotated[LogFormat | None, typer.Option(help="json or console.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Threads for inference.")] = None,
+) -> None:
+    """Run the Wafer server (needs the server extra: wafer[server])."""
+    opts = _options(ctx)
+    # Only flags the user gave: everything else stays with the server's own settings (file, env).
+    given: dict[str, object | None] = {
+        "address": address if address is not None else (opts.address if opts.address_given else None),
+        "models_file": models,
+        "data_dir": data_dir,
+        "log_level": log_level,
+        "log_format": log_format.value if log_format is not None else None,
+        "threads": threads,
+    }
+    overrides: dict[str, object] = {key: value for key, value in given.items() if value is not None}
+    try:
+        # Imported here: the client install has no server, and the server's imports are heavy.
+        serve_main = cast(ServeMain, importlib.import_module("wafer.app").main)
+    except ImportError as exc:
+        typer.echo(f"error: the server is not installed ({exc}); install wafer[server]", err=True)
+        raise typer.Exit(2) from None
+    try:
+        serve_main(overrides)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+# Inference
+
+
+@app.command()
+def embed(
+    ctx: typer.Context,
+    *,
+    texts: Annotated[list[str], typer.Argument(metavar="TEXT", help="Texts to embed.")],
+    model: Annotated[str, typer.Option(help="Model name [default: the server's embedder].")] = "",
+    query: Annotated[bool, typer.Option("--query", help="Embed as search queries, not documents.")] = False,
+    dimensions: Annotated[int, typer.Option(min=0, help="Keep the first N dimensions.")] = 0,
+    truncate: Annotated[bool, typer.Option(help="Cut texts longer than the model's window.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON with the full vectors.")] = False,
+) -> None:
+    """Embed texts and show the vectors."""
+    with _reporting_errors(), _client(ctx) as client:
+        result = client.embed(
+            texts,
+            model=model,
+            input_type="query" if query else "document",
+            dimensions=dimensions,
+            truncate=truncate,
+        )
+    if as_json:
+        _echo_json(
+            {
+                "model": result.model,
+                "dimensions": result.dimensions,
+                "embeddings": result.vectors.tolist(),
+                "usage": asdict(result.usage),
+                "timings": asdict(result.timings),
+            }
+        )
+        return
+    console = Console()
+    console.print(
+        f"[bold]{escape(result.model)}[/]: {len(result)} x {result.dimensions}, "
+        f"{result.usage.prompt_tokens} tokens, {result.timings.inference_ms:.1f} ms"
+    )
+    table = Table(show_edge=False)
+    table.add_column("#", justify="right")
+    table.add_column("text")
+    table.add_column("norm", justify="right")
+    table.add_column(f"first {_PREVIEW} values")
+    for i, (text, vector) in enumerate(zip(texts, result.vectors, strict=False)):
+        preview = " ".join(f"{v:+.4f}" for v in vector[:_PREVIEW].tolist())
+        norm = math.sqrt(float((vector.astype("float64") ** 2).sum()))
+        table.add_row(str(i), escape(_short(text, 40)), f"{norm:.3f}", preview + " …")
+    console.print(table)
+
+
+@app.command()
+def rerank(
+    ctx: typer.Context,
+    *,
+    query: Annotated[str, typer.Argument(help="The query.")],
+    documents: Annotated[list[str], typer.Argument(metavar="DOC", help="Documents to rank.")],
+    model: Annotated[str, typer.Option(help="Model name [default: the server's reranker].")] = "",
+    top_n: Annotated[int, typer.Option(min=0, help="Keep the best N [default: all].")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Rank documents by relevance to a query, best first."""
+    with _reporting_errors(), _client(ctx) as client:
+        result = client.rerank(query, documents, model=model, top_n=top_n)
+    if as_json:
+        _echo_json(
+            {
+                "model": result.model,
+                "results": [
+                    {"index": hit.index, "score": hit.score, "document": documents[hit.index]}
+                    for hit in result.results
+                ],
+                "usage": asdict(result.usage),
+            }
+        )
+        return
+    table = Table(title=f"{escape(result.model)}: {escape(_short(query, 40))}", show_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("index", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("document")
+    for rank, hit in enumerate(result.results, start=1):
+        text = documents[hit.index] if hit.index < len(documents) else hit.document
+        table.add_row(str(rank), str(hit.index), f"{hit.score:.4f}", escape(_short(text)))
+    Console().print(table)
+
+
+def _usage_line(last: GenerationChunk | None) -> str:
+    if last is None:
+        return "no output"
+    parts = [last.model or "?"]
+    if last.usage is not None:
+        parts.append(f"{last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion tokens")
+    if last.finish_reason is not None:
+        parts.append(f"finish: {last.finish_reason}")
+    if last.timings is not None:
+        parts.append(f"first token {last.timings.time_to_first_token_ms:.0f} ms")
+        if last.usage is not None and last.timings.inference_ms > 0:
+            rate = last.usage.completion_tokens / (last.timings.inference_ms / 1000)
+            parts.append(f"{rate:.1f} tokens/s")
+    return " · ".join(parts)
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    *,
+    prompt: Annotated[str, typer.Argument(help="The prompt (the user's message with --chat).")],
+    model: Annotated[str, typer.Option(help="Model name [default: the server's generator].")] = "",
+    max_tokens: Annotated[int, typer.Option(min=0, help="Most tokens to generate.")] = 0,
+    temperature: Annotated[float | None, typer.Option(min=0, max=2, help="0 is greedy.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for reproducible sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop before this string (repeatable).")] = None,
+    system: Annotated[str | None, typer.Option(help="System message (implies --chat).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Use the model's chat template.")] = False,
+) -> None:
+    """Generate text, printed as it streams; usage goes to stderr at the end."""
+    messages: list[ChatMessage] | None = None
+    if chat or system is not None:
+        messages = [ChatMessage("system", system)] if system is not None else []
+        messages.append(ChatMessage("user", prompt))
+    last: GenerationChunk | None = None
+    with _reporting_errors(), _client(ctx) as client:
+        try:
+            for chunk in client.generate(
+                None if messages is not None else prompt,
+                messages=messages,
+                model=model,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                stop=stop or (),
+            ):
+                sys.stdout.write(chunk.text)
+                # Flushed per delta: the point of streaming is seeing text as it comes.
+                sys.stdout.flush()
+                last = chunk
+        finally:
+            # Whatever happened, end the line so the shell prompt (or the error) starts clean.
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    typer.echo(_usage_line(last), err=True)
+
+
+# Models
+
+
+def _state(info: ModelInfo) -> str:
+    colour = {"ready": "green", "failed": "red", "loading": "yellow", "unloading": "yellow"}.get(info.state)
+    return f"[{colour}]{info.state}[/]" if colour else info.state
+
+
+def _model_json(info: ModelInfo) -> dict[str, Any]:
+    data = asdict(info)
+    data["last_used"] = info.last_used.isoformat() if info.last_used else None
+    return data
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context, *, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """The models the server knows, with their state."""
+    with _reporting_errors(), _client(ctx) as client:
+        models = client.list_models()
+    if as_json:
+        _echo_json([_model_json(m) for m in models])
+        return
+    # A narrow terminal wraps task lists between tasks (min_width fits the longest, "generate") and
+    # folds the free-text error column; names and states never wrap.
+    table = Table(show_edge=False, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("name", no_wrap=True)
+    table.add_column("backend")
+    table.add_column("tasks", min_width=8)
+    table.add_column("state", no_wrap=True)
+    table.add_column("dims", justify="right")
+    table.add_column("mem MB", justify="right")
+    table.add_column("default for", min_width=8)
+    table.add_column("error", overflow="fold", min_width=10)
+    for m in models:
+        table.add_row(
+            escape(m.name),
+            m.backend,
+            ", ".join(m.tasks),
+            _state(m),
+            str(m.dimensions) if m.dimensions else "",
+            f"{m.memory_bytes / 1e6:.1f}" if m.memory_bytes else "",
+            ", ".join(m.default_for),
+            escape(m.error),
+        )
+    Console().print(table)
+
+
+@models_app.command("get")
+def models_get(
+    ctx: typer.Context,
+    *,
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Everything the server says about one model."""
+    with _reporting_errors(), _client(ctx) as client:
+        info = client.get_model(name)
+    data = _model_json(info)
+    if as_json:
+        _echo_json(data)
+        return
+    table = Table(show_header=False, show_edge=False)
+    for key, value in data.items():
+        shown = ", ".join(value) if isinstance(value, list | tuple) else "" if value is None else str(value)
+        table.add_row(key, escape(shown))
+    Console().print(table)
+
+
+def _report_model(info: ModelInfo, verb: str) -> None:
+    if info.state == "failed":
+        typer.echo(f"error: {info.name}: {info.error or 'load failed'}", err=True)
+        raise typer.Exit(1)
+    detail = []
+    if info.memory_bytes:
+        detail.append(f"{info.memory_bytes / 1e6:.1f} MB")
+    if verb == "loaded" and info.load_seconds:
+        detail.append(f"in {info.load_seconds:.2f} s")
+    suffix = f" ({', '.join(detail)})" if detail else ""
+    Console().print(f"{escape(info.name)}: {verb}, now {_state(info)}{suffix}")
+
+
+@models_app.command("load")
+def models_load(ctx: typer.Context, *, name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+    """Load a model and wait until it is ready."""
+    with _reporting_errors(), _client(ctx) as client:
+        info = client.load_model(name)
+    _report_model(info, "loaded")
+
+
+@models_app.command("unload")
+def models_unload(
+    ctx: typer.Context,
+    *,
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    drain_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds to let running requests finish [default: server's].")
+    ] = 0,
+) -> None:
+    """Unload a model once the requests holding it finish."""
+    with _reporting_errors(), _client(ctx) as client:
+        info = client.unload_model(name, drain_timeout_seconds=drain_timeout)
+    _report_model(info, "unloaded")
+
+
+# Index
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    *,
+    collection: Annotated[str, typer.Argument(help="Collection to search.")],
+    query: Annotated[str, typer.Argument(help="The query.")],
+    top_k: Annotated[int, typer.Option(min=1, help="How many documents to return.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Search a collection for the documents nearest a query."""
+    with _reporting_errors(), _client(ctx) as client:
+        result = client.search(collection, query, top_k=top_k)
+    if as_json:
+        _echo_json(
+            {
+                "model": result.model,
+                "hits": [
+                    {"id": h.id, "score": h.score, "text": h.text, "payload": h.payload} for h in result.hits
+                ],
+            }
+        )
+        return
+    table = Table(title=f"{escape(collection)} ({escape(result.model)})", show_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("id")
+    table.add_column("score", justify="right")
+    table.add_column("text")
+    table.add_column("payload")
+    for rank, hit in enumerate(result.hits, start=1):
+        payload = json.dumps(hit.payload, ensure_ascii=False) if hit.payload else ""
+        table.add_row(
+            str(rank),
+            escape(hit.id),
+            f"{hit.score:.4f}",
+            escape(_short(hit.text)),
+            escape(_short(payload, 40)),
+        )
+    Console().print(table)
+
+
+@app.command()
+def collections(
+    ctx: typer.Context, *, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """The collections in the index."""
+    with _reporting_errors(), _client(ctx) as client:
+        found = client.list_collections()
+    if as_json:
+        _echo_json([asdict(c) for c in found])
+        return
+    table = Table(show_edge=False)
+    for name in ("name", "model", "dims", "documents"):
+        table.add_column(name, justify="right" if name in ("dims", "documents") else "left")
+    for c in found:
+        table.add_row(escape(c.name), escape(c.model), str(c.dimensions), str(c.documents))
+    Console().print(table)
+
+
+# Health
+
+
+@app.command()
+def health(
+    ctx: typer.Context,
+    *,
+    service: Annotated[str, typer.Option(help="One service, e.g. wafer.v1.Inference [default: all].")] = "",
+) -> None:
+    """Ask whether the server is serving; exits 0 only if it is."""
+    opts = _options(ctx)
+    # A probe should answer quickly or not at all, so a shorter deadline than other commands.
+    timeout = opts.timeout if opts.timeout is not None else 5.0
+    with _reporting_errors(), _client(ctx) as client:
+        status = client.health(service, timeout=timeout)
+    typer.echo(status)
+    if status != "SERVING":
+        raise typer.Exit(1)

@@ -1,0 +1,213 @@
+"""Typed results and inputs of the Wafer client: frozen dataclasses, no protobuf in sight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ChatMessage",
+    "CollectionInfo",
+    "Completion",
+    "Document",
+    "EmbedResult",
+    "FinishReason",
+    "GenerationChunk",
+    "InputType",
+    "ModelInfo",
+    "Priority",
+    "RerankHit",
+    "RerankResult",
+    "SearchHit",
+    "SearchResult",
+    "StoredDocument",
+    "Timings",
+    "UpsertResult",
+    "Usage",
+]
+
+InputType = Literal["document", "query"]
+Priority = Literal["interactive", "batch"]
+FinishReason = Literal["stop", "length"]
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one call, counted with the answering model's tokenizer."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the server spent the call's time, in milliseconds."""
+
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_size: int = 0
+    time_to_first_token_ms: float = 0.0
+
+
+# eq=False: comparing numpy arrays element-wise has no single truth value, so identity is the only
+# equality that does not raise.
+@dataclass(frozen=True, eq=False)
+class EmbedResult:
+    """One vector per input, in input order: ``vectors`` is float32 with shape [len(inputs), dimensions]."""
+
+    model: str
+    vectors: Vector
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.vectors.shape[1]) if self.vectors.ndim == 2 else 0
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+@dataclass(frozen=True)
+class RerankHit:
+    """``index`` is the document's position in the request; ``document`` is empty unless asked for."""
+
+    index: int
+    score: float
+    document: str = ""
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """Hits best first, as the server sorted them."""
+
+    model: str
+    results: list[RerankHit]
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"] | str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One streamed delta. Only the last chunk has ``finish_reason``, ``usage`` and ``timings``."""
+
+    text: str
+    model: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation: the joined stream."""
+
+    text: str
+    model: str
+    finish_reason: FinishReason | None
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the server knows. ``tasks``/``default_for`` hold "embed", "rerank", "generate";
+    ``state`` is "unloaded", "loading", "ready", "unloading" or "failed"; ``load_policy`` is "startup"
+    or "on_demand"; ``last_used`` is None if unused since the server started."""
+
+    name: str
+    backend: str = ""
+    tasks: tuple[str, ...] = ()
+    state: str = "unspecified"
+    dimensions: int = 0
+    max_tokens: int = 0
+    source: str = ""
+    description: str = ""
+    default_for: tuple[str, ...] = ()
+    load_policy: str = "unspecified"
+    memory_bytes: int = 0
+    load_seconds: float = 0.0
+    last_used: datetime | None = None
+    active_requests: int = 0
+    error: str = ""
+    pooling: str = ""
+    normalize: bool = False
+    query_prompt: str = ""
+    document_prompt: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document to index. An empty ``id`` lets the server derive one from the text. ``payload`` is any
+    JSON object; note that JSON numbers come back as floats (protobuf Struct has no integers)."""
+
+    text: str
+    id: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    """``ids`` are the documents' ids in request order, derived ones included."""
+
+    model: str
+    ids: list[str]
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True, eq=False)
+class SearchHit:
+    """A document near the query; ``score`` is the cosine similarity; ``vector`` only if asked for."""
+
+    id: str
+    text: str
+    score: float
+    payload: dict[str, Any] = field(default_factory=dict)
+    vector: Vector | None = None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    model: str
+    hits: list[SearchHit]
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredDocument:
+    """A document read back by id; ``vector`` only if asked for."""
+
+    id: str
+    text: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    vector: Vector | None = None
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    model: str
+    dimensions: int
+    documents: int

@@ -1,0 +1,74 @@
+"""Wire the server together and run it until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import structlog
+
+from wafer.backends import available_backends
+from wafer.config import Settings
+from wafer.engine import InferenceEngine
+from wafer.indexing import IndexService
+from wafer.logging import configure_logging
+from wafer.registry import ModelRegistry
+from wafer.rpc.server import create_server
+from wafer.sources import SourceResolver
+from wafer.specs import Catalog
+from wafer.store.qdrant import QdrantStore
+
+log = structlog.get_logger("wafer")
+
+
+def listening_address(settings: Settings, port: int) -> str:
+    if settings.address.startswith("unix:"):
+        return settings.address
+    host = settings.address.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+async def serve(settings: Settings) -> None:
+    catalog = Catalog.from_yaml(settings.models_file)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    registry = ModelRegistry(
+        catalog,
+        SourceResolver(catalog.base_dir, settings.hub_cache_dir),
+        available_backends(),
+        threads=settings.threads,
+        drain_timeout_seconds=settings.unload_drain_timeout_seconds,
+    )
+    engine = InferenceEngine(registry, settings)
+    index = IndexService(engine, QdrantStore(path=settings.store_dir))
+    wafer = create_server(settings, registry, engine, index)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await wafer.server.start()
+    await wafer.health.start()
+    log.info(
+        "server listening",
+        address=listening_address(settings, wafer.port),
+        models_file=str(settings.models_file),
+        data_dir=str(settings.data_dir),
+    )
+    await registry.start()
+    await stop.wait()
+
+    log.info("shutting down", grace_seconds=settings.shutdown_grace_seconds)
+    await wafer.health.drain()
+    await wafer.server.stop(settings.shutdown_grace_seconds)
+    await registry.close()
+    await index.close()
+    log.info("stopped")
+
+
+def main(overrides: dict[str, Any] | None = None) -> None:
+    """Entry point of `wafer serve`: settings from flags (`overrides`), environment and defaults."""
+    settings = Settings(**(overrides or {}))
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))

@@ -1,0 +1,256 @@
+"""Protobuf ⇄ domain translation. Pure functions: no I/O, no decisions beyond field mapping
+and the protocol's own defaults (zero values meaning "unset")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from wafer.config import Settings
+from wafer.domain import (
+    ChatMessage,
+    EmbedRequest,
+    EmbedResult,
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    InputType,
+    Priority,
+    RerankRequest,
+    RerankResult,
+    SamplingParams,
+    StoredDocument,
+    Timings,
+    Usage,
+)
+from wafer.errors import InvalidArgumentError
+from wafer.indexing import SearchResult, UpsertResult
+from wafer.registry import ModelState, ModelStatus
+from wafer.specs import LoadPolicy, Task
+from wafer.store.base import CollectionInfo
+from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, models_pb2
+
+_TASK_TO_PROTO = {
+    Task.EMBED: common_pb2.TASK_EMBED,
+    Task.RERANK: common_pb2.TASK_RERANK,
+    Task.GENERATE: common_pb2.TASK_GENERATE,
+}
+_STATE_TO_PROTO = {
+    ModelState.UNLOADED: models_pb2.MODEL_STATE_UNLOADED,
+    ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
+    ModelState.READY: models_pb2.MODEL_STATE_READY,
+    ModelState.UNLOADING: models_pb2.MODEL_STATE_UNLOADING,
+    ModelState.FAILED: models_pb2.MODEL_STATE_FAILED,
+}
+_LOAD_TO_PROTO = {
+    LoadPolicy.STARTUP: models_pb2.LOAD_POLICY_STARTUP,
+    LoadPolicy.ON_DEMAND: models_pb2.LOAD_POLICY_ON_DEMAND,
+}
+_FINISH_TO_PROTO = {
+    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def priority(value: int) -> Priority:
+    if value == common_pb2.PRIORITY_BATCH:
+        return Priority.BATCH
+    if value in (common_pb2.PRIORITY_UNSPECIFIED, common_pb2.PRIORITY_INTERACTIVE):
+        return Priority.INTERACTIVE
+    raise InvalidArgumentError(f"unknown priority {value}")
+
+
+def _input_type(value: int) -> InputType:
+    if value == inference_pb2.INPUT_TYPE_QUERY:
+        return InputType.QUERY
+    if value in (inference_pb2.INPUT_TYPE_UNSPECIFIED, inference_pb2.INPUT_TYPE_DOCUMENT):
+        return InputType.DOCUMENT
+    raise InvalidArgumentError(f"unknown input_type {value}")
+
+
+def usage_to_proto(usage: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
+
+
+def timings_to_proto(timings: Timings) -> common_pb2.Timings:
+    return common_pb2.Timings(
+        queue_ms=timings.queue_ms,
+        inference_ms=timings.inference_ms,
+        batch_size=timings.batch_size,
+        time_to_first_token_ms=timings.time_to_first_token_ms,
+    )
+
+
+# -- Inference -------------------------------------------------------------------------------------
+
+
+def embed_request(message: inference_pb2.EmbedRequest) -> EmbedRequest:
+    return EmbedRequest(
+        inputs=list(message.inputs),
+        model=message.model,
+        input_type=_input_type(message.input_type),
+        dimensions=message.dimensions,
+        truncate=message.truncate,
+        normalize=message.normalize if message.HasField("normalize") else None,
+        priority=priority(message.priority),
+    )
+
+
+def embed_response(result: EmbedResult) -> inference_pb2.EmbedResponse:
+    return inference_pb2.EmbedResponse(
+        model=result.model,
+        embeddings=[inference_pb2.Embedding(values=row) for row in result.vectors.tolist()],
+        usage=usage_to_proto(result.usage),
+        timings=timings_to_proto(result.timings),
+    )
+
+
+def rerank_request(message: inference_pb2.RerankRequest) -> RerankRequest:
+    return RerankRequest(
+        query=message.query,
+        documents=list(message.documents),
+        model=message.model,
+        top_n=message.top_n,
+        return_documents=message.return_documents,
+        truncate=message.truncate,
+        priority=priority(message.priority),
+    )
+
+
+def rerank_response(result: RerankResult) -> inference_pb2.RerankResponse:
+    return inference_pb2.RerankResponse(
+        model=result.model,
+        results=[
+            inference_pb2.RerankResult(index=r.index, score=r.score, document=r.document or "")
+            for r in result.results
+        ],
+        usage=usage_to_proto(result.usage),
+        timings=timings_to_proto(result.timings),
+    )
+
+
+def generate_request(message: inference_pb2.GenerateRequest, settings: Settings) -> GenerateRequest:
+    defaults = SamplingParams(max_tokens=settings.default_max_new_tokens)
+    sampling = SamplingParams(
+        max_tokens=message.max_tokens or defaults.max_tokens,
+        temperature=message.temperature if message.HasField("temperature") else defaults.temperature,
+        top_p=message.top_p if message.HasField("top_p") else defaults.top_p,
+        top_k=message.top_k or defaults.top_k,
+        seed=message.seed if message.HasField("seed") else None,
+        stop=tuple(message.stop),
+    )
+    return GenerateRequest(
+        sampling=sampling,
+        model=message.model,
+        prompt=message.prompt or None,
+        messages=tuple(ChatMessage(role=m.role, content=m.content) for m in message.messages),
+        priority=priority(message.priority),
+    )
+
+
+def generate_response(chunk: GenerateChunk) -> inference_pb2.GenerateResponse:
+    response = inference_pb2.GenerateResponse(model=chunk.model, text=chunk.text)
+    if chunk.finish_reason is not None:
+        response.finish_reason = _FINISH_TO_PROTO[chunk.finish_reason]
+    if chunk.usage is not None:
+        response.usage.CopyFrom(usage_to_proto(chunk.usage))
+    if chunk.timings is not None:
+        response.timings.CopyFrom(timings_to_proto(chunk.timings))
+    return response
+
+
+# -- Models ----------------------------------------------------------------------------------------
+
+
+def model_info(status: ModelStatus) -> models_pb2.ModelInfo:
+    spec = status.spec
+    info = models_pb2.ModelInfo(
+        name=spec.name,
+        backend=spec.backend,
+        tasks=[_TASK_TO_PROTO[t] for t in spec.tasks],
+        state=_STATE_TO_PROTO[status.state],
+        dimensions=spec.dimensions or 0,
+        max_tokens=spec.max_tokens,
+        source=spec.source,
+        description=spec.description,
+        default_for=[_TASK_TO_PROTO[t] for t in status.default_for],
+        load_policy=_LOAD_TO_PROTO[spec.load],
+        memory_bytes=status.memory_bytes,
+        load_seconds=status.load_seconds,
+        active_requests=status.active_requests,
+        error=status.error,
+        pooling=spec.pooling.value,
+        normalize=spec.normalize,
+        query_prompt=spec.query_prompt,
+        document_prompt=spec.document_prompt,
+    )
+    if status.last_used is not None:
+        stamp = Timestamp()
+        stamp.FromDatetime(status.last_used)
+        info.last_used.CopyFrom(stamp)
+    return info
+
+
+# -- Index -----------------------------------------------------------------------------------------
+
+
+def _struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return MessageToDict(struct)
+
+
+def _dict_to_struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def documents_from_proto(documents: Any) -> list[StoredDocument]:
+    return [StoredDocument(id=d.id, text=d.text, payload=_struct_to_dict(d.payload)) for d in documents]
+
+
+def filter_from_proto(message: index_pb2.SearchRequest) -> dict[str, Any] | None:
+    if not message.HasField("filter"):
+        return None
+    return _struct_to_dict(message.filter) or None
+
+
+def scored_document(document: StoredDocument) -> index_pb2.ScoredDocument:
+    return index_pb2.ScoredDocument(
+        document=index_pb2.Document(
+            id=document.id, text=document.text, payload=_dict_to_struct(document.payload)
+        ),
+        score=document.score,
+        vector=document.vector or [],
+    )
+
+
+def upsert_response(result: UpsertResult) -> index_pb2.UpsertResponse:
+    return index_pb2.UpsertResponse(
+        model=result.model,
+        ids=result.ids,
+        usage=usage_to_proto(result.usage),
+        timings=timings_to_proto(result.timings),
+    )
+
+
+def search_response(result: SearchResult) -> index_pb2.SearchResponse:
+    return index_pb2.SearchResponse(
+        model=result.model,
+        results=[scored_document(d) for d in result.documents],
+        usage=usage_to_proto(result.usage),
+        timings=timings_to_proto(result.timings),
+    )
+
+
+def collection_info(info: CollectionInfo) -> index_pb2.CollectionInfo:
+    return index_pb2.CollectionInfo(
+        name=info.name, model=info.model, dimensions=info.dimensions, documents=info.documents
+    )

@@ -1,0 +1,182 @@
+"""The one place where RPCs meet errors and logs.
+
+Every call gets a request id (the caller's `x-request-id`, or a new one), returned in the
+response's initial metadata and bound to the log context. WaferErrors become their status from
+wafer.errors' table; anything else becomes INTERNAL with the request id and is logged with its
+stack trace, which never reaches the client. One JSON line per call records method, model,
+status and durations.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from wafer.errors import WaferError, status_for
+
+log = structlog.get_logger("wafer.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+RETRY_AFTER_KEY = "retry-after-ms"
+# Health checks and reflection are polled; logging each would drown the request log.
+_QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)[:128]
+    return uuid.uuid4().hex
+
+
+def _timings(message: Any) -> dict[str, float]:
+    if message is None or not hasattr(message, "HasField"):
+        return {}
+    try:
+        if not message.HasField("timings"):
+            return {}
+    except ValueError:
+        return {}
+    return {
+        "queue_ms": round(message.timings.queue_ms, 3),
+        "inference_ms": round(message.timings.inference_ms, 3),
+        "batch_size": message.timings.batch_size,
+    }
+
+
+class _Call:
+    """Bookkeeping of one RPC: its context, its outcome, its log line."""
+
+    def __init__(self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.method = method
+        self.context = context
+        self.request_id = _request_id(context)
+        self.model: str = getattr(request, "model", "") or getattr(request, "name", "") or ""
+        self.code = grpc.StatusCode.OK
+        self.extra: dict[str, Any] = {}
+        self.started = time.perf_counter()
+
+    async def begin(self) -> None:
+        # Sent both ways: headers reach clients early, trailers also come with errors.
+        await self.context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
+        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    def saw(self, response: Any) -> None:
+        self.model = getattr(response, "model", "") or self.model
+        self.extra.update(_timings(response))
+
+    async def fail(self, error: BaseException) -> None:
+        self.code = status_for(error)
+        if isinstance(error, WaferError):
+            message = error.message
+            trailing: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, self.request_id),)
+            if error.retry_after_seconds is not None:
+                trailing += ((RETRY_AFTER_KEY, str(round(error.retry_after_seconds * 1000))),)
+            await self.context.abort(self.code, message, trailing_metadata=trailing)
+        log.exception("unhandled error", request_id=self.request_id, method=self.method)
+        await self.context.abort(
+            self.code,
+            f"internal error; request id {self.request_id}",
+            trailing_metadata=((REQUEST_ID_KEY, self.request_id),),
+        )
+
+    def finish(self) -> None:
+        level = "debug" if self.method.startswith(_QUIET_PREFIXES) else "info"
+        getattr(log, level)(
+            "rpc",
+            request_id=self.request_id,
+            method=self.method,
+            model=self.model,
+            status=self.code.name,
+            duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            **self.extra,
+        )
+
+
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+
+def _wrap_unary(method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        call = _Call(method, request, context)
+        with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
+            try:
+                await call.begin()
+                response = await behavior(request, context)
+                call.saw(response)
+                return response
+            except grpc.aio.AbortError:
+                call.code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException as error:
+                if _is_cancellation(error):
+                    call.code = grpc.StatusCode.CANCELLED
+                    raise
+                await call.fail(error)
+            finally:
+                call.finish()
+
+    return handle
+
+
+def _wrap_stream(method: str, behavior: StreamBehavior) -> StreamBehavior:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        call = _Call(method, request, context)
+        with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
+            try:
+                await call.begin()
+                messages = 0
+                async for response in behavior(request, context):
+                    messages += 1
+                    call.saw(response)
+                    yield response
+                call.extra["messages"] = messages
+            except grpc.aio.AbortError:
+                call.code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException as error:
+                if _is_cancellation(error):
+                    call.code = grpc.StatusCode.CANCELLED
+                    raise
+                await call.fail(error)
+            finally:
+                call.finish()
+
+    return handle
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    import asyncio
+
+    return isinstance(error, asyncio.CancelledError | GeneratorExit)
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client and bidirectional streams: reflection's, which handles itself

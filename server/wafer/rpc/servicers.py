@@ -1,0 +1,135 @@
+"""gRPC servicers: translate, call the domain service, translate back. Errors are raised as
+WaferErrors and mapped in one place (rpc.interceptor)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from wafer.config import Settings
+from wafer.engine import InferenceEngine
+from wafer.errors import InvalidArgumentError
+from wafer.indexing import IndexService
+from wafer.registry import ModelRegistry
+from wafer.rpc import convert
+from wafer_proto.v1 import (
+    index_pb2,
+    index_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+
+Context = Any  # grpc.aio.ServicerContext; the servicers never touch it
+
+
+def _name(value: str) -> str:
+    if not value:
+        raise InvalidArgumentError("name must not be empty")
+    return value
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, engine: InferenceEngine, settings: Settings) -> None:
+        self._engine = engine
+        self._settings = settings
+
+    async def Embed(  # noqa: N802 - names come from the proto
+        self, request: inference_pb2.EmbedRequest, context: Context
+    ) -> inference_pb2.EmbedResponse:
+        return convert.embed_response(await self._engine.embed(convert.embed_request(request)))
+
+    async def Rerank(  # noqa: N802
+        self, request: inference_pb2.RerankRequest, context: Context
+    ) -> inference_pb2.RerankResponse:
+        return convert.rerank_response(await self._engine.rerank(convert.rerank_request(request)))
+
+    async def Generate(  # noqa: N802
+        self, request: inference_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        async for chunk in self._engine.generate(convert.generate_request(request, self._settings)):
+            yield convert.generate_response(chunk)
+
+
+class ModelsServicer(models_pb2_grpc.ModelsServicer):
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def ListModels(  # noqa: N802
+        self, request: models_pb2.ListModelsRequest, context: Context
+    ) -> models_pb2.ListModelsResponse:
+        return models_pb2.ListModelsResponse(
+            models=[convert.model_info(s) for s in self._registry.statuses()]
+        )
+
+    async def GetModel(  # noqa: N802
+        self, request: models_pb2.GetModelRequest, context: Context
+    ) -> models_pb2.ModelInfo:
+        return convert.model_info(self._registry.status(_name(request.name)))
+
+    async def LoadModel(  # noqa: N802
+        self, request: models_pb2.LoadModelRequest, context: Context
+    ) -> models_pb2.ModelInfo:
+        return convert.model_info(await self._registry.load(_name(request.name)))
+
+    async def UnloadModel(  # noqa: N802
+        self, request: models_pb2.UnloadModelRequest, context: Context
+    ) -> models_pb2.ModelInfo:
+        if request.drain_timeout_seconds < 0:
+            raise InvalidArgumentError("drain_timeout_seconds must not be negative")
+        status = await self._registry.unload(_name(request.name), request.drain_timeout_seconds or None)
+        return convert.model_info(status)
+
+
+class IndexServicer(index_pb2_grpc.IndexServicer):
+    def __init__(self, index: IndexService) -> None:
+        self._index = index
+
+    async def Upsert(  # noqa: N802
+        self, request: index_pb2.UpsertRequest, context: Context
+    ) -> index_pb2.UpsertResponse:
+        result = await self._index.upsert(
+            request.collection,
+            convert.documents_from_proto(request.documents),
+            model=request.model,
+            truncate=request.truncate,
+            priority=convert.priority(request.priority),
+        )
+        return convert.upsert_response(result)
+
+    async def Search(  # noqa: N802
+        self, request: index_pb2.SearchRequest, context: Context
+    ) -> index_pb2.SearchResponse:
+        if not request.query.strip():
+            raise InvalidArgumentError("query must not be empty")
+        result = await self._index.search(
+            request.collection,
+            request.query,
+            top_k=request.top_k,
+            filter=convert.filter_from_proto(request),
+            with_vectors=request.with_vectors,
+        )
+        return convert.search_response(result)
+
+    async def GetDocuments(  # noqa: N802
+        self, request: index_pb2.GetDocumentsRequest, context: Context
+    ) -> index_pb2.GetDocumentsResponse:
+        found = await self._index.get_documents(
+            request.collection, list(request.ids), with_vectors=request.with_vectors
+        )
+        return index_pb2.GetDocumentsResponse(documents=[convert.scored_document(d) for d in found])
+
+    async def DeleteDocuments(  # noqa: N802
+        self, request: index_pb2.DeleteDocumentsRequest, context: Context
+    ) -> index_pb2.DeleteDocumentsResponse:
+        await self._index.delete_documents(request.collection, list(request.ids))
+        return index_pb2.DeleteDocumentsResponse()
+
+    async def ListCollections(  # noqa: N802
+        self, request: index_pb2.ListCollectionsRequest, context: Context
+    ) -> index_pb2.ListCollectionsResponse:
+        collections = await self._index.list_collections()
+        return index_pb2.ListCollectionsResponse(
+            collections=[convert.collection_info(c) for c in collections]
+        )

@@ -1,0 +1,375 @@
+"""The vector store on Qdrant: qdrant-client's embedded local mode (a folder) or a Qdrant server (a URL).
+
+Layout of a point: id = `point_id(collection, document id)`; vector = the document's (Qdrant keeps
+cosine vectors unit-length); payload = the user's payload at the top level, so filters address its
+fields by their own names, plus the reserved `_id` (the document's id) and `_text`. User keys may not
+start with `_`, which keeps the two apart.
+
+Which model a collection belongs to is kept in Qdrant's collection metadata (`create_collection(
+metadata=...)`, qdrant-client >= 1.16 and Qdrant server >= 1.16). Checked on qdrant-client 1.20: local
+mode writes it into the folder's meta.json with the collection's config and reads it back on reopen,
+and the server stores it with the collection config. The alternative, a marker point with a fixed id,
+would have to be filtered out of every search, count, scroll and delete, and would break as soon as
+anyone else queried the collection; metadata cannot leak into results at all. A server too old to
+keep metadata is detected when the collection is created (the read-back lacks it) and refused.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from wafer.domain import StoredDocument
+from wafer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from wafer.store.base import (
+    CollectionInfo,
+    FloatMatrix,
+    FloatVector,
+    PayloadFilter,
+    VectorStore,
+    point_id,
+)
+
+ID_KEY = "_id"
+TEXT_KEY = "_text"
+RESERVED_PREFIX = "_"
+# Keys in the collection metadata. The format number lets a later release recognise (and migrate)
+# collections written by this one, e.g. once documents are split into chunks.
+MODEL_KEY = "wafer_model"
+FORMAT_KEY = "wafer_format"
+FORMAT = 1
+# Points per upsert request: a server refuses requests over 32 MB by default, and 512 x 1536-d
+# float vectors as JSON stay well under it.
+UPSERT_BATCH = 512
+
+T = TypeVar("T")
+
+
+class QdrantStore(VectorStore):
+    """A `VectorStore` on Qdrant. Give exactly one of `path` (embedded local mode) or `url` (a server).
+
+    Local mode's folder can be opened by one client at a time (a file lock); `close()` releases it.
+    Calls are serialised with a lock: the embedded client is not safe to enter from two threads.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path | str | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout: int | None = None,
+        check_compatibility: bool = True,
+    ) -> None:
+        if (path is None) == (url is None):
+            raise ValueError("QdrantStore needs exactly one of path= (embedded) or url= (a server)")
+        self._where = f"Qdrant server {url}" if url is not None else f"vector store folder {path}"
+        self._lock = threading.RLock()
+        self._closed = False
+        if path is not None:
+            try:
+                # The embedded store's SQLite connections are opened on this thread and used on the
+                # caller's worker thread; the lock above keeps them single-entry.
+                self._client = QdrantClient(path=str(path), force_disable_check_same_thread=True)
+            except RuntimeError as exc:
+                # qdrant-client raises a bare RuntimeError when the folder's lock is held.
+                raise FailedPreconditionError(
+                    f"the vector store folder {path} is in use by another process (another Wafer "
+                    f"server?); stop it, or give this one another data directory: {exc}"
+                ) from None
+        else:
+            # check_compatibility: qdrant-client asks the server's version on a background thread and
+            # warns about a mismatch; tests without a server turn it off.
+            self._client = QdrantClient(
+                url=url, api_key=api_key, timeout=timeout, check_compatibility=check_compatibility
+            )
+
+    # -- collections -------------------------------------------------------------------------------
+
+    def ensure_collection(self, name: str, *, dimensions: int, model: str) -> CollectionInfo:
+        if dimensions <= 0:
+            raise InvalidArgumentError(f"dimensions must be positive, not {dimensions}")
+        if not model:
+            raise InvalidArgumentError("a collection needs the name of the model that embeds it")
+        with self._open() as client:
+            if not client.collection_exists(name):
+                try:
+                    client.create_collection(
+                        name,
+                        vectors_config=models.VectorParams(size=dimensions, distance=models.Distance.COSINE),
+                        metadata={MODEL_KEY: model, FORMAT_KEY: FORMAT},
+                    )
+                except ValueError as exc:
+                    # Local mode's name checks; a name that already exists cannot get here.
+                    raise InvalidArgumentError(f"cannot create collection {name!r}: {exc}") from None
+                except UnexpectedResponse:
+                    # Lost a race with another writer creating it: check theirs below instead.
+                    if not client.collection_exists(name):
+                        raise
+                else:
+                    info = self._describe(client, name)
+                    if not info.model:
+                        client.delete_collection(name)
+                        raise FailedPreconditionError(
+                            f"the {self._where} does not keep collection metadata, so it cannot "
+                            "remember which model a collection belongs to; Qdrant 1.16 or newer is needed"
+                        )
+                    return info
+            info = self._describe(client, name)
+        if not info.model:
+            raise FailedPreconditionError(
+                f"collection {name!r} was not created by Wafer (it records no embedding model); "
+                "use another collection name"
+            )
+        if info.model != model or info.dimensions != dimensions:
+            raise FailedPreconditionError(
+                f"collection {name!r} holds {info.dimensions}-d vectors of model {info.model!r}; "
+                f"it cannot take {dimensions}-d vectors of model {model!r} (use another collection)"
+            )
+        return info
+
+    def collection(self, name: str) -> CollectionInfo:
+        with self._open() as client:
+            return self._describe(client, name)
+
+    def list_collections(self) -> list[CollectionInfo]:
+        with self._open() as client:
+            names = sorted(c.name for c in client.get_collections().collections)
+            infos = []
+            for name in names:
+                try:
+                    infos.append(self._describe(client, name))
+                except NotFoundError:
+                    continue  # deleted by someone else between the listing and now
+            return infos
+
+    # -- documents ---------------------------------------------------------------------------------
+
+    def upsert(self, name: str, documents: Sequence[StoredDocument], vectors: FloatMatrix) -> None:
+        matrix = np.asarray(vectors, dtype=np.float32)
+        if matrix.ndim != 2 or matrix.shape[0] != len(documents):
+            raise InvalidArgumentError(
+                f"expected one vector per document ({len(documents)}), got an array of shape {matrix.shape}"
+            )
+        if not documents:
+            return
+        if not np.isfinite(matrix).all():
+            raise InvalidArgumentError("vectors must be finite (no NaN or infinity)")
+        points = []
+        for document, vector in zip(documents, matrix, strict=True):
+            if not document.id:
+                raise InvalidArgumentError("every document needs a non-empty id")
+            points.append(
+                models.PointStruct(
+                    id=point_id(name, document.id),
+                    vector=vector.tolist(),
+                    payload={**_user_payload(document), ID_KEY: document.id, TEXT_KEY: document.text},
+                )
+            )
+        with self._open() as client:
+            info = self._describe(client, name)
+            if matrix.shape[1] != info.dimensions:
+                raise InvalidArgumentError(
+                    f"collection {name!r} holds {info.dimensions}-d vectors, not {matrix.shape[1]}-d"
+                )
+            for start in range(0, len(points), UPSERT_BATCH):
+                batch = points[start : start + UPSERT_BATCH]
+                self._call(client, name, partial(client.upsert, name, points=batch, wait=True))
+
+    def search(
+        self,
+        name: str,
+        vector: FloatVector,
+        *,
+        top_k: int,
+        filter: PayloadFilter | None = None,
+        with_vectors: bool = False,
+    ) -> list[StoredDocument]:
+        if top_k <= 0:
+            raise InvalidArgumentError(f"top_k must be positive, not {top_k}")
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if not np.isfinite(query).all():
+            raise InvalidArgumentError("the query vector must be finite (no NaN or infinity)")
+        conditions = _conditions(filter)
+        with self._open() as client:
+            info = self._describe(client, name)
+            if query.shape[0] != info.dimensions:
+                raise InvalidArgumentError(
+                    f"collection {name!r} holds {info.dimensions}-d vectors; the query is {query.shape[0]}-d"
+                )
+            response = self._call(
+                client,
+                name,
+                lambda: client.query_points(
+                    name,
+                    query=query.tolist(),
+                    limit=top_k,
+                    query_filter=conditions,
+                    with_payload=True,
+                    with_vectors=with_vectors,
+                ),
+            )
+        return [_document(p.payload, p.vector, score=p.score) for p in response.points]
+
+    def retrieve(self, name: str, ids: Sequence[str], *, with_vectors: bool = False) -> list[StoredDocument]:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return []
+        with self._open() as client:
+            records = self._call(
+                client,
+                name,
+                lambda: client.retrieve(
+                    name,
+                    ids=[point_id(name, i) for i in wanted],
+                    with_payload=True,
+                    with_vectors=with_vectors,
+                ),
+            )
+        found = {d.id: d for d in (_document(r.payload, r.vector) for r in records)}
+        return [found[i] for i in wanted if i in found]
+
+    def delete(self, name: str, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        selector = models.PointIdsList(points=[point_id(name, i) for i in dict.fromkeys(ids)])
+        with self._open() as client:
+            self._call(client, name, lambda: client.delete(name, points_selector=selector, wait=True))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._client.close()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _open(self) -> Iterator[QdrantClient]:
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the vector store is closed (the server is shutting down)")
+            try:
+                yield self._client
+            except ResponseHandlingException as exc:
+                # The remote client's wrapper around transport failures (refused, timed out).
+                raise UnavailableError(
+                    f"the {self._where} cannot be reached: {exc.source}", retry_after_seconds=1.0
+                ) from exc
+
+    def _call(self, client: QdrantClient, name: str, call: Callable[[], T]) -> T:
+        """Runs one data call; a collection that is gone becomes NotFoundError.
+
+        Local mode reports an unknown collection with a ValueError and a server with HTTP 404; rather
+        than read either message, ask whether the collection exists once the call has failed.
+        """
+        try:
+            return call()
+        except (ValueError, UnexpectedResponse):
+            if not client.collection_exists(name):
+                raise _not_found(name) from None
+            raise
+
+    def _describe(self, client: QdrantClient, name: str) -> CollectionInfo:
+        info = self._call(client, name, lambda: client.get_collection(name))
+        count = self._call(client, name, lambda: client.count(name, exact=True).count)
+        params = info.config.params.vectors
+        # A collection made elsewhere may use named vectors; it has no single dimension for Wafer.
+        dimensions = params.size if isinstance(params, models.VectorParams) else 0
+        metadata = info.config.metadata or {}
+        model = metadata.get(MODEL_KEY)
+        return CollectionInfo(
+            name=name,
+            model=model if isinstance(model, str) else "",
+            dimensions=dimensions,
+            documents=count,
+        )
+
+
+def _not_found(name: str) -> NotFoundError:
+    return NotFoundError(f"collection {name!r} does not exist")
+
+
+def _user_payload(document: StoredDocument) -> dict[str, Any]:
+    for key in document.payload:
+        if not isinstance(key, str) or not key:
+            raise InvalidArgumentError(f"document {document.id!r}: payload keys must be non-empty strings")
+        if key.startswith(RESERVED_PREFIX):
+            raise InvalidArgumentError(
+                f"document {document.id!r}: payload key {key!r} is reserved (keys starting with "
+                f"{RESERVED_PREFIX!r} are Wafer's own); rename it"
+            )
+    return {
+        key: _json_value(value, f"document {document.id!r}: payload[{key!r}]")
+        for key, value in document.payload.items()
+    }
+
+
+def _json_value(value: object, where: str) -> Any:
+    """A payload value as JSON holds it; whole floats become ints.
+
+    Every number that arrives through protobuf's Struct is a float (2020 comes as 2020.0). Stored as a
+    float, an integer exact-match filter would match it in local mode but not on a Qdrant server,
+    which matches integers only against integer values; storing whole numbers as ints makes both agree.
+    """
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(f"{where}: numbers must be finite")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise InvalidArgumentError(f"{where}: {type(value).__name__} is not a JSON value")
+
+
+def _conditions(filter: PayloadFilter | None) -> models.Filter | None:
+    if not filter:
+        return None
+    must: list[models.Condition] = []
+    for key, value in filter.items():
+        if not isinstance(key, str) or not key or key.startswith(RESERVED_PREFIX):
+            raise InvalidArgumentError(
+                f"filter key {key!r} must be a payload field name (not starting with '_')"
+            )
+        match: str | int | bool
+        if isinstance(value, str | bool | int):
+            match = value
+        elif isinstance(value, float) and value.is_integer():
+            match = int(value)  # see _json_value: whole numbers are stored as ints
+        else:
+            raise InvalidArgumentError(
+                f"filter[{key!r}] must be a string, a whole number or a boolean, not {value!r}"
+            )
+        must.append(models.FieldCondition(key=key, match=models.MatchValue(value=match)))
+    return models.Filter(must=must)
+
+
+def _document(payload: Mapping[str, Any] | None, vector: object, *, score: float = 0.0) -> StoredDocument:
+    fields = dict(payload or {})
+    document_id = str(fields.pop(ID_KEY, ""))
+    text = str(fields.pop(TEXT_KEY, ""))
+    return StoredDocument(
+        id=document_id,
+        text=text,
+        payload=fields,
+        score=float(score),
+        vector=[float(x) for x in vector] if isinstance(vector, list) else None,
+    )

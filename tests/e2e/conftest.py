@@ -1,0 +1,114 @@
+"""End-to-end fixtures: a real `wafer serve` process on a free port, driven through the client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MODELS_YAML
+from wafer_client import WaferClient
+
+STARTUP_TIMEOUT_SECONDS = 120
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    address: str
+    data_dir: Path
+    log_lines: list[str] = field(default_factory=list)
+
+    def logs(self) -> list[dict[str, object]]:
+        records = []
+        for line in list(self.log_lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(
+    data_dir: Path, *, address: str = "127.0.0.1:0", models: Path = MODELS_YAML
+) -> ServerProcess:
+    """Start `python -m wafer serve`, wait until it listens and its default models are ready."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_THREADS": "2"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wafer",
+            "serve",
+            "--address",
+            address,
+            "--models",
+            str(models),
+            "--data-dir",
+            str(data_dir),
+            "--log-format",
+            "json",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    listening = threading.Event()
+    bound: list[str] = []
+
+    def read_stderr() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if '"server listening"' in line:
+                bound.append(json.loads(line)["address"])
+                listening.set()
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while not listening.wait(0.1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("server did not start:\n" + "".join(lines[-40:]))
+    server = ServerProcess(process=process, address=bound[0], data_dir=data_dir, log_lines=lines)
+    with WaferClient(server.address, timeout=5) as client:
+        while client.health("wafer.v1.Inference") != "SERVING":
+            if process.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError("default models did not become ready:\n" + "".join(lines[-40:]))
+            time.sleep(0.2)
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    running = start_server(tmp_path_factory.mktemp("wafer-data"))
+    yield running
+    assert running.stop() == 0, "server did not exit cleanly on SIGTERM"
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[WaferClient]:
+    with WaferClient(server.address, timeout=120, retries=0) as client:
+        yield client

@@ -1,0 +1,1 @@
+"""Stand-ins for outside services (the Hugging Face Hub) that tests run locally, offline."""

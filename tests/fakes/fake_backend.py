@@ -1,0 +1,107 @@
+"""A backend registered exactly like a real one, for fast tests of the registry and the engine.
+
+Embeddings are a deterministic function of the text; generation echoes the prompt's words.
+`gate` lets a test hold a call inside the backend to observe draining and cancellation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from wafer.backends.base import (
+    Backend,
+    Embeddings,
+    InputTooLongError,
+    LoadOptions,
+    ModelFiles,
+    RelevanceScores,
+)
+from wafer.domain import ChatMessage, FinishReason, GenerationDelta, SamplingParams
+from wafer.errors import FailedPreconditionError
+from wafer.specs import ModelSpec, Task
+
+
+class FakeBackend(Backend):
+    tasks: ClassVar[frozenset[Task]] = frozenset(Task)
+    # Shared by every instance: tests open and close it around the calls they want to hold.
+    gate: ClassVar[threading.Event] = threading.Event()
+    loads: ClassVar[int] = 0
+    closed: ClassVar[int] = 0
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.is_closed = False
+
+    @classmethod
+    def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> FakeBackend:
+        if files.weights.read_bytes().startswith(b"broken"):
+            raise FailedPreconditionError(f"model {spec.name!r}: weights are broken")
+        cls.loads += 1
+        return cls(spec)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split()) + 2
+
+    def _wait(self) -> None:
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("fake backend gate stayed closed")
+
+    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+        assert not self.is_closed, "embed on a closed backend"
+        self._wait()
+        counts = []
+        for i, text in enumerate(texts):
+            tokens = self.count_tokens(text)
+            if tokens > self.spec.max_tokens and not truncate:
+                raise InputTooLongError(i, tokens, self.spec.max_tokens, self.spec.name)
+            counts.append(min(tokens, self.spec.max_tokens))
+        dims = self.spec.dimensions or 8
+        rows = []
+        for text in texts:
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            rows.append(np.random.default_rng(seed).normal(size=dims))
+        return Embeddings(vectors=np.asarray(rows, dtype=np.float32), token_counts=counts)
+
+    def score_relevance(
+        self, query: str, documents: Sequence[str], *, instruction: str, truncate: bool
+    ) -> RelevanceScores:
+        self._wait()
+        words = set(query.lower().split())
+        scores = [len(words & set(d.lower().split())) / max(1, len(words)) for d in documents]
+        return RelevanceScores(
+            scores=scores, token_counts=[self.count_tokens(query + " " + d) for d in documents]
+        )
+
+    def generate(
+        self,
+        *,
+        prompt: str | None,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[GenerationDelta]:
+        text = prompt if prompt is not None else " ".join(m.content for m in messages)
+        words = text.split()
+        produced = 0
+        for word in words[: sampling.max_tokens]:
+            self._wait()
+            if cancelled():
+                return
+            produced += 1
+            yield GenerationDelta(text=word + " ")
+        reason = FinishReason.LENGTH if len(words) > sampling.max_tokens else FinishReason.STOP
+        yield GenerationDelta(
+            text="", finish_reason=reason, prompt_tokens=len(words), completion_tokens=produced
+        )
+
+    def health(self) -> None:
+        assert self.embed(["ok"], truncate=True).vectors.shape[0] == 1
+
+    def close(self) -> None:
+        type(self).closed += 1
+        self.is_closed = True
