@@ -57,7 +57,7 @@ e2e: install
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python bench/latency.py
+	$(BIN)/python -m bench.latency --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

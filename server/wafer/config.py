@@ -32,9 +32,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
-    threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 1, gt=0, description="CPU threads per model."
-    )
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="CPU threads per model.")
     max_inputs_per_request: int = Field(default=1024, gt=0, le=100_000)
     max_input_bytes: int = Field(
         default=4 * 1024 * 1024, gt=0, description="Largest single input text or prompt, in bytes."

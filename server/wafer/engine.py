@@ -190,9 +190,7 @@ class InferenceEngine:
             raise InvalidArgumentError(f"{what} must not be empty")
         limit = self._settings.max_inputs_per_request
         if len(texts) > limit:
-            raise InvalidArgumentError(
-                f"{len(texts)} {what} in one request; the limit is {limit}: split the request"
-            )
+            raise InvalidArgumentError(f"{len(texts)} {what} in one request; the limit is {limit}: split the request")
         max_bytes = self._settings.max_input_bytes
         for i, text in enumerate(texts):
             if not text.strip():
@@ -206,9 +204,7 @@ class InferenceEngine:
         if requested == 0:
             return full
         if requested > full:
-            raise InvalidArgumentError(
-                f"dimensions={requested} is more than model {spec.name!r} produces ({full})"
-            )
+            raise InvalidArgumentError(f"dimensions={requested} is more than model {spec.name!r} produces ({full})")
         if spec.matryoshka_dimensions and requested not in spec.matryoshka_dimensions:
             allowed = ", ".join(str(d) for d in sorted(spec.matryoshka_dimensions))
             raise InvalidArgumentError(f"model {spec.name!r} supports dimensions {allowed} (or 0 for {full})")
@@ -229,8 +225,7 @@ class InferenceEngine:
         sampling = request.sampling
         if not 0 < sampling.max_tokens <= self._settings.max_new_tokens_limit:
             raise InvalidArgumentError(
-                f"max_tokens must be between 1 and {self._settings.max_new_tokens_limit}, "
-                f"not {sampling.max_tokens}"
+                f"max_tokens must be between 1 and {self._settings.max_new_tokens_limit}, not {sampling.max_tokens}"
             )
         if not 0.0 <= sampling.temperature <= 2.0:
             raise InvalidArgumentError(f"temperature must be in [0, 2], not {sampling.temperature:g}")

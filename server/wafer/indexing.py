@@ -8,12 +8,14 @@ not meant to be entered concurrently, and it must not block the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,7 +30,8 @@ from wafer.domain import (
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from wafer.store.base import CollectionInfo, VectorStore
-from wafer.worker import ModelWorker
+
+T = TypeVar("T")
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEFAULT_TOP_K = 10
@@ -68,7 +71,8 @@ class IndexService:
     def __init__(self, engine: InferenceEngine, store: VectorStore) -> None:
         self._engine = engine
         self._store = store
-        self._thread = ModelWorker("store")
+        # One thread, in order: the embedded Qdrant client is not meant to be entered concurrently.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wafer-store")
 
     async def upsert(
         self,
@@ -90,9 +94,7 @@ class IndexService:
                     f"it cannot take {model!r} vectors (use another collection)"
                 )
             model = existing.model
-        documents = [
-            StoredDocument(id=d.id or derived_id(d.text), text=d.text, payload=d.payload) for d in documents
-        ]
+        documents = [StoredDocument(id=d.id or derived_id(d.text), text=d.text, payload=d.payload) for d in documents]
         ids = [d.id for d in documents]
         if len(set(ids)) != len(ids):
             raise InvalidArgumentError("document ids must be unique within one request")
@@ -108,11 +110,12 @@ class IndexService:
         )
         dimensions = int(embedded.vectors.shape[1])
         written = time.perf_counter()
+
         def write() -> None:
             self._store.ensure_collection(collection, dimensions=dimensions, model=embedded.model)
             self._store.upsert(collection, documents, embedded.vectors)
 
-        await self._thread.run(write)
+        await self._in_store_thread(write)
         timings = embedded.timings
         timings.inference_ms += (time.perf_counter() - written) * 1000.0
         return UpsertResult(model=embedded.model, ids=ids, usage=embedded.usage, timings=timings)
@@ -130,18 +133,14 @@ class IndexService:
         top_k = top_k or DEFAULT_TOP_K
         if top_k > MAX_TOP_K:
             raise InvalidArgumentError(f"top_k must be at most {MAX_TOP_K}")
-        info = await self._thread.run(lambda: self._store.collection(collection))
+        info = await self._in_store_thread(lambda: self._store.collection(collection))
         embedded = await self._engine.embed(
-            EmbedRequest(
-                inputs=[query], model=info.model, input_type=InputType.QUERY, truncate=True, normalize=True
-            )
+            EmbedRequest(inputs=[query], model=info.model, input_type=InputType.QUERY, truncate=True, normalize=True)
         )
         vector = np.asarray(embedded.vectors[0], dtype=np.float32)
         started = time.perf_counter()
-        found = await self._thread.run(
-            lambda: self._store.search(
-                collection, vector, top_k=top_k, filter=filter, with_vectors=with_vectors
-            )
+        found = await self._in_store_thread(
+            lambda: self._store.search(collection, vector, top_k=top_k, filter=filter, with_vectors=with_vectors)
         )
         timings = embedded.timings
         timings.inference_ms += (time.perf_counter() - started) * 1000.0
@@ -153,25 +152,27 @@ class IndexService:
         _check_collection_name(collection)
         if not ids:
             raise InvalidArgumentError("ids must not be empty")
-        return await self._thread.run(
-            lambda: self._store.retrieve(collection, list(ids), with_vectors=with_vectors)
-        )
+        wanted = list(ids)
+        return await self._in_store_thread(lambda: self._store.retrieve(collection, wanted, with_vectors=with_vectors))
 
     async def delete_documents(self, collection: str, ids: Sequence[str]) -> None:
         _check_collection_name(collection)
         if not ids:
             raise InvalidArgumentError("ids must not be empty")
-        await self._thread.run(lambda: self._store.delete(collection, list(ids)))
+        await self._in_store_thread(lambda: self._store.delete(collection, list(ids)))
 
     async def list_collections(self) -> list[CollectionInfo]:
-        return await self._thread.run(self._store.list_collections)
+        return await self._in_store_thread(self._store.list_collections)
 
     async def close(self) -> None:
-        await self._thread.run(self._store.close)
-        self._thread.close()
+        await self._in_store_thread(self._store.close)
+        self._thread.shutdown(wait=True)
+
+    async def _in_store_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
 
     async def _find(self, collection: str) -> CollectionInfo | None:
         try:
-            return await self._thread.run(lambda: self._store.collection(collection))
+            return await self._in_store_thread(lambda: self._store.collection(collection))
         except NotFoundError:
             return None

@@ -30,7 +30,7 @@ from wafer.errors import (
 )
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, LoadPolicy, ModelSpec, Task
-from wafer.worker import ModelWorker
+from wafer.worker import ComputeGate, ModelWorker
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +93,7 @@ class ModelRegistry:
         *,
         threads: int,
         drain_timeout_seconds: float,
+        gate: ComputeGate | None = None,
     ) -> None:
         self._catalog = catalog
         self._resolver = resolver
@@ -101,6 +102,7 @@ class ModelRegistry:
         self._drain_timeout = drain_timeout_seconds
         self._entries = {name: _Entry(spec) for name, spec in catalog.models.items()}
         self._load_lock = asyncio.Lock()
+        self._gate = gate or ComputeGate()
         self._listeners: list[Listener] = []
 
     # -- queries -------------------------------------------------------------------------------
@@ -160,9 +162,7 @@ class ModelRegistry:
         entry = self._entries[spec.name]
         while entry.state is not ModelState.READY:
             if entry.state is ModelState.UNLOADING:
-                raise UnavailableError(
-                    f"model {spec.name!r} is being unloaded; retry once it is loaded again"
-                )
+                raise UnavailableError(f"model {spec.name!r} is being unloaded; retry once it is loaded again")
             await self.load(spec.name)
         assert entry.loaded is not None
         entry.active += 1
@@ -297,7 +297,7 @@ class ModelRegistry:
         except Exception:
             backend.close()
             raise
-        return LoadedModel(spec=spec, backend=backend, worker=ModelWorker(spec.name))
+        return LoadedModel(spec=spec, backend=backend, worker=ModelWorker(spec.name, self._gate))
 
     def _set_state(self, entry: _Entry, state: ModelState) -> None:
         entry.state = state

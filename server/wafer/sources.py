@@ -94,9 +94,7 @@ class SourceResolver:
         # (pin `@revision`, or clear the cache, to take a new one).
         try:
             return Path(
-                hf_hub_download(
-                    repo, filename, revision=revision, cache_dir=self._hub_cache_dir, local_files_only=True
-                )
+                hf_hub_download(repo, filename, revision=revision, cache_dir=self._hub_cache_dir, local_files_only=True)
             )
         except LocalEntryNotFoundError:
             pass
@@ -130,8 +128,7 @@ class SourceResolver:
             ) from None
         except RevisionNotFoundError:
             raise FailedPreconditionError(
-                f"model {model!r}: the Hub repository {repo} has no revision {revision!r}; "
-                "check the model's `source`"
+                f"model {model!r}: the Hub repository {repo} has no revision {revision!r}; check the model's `source`"
             ) from None
         except RemoteEntryNotFoundError:
             raise FailedPreconditionError(

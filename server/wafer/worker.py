@@ -1,16 +1,24 @@
-"""One worker thread per loaded model.
+"""One worker thread per loaded model, and the gate that lets one model compute at a time.
 
-A llama.cpp context must never be entered from two threads, and on two cores one model running
-one batch at a time is also the fastest schedule; so every call into a backend goes through its
-model's worker. Context variables (structlog's request context) are carried into the thread.
+A llama.cpp context must never be entered from two threads, so every call into a backend goes
+through its model's worker. Context variables (structlog's request context) are carried into the
+thread.
+
+Models take turns on the CPU through one `ComputeGate`. On a small machine each model's kernels
+already use every core; two models computing at once oversubscribe them and both slow down badly
+(measured here: SmolLM2 generation fell from 92 to 5 tokens/s while MiniLM embedded beside it).
+Turns are one backend call or one generated token long and are granted in arrival order, so a
+short embedding slips in between two tokens of a long generation instead of waiting for all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -19,21 +27,50 @@ T = TypeVar("T")
 _DONE = object()
 
 
+class ComputeGate:
+    """A FIFO lock: whoever asked first computes next."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._waiting: deque[object] = deque()
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        ticket = object()
+        with self._changed:
+            self._waiting.append(ticket)
+            while self._waiting[0] is not ticket:
+                self._changed.wait()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._waiting.popleft()
+                self._changed.notify_all()
+
+
 class ModelWorker:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, gate: ComputeGate) -> None:
+        self._gate = gate
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wafer-{name}")
 
     async def run(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the worker thread and wait for its result."""
+        """Run `fn` on the worker thread, in one turn of the compute gate, and wait for its result."""
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        return await loop.run_in_executor(self._executor, ctx.run, fn)
 
-    async def stream(self, start: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncIterator[T]:
+        def in_turn() -> T:
+            with self._gate.turn():
+                return fn()
+
+        return await loop.run_in_executor(self._executor, ctx.run, in_turn)
+
+    async def stream(self, start: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncGenerator[T, None]:
         """Drive the iterator `start(cancelled)` on the worker thread, yielding its items here.
 
-        If the consumer stops early (the client cancelled), `cancelled()` turns true and the
-        backend ends at its next step, freeing the worker for the next request.
+        Each item is computed in its own turn of the gate. If the consumer stops early (the client
+        cancelled), `cancelled()` turns true and the backend ends at its next step, freeing the
+        worker for the next request.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -42,10 +79,13 @@ class ModelWorker:
 
         def produce() -> None:
             try:
-                for item in start(stop.is_set):
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                    if stop.is_set():
+                items = start(stop.is_set)
+                while not stop.is_set():
+                    with self._gate.turn():
+                        item = next(items, _DONE)
+                    if item is _DONE:
                         break
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
             except BaseException as exc:  # handed to the consumer, re-raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)

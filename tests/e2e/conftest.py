@@ -47,9 +47,7 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(
-    data_dir: Path, *, address: str = "127.0.0.1:0", models: Path = MODELS_YAML
-) -> ServerProcess:
+def start_server(data_dir: Path, *, address: str = "127.0.0.1:0", models: Path = MODELS_YAML) -> ServerProcess:
     """Start `python -m wafer serve`, wait until it listens and its default models are ready."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_THREADS": "2"}
     process = subprocess.Popen(

@@ -85,9 +85,7 @@ def test_one_json_log_line_per_request(server: ServerProcess, client: WaferClien
     with pytest.raises(NotFoundError) as raised:
         client.embed("x", model="nope")
     time.sleep(0.2)
-    lines = [
-        r for r in server.logs() if r.get("event") == "rpc" and r.get("method") == "/wafer.v1.Inference/Embed"
-    ]
+    lines = [r for r in server.logs() if r.get("event") == "rpc" and r.get("method") == "/wafer.v1.Inference/Embed"]
     failure = [r for r in lines if r["request_id"] == raised.value.request_id]
     assert len(failure) == 1
     assert failure[0]["status"] == "NOT_FOUND" and failure[0]["model"] == "nope"

@@ -73,9 +73,7 @@ class FakeBackend(Backend):
         self._wait()
         words = set(query.lower().split())
         scores = [len(words & set(d.lower().split())) / max(1, len(words)) for d in documents]
-        return RelevanceScores(
-            scores=scores, token_counts=[self.count_tokens(query + " " + d) for d in documents]
-        )
+        return RelevanceScores(scores=scores, token_counts=[self.count_tokens(query + " " + d) for d in documents])
 
     def generate(
         self,
@@ -95,9 +93,7 @@ class FakeBackend(Backend):
             produced += 1
             yield GenerationDelta(text=word + " ")
         reason = FinishReason.LENGTH if len(words) > sampling.max_tokens else FinishReason.STOP
-        yield GenerationDelta(
-            text="", finish_reason=reason, prompt_tokens=len(words), completion_tokens=produced
-        )
+        yield GenerationDelta(text="", finish_reason=reason, prompt_tokens=len(words), completion_tokens=produced)
 
     def health(self) -> None:
         assert self.embed(["ok"], truncate=True).vectors.shape[0] == 1

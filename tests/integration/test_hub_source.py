@@ -64,9 +64,7 @@ def closed_port_url() -> str:
 # -- hf:// -------------------------------------------------------------------------------------------
 
 
-def test_downloads_an_lfs_file_into_the_cache(
-    resolver: SourceResolver, cache_dir: Path, fake_hub: FakeHub
-) -> None:
+def test_downloads_an_lfs_file_into_the_cache(resolver: SourceResolver, cache_dir: Path, fake_hub: FakeHub) -> None:
     path = resolver.resolve(f"hf://{REPO}/file.gguf", model="x")
 
     assert path.read_bytes() == WEIGHTS

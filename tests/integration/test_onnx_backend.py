@@ -38,8 +38,7 @@ pytestmark = pytest.mark.integration
 Vectors = NDArray[np.float32]
 
 LONG_TEXT = " ".join(
-    f"Sentence {i} of a long document about rivers, mountains and the weather in early spring."
-    for i in range(60)
+    f"Sentence {i} of a long document about rivers, mountains and the weather in early spring." for i in range(60)
 )
 TEXTS = [
     "hi",
@@ -99,9 +98,7 @@ def test_single_texts_match_the_plain_reference(backend: OnnxBackend, reference:
         assert cosine >= 0.9999, (text[:40], cosine)
 
 
-def test_a_mixed_batch_matches_the_reference_and_single_calls(
-    backend: OnnxBackend, reference: PlainReference
-) -> None:
+def test_a_mixed_batch_matches_the_reference_and_single_calls(backend: OnnxBackend, reference: PlainReference) -> None:
     result = backend.embed(TEXTS, truncate=True)
     assert result.vectors.shape == (len(TEXTS), 384)
     assert result.vectors.dtype == np.float32
@@ -190,9 +187,7 @@ def test_a_megabyte_input_is_refused_without_truncate_and_cut_with_it(backend: O
     assert np.isfinite(result.vectors).all()
 
 
-def test_truncation_keeps_the_first_tokens_with_special_tokens(
-    backend: OnnxBackend, minilm_files: ModelFiles
-) -> None:
+def test_truncation_keeps_the_first_tokens_with_special_tokens(backend: OnnxBackend, minilm_files: ModelFiles) -> None:
     # Same first 254 word pieces, different tails: truncated vectors must be identical.
     first = LONG_TEXT + " completely different ending about cooking pasta"
     second = LONG_TEXT + " another tail that talks about football matches"
@@ -260,9 +255,7 @@ def test_load_checks_the_spec_against_the_graph(minilm_spec: ModelSpec, minilm_f
         OnnxBackend.load(minilm_spec, not_onnx, options)
 
 
-def test_an_export_with_pass_through_outputs_uses_its_token_states(
-    catalog: Catalog, resolver: SourceResolver
-) -> None:
+def test_an_export_with_pass_through_outputs_uses_its_token_states(catalog: Catalog, resolver: SourceResolver) -> None:
     # paraphrase-MiniLM-L3-v2 (fp32) outputs input_ids, the mask, token states and its own
     # mean-pooled vector, in that order, and declares no token_type_ids. Our mean over its token
     # states must equal the graph's own pooling, on a padded batch of mixed lengths.

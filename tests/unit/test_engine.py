@@ -114,9 +114,7 @@ async def test_generate_streams_and_reports_usage(engine: InferenceEngine) -> No
     [
         (GenerateRequest(sampling=SamplingParams(max_tokens=5)), "exactly one of"),
         (
-            GenerateRequest(
-                prompt="p", messages=(ChatMessage("user", "x"),), sampling=SamplingParams(max_tokens=5)
-            ),
+            GenerateRequest(prompt="p", messages=(ChatMessage("user", "x"),), sampling=SamplingParams(max_tokens=5)),
             "exactly one of",
         ),
         (GenerateRequest(messages=(ChatMessage("robot", "x"),), sampling=SamplingParams(5)), "role"),

@@ -48,8 +48,7 @@ def test_relative_sources_resolve_against_the_file(tmp_path: Path) -> None:
         ("models:\n  m: {backend: onnx, source: x, tasks: [fly], dimensions: 3}\n", "tasks"),
         ("models:\n  m: {backend: onnx, source: x, tasks: [embed], dimensions: 3, colour: red}\n", "colour"),
         (
-            "defaults: {generate: m}\n"
-            "models:\n  m: {backend: onnx, source: x, tasks: [embed], dimensions: 3}\n",
+            "defaults: {generate: m}\nmodels:\n  m: {backend: onnx, source: x, tasks: [embed], dimensions: 3}\n",
             "does not do generate",
         ),
         (
@@ -57,8 +56,7 @@ def test_relative_sources_resolve_against_the_file(tmp_path: Path) -> None:
             "'z' for embed is not in",
         ),
         (
-            "models:\n  m: {backend: onnx, source: x, tasks: [embed], dimensions: 3,"
-            " matryoshka_dimensions: [4]}\n",
+            "models:\n  m: {backend: onnx, source: x, tasks: [embed], dimensions: 3, matryoshka_dimensions: [4]}\n",
             "must not exceed",
         ),
     ],

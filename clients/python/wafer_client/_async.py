@@ -145,9 +145,7 @@ class AsyncWaferClient(BaseClient):
         attempt = 1
         while True:
             try:
-                return await method(
-                    request, timeout=self._remaining(deadline), metadata=self._call_metadata()
-                )
+                return await method(request, timeout=self._remaining(deadline), metadata=self._call_metadata())
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
                 delay = self._retry_delay(error, attempt, deadline) if retry else None
@@ -347,9 +345,7 @@ class AsyncWaferClient(BaseClient):
     ) -> UpsertResult:
         """Embeds and writes documents (``Document``, ``{"id", "text", "payload"}`` dicts or bare
         texts); writing an id again replaces it, so retrying is safe."""
-        request = _convert.upsert_request(
-            collection, documents, model=model, truncate=truncate, priority=priority
-        )
+        request = _convert.upsert_request(collection, documents, model=model, truncate=truncate, priority=priority)
         return _convert.upsert_result(await self._unary(self._index.Upsert, request, timeout))
 
     async def search(
@@ -363,9 +359,7 @@ class AsyncWaferClient(BaseClient):
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> SearchResult:
         """The ``top_k`` documents nearest the query; ``filter`` holds exact-match payload conditions."""
-        request = _convert.search_request(
-            collection, query, top_k=top_k, filter=filter, with_vectors=with_vectors
-        )
+        request = _convert.search_request(collection, query, top_k=top_k, filter=filter, with_vectors=with_vectors)
         return _convert.search_result(await self._unary(self._index.Search, request, timeout))
 
     async def get_documents(

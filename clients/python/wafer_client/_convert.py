@@ -315,9 +315,7 @@ def search_result(response: index_pb2.SearchResponse) -> SearchResult:
         )
         for r in response.results
     ]
-    return SearchResult(
-        model=response.model, hits=hits, usage=usage(response.usage), timings=timings(response.timings)
-    )
+    return SearchResult(model=response.model, hits=hits, usage=usage(response.usage), timings=timings(response.timings))
 
 
 def stored_documents(response: index_pb2.GetDocumentsResponse) -> list[StoredDocument]:

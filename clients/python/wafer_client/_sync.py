@@ -296,9 +296,7 @@ class WaferClient(BaseClient):
     ) -> UpsertResult:
         """Embeds and writes documents (``Document``, ``{"id", "text", "payload"}`` dicts or bare
         texts); writing an id again replaces it, so retrying is safe."""
-        request = _convert.upsert_request(
-            collection, documents, model=model, truncate=truncate, priority=priority
-        )
+        request = _convert.upsert_request(collection, documents, model=model, truncate=truncate, priority=priority)
         return _convert.upsert_result(self._unary(self._index.Upsert, request, timeout))
 
     def search(
@@ -312,9 +310,7 @@ class WaferClient(BaseClient):
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> SearchResult:
         """The ``top_k`` documents nearest the query; ``filter`` holds exact-match payload conditions."""
-        request = _convert.search_request(
-            collection, query, top_k=top_k, filter=filter, with_vectors=with_vectors
-        )
+        request = _convert.search_request(collection, query, top_k=top_k, filter=filter, with_vectors=with_vectors)
         return _convert.search_result(self._unary(self._index.Search, request, timeout))
 
     def get_documents(
@@ -331,9 +327,7 @@ class WaferClient(BaseClient):
         )
         return _convert.stored_documents(self._unary(self._index.GetDocuments, request, timeout))
 
-    def delete_documents(
-        self, collection: str, ids: Sequence[str], *, timeout: Timeout = USE_CLIENT_DEFAULT
-    ) -> None:
+    def delete_documents(self, collection: str, ids: Sequence[str], *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         request = index_pb2.DeleteDocumentsRequest(collection=collection, ids=_convert._strings(ids, "ids"))
         self._unary(self._index.DeleteDocuments, request, timeout)
 

@@ -38,9 +38,7 @@ app = typer.Typer(
     # Locals in a crash report would include the client and its metadata: authorization headers.
     pretty_exceptions_show_locals=False,
 )
-models_app = typer.Typer(
-    help="List, inspect, load and unload models.", no_args_is_help=True, rich_markup_mode=None
-)
+models_app = typer.Typer(help="List, inspect, load and unload models.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(models_app, name="models")
 
 _PREVIEW = 6
@@ -146,12 +144,8 @@ ServeMain = Callable[[dict[str, object]], None]
 def serve(
     ctx: typer.Context,
     *,
-    address: Annotated[
-        str | None, typer.Option(help="Address to listen on: host:port or unix:///path.")
-    ] = None,
-    models: Annotated[
-        Path | None, typer.Option("--models", help="The models.yaml to serve.", dir_okay=False)
-    ] = None,
+    address: Annotated[str | None, typer.Option(help="Address to listen on: host:port or unix:///path.")] = None,
+    models: Annotated[Path | None, typer.Option("--models", help="The models.yaml to serve.", dir_okay=False)] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Where collections, jobs and caches live.", file_okay=False)
     ] = None,
@@ -252,8 +246,7 @@ def rerank(
             {
                 "model": result.model,
                 "results": [
-                    {"index": hit.index, "score": hit.score, "document": documents[hit.index]}
-                    for hit in result.results
+                    {"index": hit.index, "score": hit.score, "document": documents[hit.index]} for hit in result.results
                 ],
                 "usage": asdict(result.usage),
             }
@@ -452,9 +445,7 @@ def search(
         _echo_json(
             {
                 "model": result.model,
-                "hits": [
-                    {"id": h.id, "score": h.score, "text": h.text, "payload": h.payload} for h in result.hits
-                ],
+                "hits": [{"id": h.id, "score": h.score, "text": h.text, "payload": h.payload} for h in result.hits],
             }
         )
         return

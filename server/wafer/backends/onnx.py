@@ -136,8 +136,7 @@ class OnnxBackend(Backend):
             raise FailedPreconditionError(f"{where}; expected [batch, seq, dim] or [batch, dim]")
         if states.shape[-1] != spec.dimensions:
             raise FailedPreconditionError(
-                f"{where}: vectors of {states.shape[-1]} dimensions, but models.yaml says "
-                f"dimensions: {spec.dimensions}"
+                f"{where}: vectors of {states.shape[-1]} dimensions, but models.yaml says dimensions: {spec.dimensions}"
             )
 
     # -- Backend -------------------------------------------------------------------------------

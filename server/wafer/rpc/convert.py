@@ -129,8 +129,7 @@ def rerank_response(result: RerankResult) -> inference_pb2.RerankResponse:
     return inference_pb2.RerankResponse(
         model=result.model,
         results=[
-            inference_pb2.RerankResult(index=r.index, score=r.score, document=r.document or "")
-            for r in result.results
+            inference_pb2.RerankResult(index=r.index, score=r.score, document=r.document or "") for r in result.results
         ],
         usage=usage_to_proto(result.usage),
         timings=timings_to_proto(result.timings),
@@ -224,9 +223,7 @@ def filter_from_proto(message: index_pb2.SearchRequest) -> dict[str, Any] | None
 
 def scored_document(document: StoredDocument) -> index_pb2.ScoredDocument:
     return index_pb2.ScoredDocument(
-        document=index_pb2.Document(
-            id=document.id, text=document.text, payload=_dict_to_struct(document.payload)
-        ),
+        document=index_pb2.Document(id=document.id, text=document.text, payload=_dict_to_struct(document.payload)),
         score=document.score,
         vector=document.vector or [],
     )

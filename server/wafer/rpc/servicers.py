@@ -59,9 +59,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
     async def ListModels(  # noqa: N802
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
-        return models_pb2.ListModelsResponse(
-            models=[convert.model_info(s) for s in self._registry.statuses()]
-        )
+        return models_pb2.ListModelsResponse(models=[convert.model_info(s) for s in self._registry.statuses()])
 
     async def GetModel(  # noqa: N802
         self, request: models_pb2.GetModelRequest, context: Context
@@ -130,6 +128,4 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         self, request: index_pb2.ListCollectionsRequest, context: Context
     ) -> index_pb2.ListCollectionsResponse:
         collections = await self._index.list_collections()
-        return index_pb2.ListCollectionsResponse(
-            collections=[convert.collection_info(c) for c in collections]
-        )
+        return index_pb2.ListCollectionsResponse(collections=[convert.collection_info(c) for c in collections])

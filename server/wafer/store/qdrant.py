@@ -346,18 +346,14 @@ def _conditions(filter: PayloadFilter | None) -> models.Filter | None:
     must: list[models.Condition] = []
     for key, value in filter.items():
         if not isinstance(key, str) or not key or key.startswith(RESERVED_PREFIX):
-            raise InvalidArgumentError(
-                f"filter key {key!r} must be a payload field name (not starting with '_')"
-            )
+            raise InvalidArgumentError(f"filter key {key!r} must be a payload field name (not starting with '_')")
         match: str | int | bool
         if isinstance(value, str | bool | int):
             match = value
         elif isinstance(value, float) and value.is_integer():
             match = int(value)  # see _json_value: whole numbers are stored as ints
         else:
-            raise InvalidArgumentError(
-                f"filter[{key!r}] must be a string, a whole number or a boolean, not {value!r}"
-            )
+            raise InvalidArgumentError(f"filter[{key!r}] must be a string, a whole number or a boolean, not {value!r}")
         must.append(models.FieldCondition(key=key, match=models.MatchValue(value=match)))
     return models.Filter(must=must)
 

@@ -83,9 +83,7 @@ class Script:
 
 
 def _usage(prompt: int, completion: int = 0) -> common_pb2.Usage:
-    return common_pb2.Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+    return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class FakeInference(inference_pb2_grpc.InferenceServicer):
@@ -98,8 +96,7 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
             time.sleep(1.0)
         dims = request.dimensions or 4
         embeddings = [
-            inference_pb2.Embedding(values=[i + k / 10 for k in range(dims)])
-            for i in range(len(request.inputs))
+            inference_pb2.Embedding(values=[i + k / 10 for k in range(dims)]) for i in range(len(request.inputs))
         ]
         return inference_pb2.EmbedResponse(
             model=request.model or "fake-embed",
@@ -121,9 +118,7 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.RerankResponse(
             model=request.model or "fake-rerank",
             results=[
-                inference_pb2.RerankResult(
-                    index=i, score=score, document=doc if request.return_documents else ""
-                )
+                inference_pb2.RerankResult(index=i, score=score, document=doc if request.return_documents else "")
                 for score, i, doc in scored
             ],
             usage=_usage(len(request.documents)),
@@ -284,18 +279,14 @@ class FakeIndex(index_pb2_grpc.IndexServicer):
             ]
         )
 
-    def DeleteDocuments(
-        self, request: index_pb2.DeleteDocumentsRequest, context: grpc.ServicerContext
-    ) -> Any:
+    def DeleteDocuments(self, request: index_pb2.DeleteDocumentsRequest, context: grpc.ServicerContext) -> Any:
         self.script.enter("DeleteDocuments", request, context)
         store = self._store(request.collection, context)
         for i in request.ids:
             store.pop(i, None)
         return index_pb2.DeleteDocumentsResponse()
 
-    def ListCollections(
-        self, request: index_pb2.ListCollectionsRequest, context: grpc.ServicerContext
-    ) -> Any:
+    def ListCollections(self, request: index_pb2.ListCollectionsRequest, context: grpc.ServicerContext) -> Any:
         self.script.enter("ListCollections", request, context)
         return index_pb2.ListCollectionsResponse(
             collections=[

@@ -140,9 +140,7 @@ def test_unreachable_server(script: Script) -> None:
 
 
 def test_headers_are_sent(fake_server: FakeServer, script: Script) -> None:
-    code, _, _ = wafer(
-        fake_server, "-H", "Authorization: Bearer abc", "--header", "x-team=ml:blue", "models", "list"
-    )
+    code, _, _ = wafer(fake_server, "-H", "Authorization: Bearer abc", "--header", "x-team=ml:blue", "models", "list")
     assert code == 0
     assert script.metadata["ListModels"][0]["authorization"] == "Bearer abc"
     assert script.metadata["ListModels"][0]["x-team"] == "ml:blue"

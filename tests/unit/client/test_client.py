@@ -224,9 +224,7 @@ def test_unreachable_server_is_unavailable() -> None:
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE])
-def test_retryable_codes_are_retried_then_succeed(
-    client: WaferClient, script: Script, code: grpc.StatusCode
-) -> None:
+def test_retryable_codes_are_retried_then_succeed(client: WaferClient, script: Script, code: grpc.StatusCode) -> None:
     script.fail("Embed", code, times=2)
     assert client.embed("x").vectors.shape == (1, 4)
     assert script.calls["Embed"] == 3
@@ -319,9 +317,7 @@ def test_metadata_is_sent_with_every_call(fake_server: FakeServer, script: Scrip
     assert script.metadata["Generate"][0]["authorization"] == "Bearer t0ken"
 
 
-def test_address_from_environment(
-    monkeypatch: pytest.MonkeyPatch, fake_server: FakeServer, script: Script
-) -> None:
+def test_address_from_environment(monkeypatch: pytest.MonkeyPatch, fake_server: FakeServer, script: Script) -> None:
     monkeypatch.setenv("WAFER_ADDRESS", fake_server.address)
     with WaferClient() as client:
         assert client.address == fake_server.address

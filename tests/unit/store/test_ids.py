@@ -34,9 +34,7 @@ def test_chunk_zero_is_the_default() -> None:
         (("docs", "1", 0), ("docs", "", 1)),
     ],
 )
-def test_different_triples_give_different_ids(
-    left: tuple[str, str, int], right: tuple[str, str, int]
-) -> None:
+def test_different_triples_give_different_ids(left: tuple[str, str, int], right: tuple[str, str, int]) -> None:
     assert point_id(*left) != point_id(*right)
 
 

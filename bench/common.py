@@ -1,0 +1,95 @@
+"""Shared benchmark helpers: the corpus, the machine description, percentiles, RESULTS.md sections."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+SHARED_SMS = ROOT.parent / "shared" / "data" / "sms_spam_collection.jsonl"
+
+_FALLBACK = [
+    "Are we still on for lunch tomorrow?",
+    "Running late, be there in 10 minutes",
+    "Your parcel has been delivered to the front door.",
+    "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May. Text FA to 87121",
+    "Can you pick up milk and bread on the way home?",
+    "The meeting moved to 3pm on Thursday in room B.",
+    "Happy birthday! Hope you have a wonderful day.",
+    "Call me when you get this, it is about the car.",
+]
+
+
+def load_corpus(path: Path | None) -> tuple[list[str], str]:
+    """Texts to benchmark on and a description of where they came from."""
+    path = path or (SHARED_SMS if SHARED_SMS.exists() else None)
+    if path is None:
+        texts = [f"{t} ({i})" for i in range(700) for t in _FALLBACK][:5000]
+        return texts, f"built-in synthetic SMS-like texts ({len(texts)})"
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return texts, f"{path.name} ({len(texts)} messages)"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}, {platform.system()}"
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def header(title: str, corpus: str) -> str:
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    return (
+        f"## {title}\n\n"
+        f"- date: {now}; revision: {git_revision()}\n"
+        f"- machine: {machine()}\n"
+        f"- command: `{command}`\n"
+        f"- corpus: {corpus}\n"
+    )
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between this benchmark's markers in RESULTS.md."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text, encoding="utf-8")

@@ -1,0 +1,706 @@
+"""GGUF models on llama.cpp: streamed generation, decoder embeddings, yes/no relevance scoring.
+
+Built on llama-cpp-python's low-level bindings (llama.h mirrored in ctypes), not on its `Llama`
+class, for three reasons measured on this project's machines (SmolLM2-135M, 2 cores):
+
+- `Llama` always loads weights with llama.cpp's extra buffer types (AMX / repacked layouts). These
+  CPUs advertise AMX but the VM does not run it: the first decode dies with SIGILL. The repacked
+  copy is also anonymous memory (~95 MB here) on top of the mmapped file. `Llama` cannot turn it off.
+- One model serves two contexts, one for generation and reranking and one for embeddings, and
+  they share the weights; two `Llama` objects would load the file twice.
+- The generation context caps its outputs per batch (`n_outputs_max`): its compute buffer is
+  ~18 MB instead of ~100 MB spent on logits for every token of a 512-token prompt batch.
+
+Everything llama.cpp hands back is untyped; it stays inside this module.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from numpy.typing import NDArray
+
+from wafer.backends.base import (
+    Backend,
+    Embeddings,
+    InputTooLongError,
+    LoadOptions,
+    ModelFiles,
+    RelevanceScores,
+)
+from wafer.domain import ChatMessage, FinishReason, FloatMatrix, GenerationDelta, SamplingParams
+from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
+
+_Vector = NDArray[np.float32]
+
+_POOLING: dict[Pooling, int] = {
+    Pooling.MEAN: llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+    Pooling.CLS: llama_cpp.LLAMA_POOLING_TYPE_CLS,
+    Pooling.LAST: llama_cpp.LLAMA_POOLING_TYPE_LAST,
+}
+
+# Tokens per llama_decode in the generation context; cancellation is checked between them during
+# prompt evaluation (~1.4 s for 512 tokens at ~360 tokens/s on 2 cores).
+_GEN_BATCH = 512
+# Tokens per llama_decode in the embedding context of a causal model. In embedding mode llama.cpp
+# computes logits for every token, so its output buffer is tokens x vocabulary floats (25 MB here
+# at 128, 100 MB at 512) while throughput is flat from 128 up (~330 tokens/s on SMS texts).
+# Longer texts are decoded in chunks and pooled across them, which is exact for causal attention.
+_EMBED_BATCH = 128
+# Texts per llama_decode in the embedding context.
+_EMBED_SEQS = 64
+
+_LOGGER_NAME = "llama-cpp-python"
+_GGUF_MAGIC = b"GGUF"
+
+# Qwen3-Reranker's judging prompt. Two worked examples before the real question teach a small
+# instruct model (SmolLM2-135M) to answer with a bare "yes"/"no" token; without them its next token
+# is rarely either ("The", "To", ...), and on 8 queries x 8 documents the yes/no odds put the right
+# document first for 1 query in 8 (chance), against 4 in 8 with them. Being part of the shared
+# prefix, they are evaluated once per request.
+_RERANK_SYSTEM = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
+_RERANK_EXAMPLES = (
+    (
+        "When was the Eiffel Tower built?",
+        "The Eiffel Tower was built between 1887 and 1889 for the World's Fair.",
+        "yes",
+    ),
+    ("When was the Eiffel Tower built?", "Bananas are rich in potassium and easy to digest.", "no"),
+)
+_YES = ("yes", "Yes")
+_NO = ("no", "No")
+# Private-use characters mark where data goes in the rendered template, so that data is tokenized
+# as plain text (a document containing "<|im_end|>" must not close the turn).
+_SLOTS = ("\ue000", "\ue001", "\ue002")
+
+
+def _rerank_user_turn(instruction: str, query: str, document: str) -> str:
+    return f"<Instruct>:{instruction}\n<Query>:{query}\n<Document>:{document}"
+
+
+class _Context:
+    """One llama_context with a batch sized for it; used by one thread at a time."""
+
+    def __init__(self, model: Any, params: Any, *, what: str) -> None:
+        self.ptr: Any = llama_cpp.llama_init_from_model(model, params)
+        if not self.ptr:
+            raise FailedPreconditionError(f"llama.cpp could not create the {what} context")
+        self.memory: Any = llama_cpp.llama_get_memory(self.ptr)
+        # llama.cpp rounds the context up (to 256 at least); the limit is what was asked for.
+        self.n_ctx = min(int(params.n_ctx), int(llama_cpp.llama_n_ctx(self.ptr)))
+        self.n_batch = int(params.n_batch)
+        self.n_seq_max = int(params.n_seq_max)
+        self.batch: Any = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+        self._owner = object()
+
+    def claim(self) -> object:
+        """Start a new use of the context (emptying its cache); returns the use's token."""
+        self.clear()
+        self._owner = object()
+        return self._owner
+
+    def check(self, owner: object) -> None:
+        """Refuse to go on with a use that another one (or close) has taken over: a generator
+        left suspended must not write into the cache a later request is using."""
+        if self._owner is not owner or not self.ptr:
+            raise RuntimeError("this generation was abandoned and its context reused")
+
+    def clear(self) -> None:
+        if self.memory:
+            llama_cpp.llama_memory_clear(self.memory, True)
+
+    def add(self, token: int, pos: int, seq: int, output: bool) -> int:
+        """Append one token to the batch; returns its index (where its outputs are read)."""
+        batch = self.batch
+        i = int(batch.n_tokens)
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = output
+        batch.n_tokens = i + 1
+        return i
+
+    def decode(self) -> None:
+        rc = int(llama_cpp.llama_decode(self.ptr, self.batch))
+        self.batch.n_tokens = 0
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def logits(self, index: int, n_vocab: int) -> _Vector:
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no logits for batch index {index}")
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    def pooled(self, seq: int, n_embd: int) -> _Vector:
+        ptr = llama_cpp.llama_get_embeddings_seq(self.ptr, seq)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no pooled embedding for sequence {seq}")
+        return np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float32)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+            self.memory = None
+
+
+@dataclass(frozen=True, slots=True)
+class _RerankFrame:
+    """Token ids of one rerank request's prompt around the document."""
+
+    prefix: list[int]
+    suffix: list[int]
+
+
+class _StopMatcher:
+    """Cuts streamed text at the first stop string, holding back text that may begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        pending = self._held + text
+        hits = [i for i in (pending.find(stop) for stop in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return pending[: min(hits)], True
+        keep = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(pending)), keep, -1):
+                if pending.endswith(stop[:k]):
+                    keep = k
+                    break
+        self._held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class GgufBackend(Backend):
+    tasks = frozenset({Task.EMBED, Task.RERANK, Task.GENERATE})
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        model: Any,
+        gen: _Context | None,
+        emb: _Context | None,
+        metadata: dict[str, str],
+    ) -> None:
+        super().__init__(spec)
+        self._model: Any = model
+        self._vocab: Any = llama_cpp.llama_model_get_vocab(model)
+        self._gen = gen
+        self._emb = emb
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._n_embd = int(llama_cpp.llama_model_n_embd(model))
+        self._piece_buf = ctypes.create_string_buffer(64)
+        self._template: Any = None
+        template = metadata.get("tokenizer.chat_template")
+        if template:
+            self._template = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._token_text(int(llama_cpp.llama_vocab_eos(self._vocab))),
+                bos_token=self._token_text(int(llama_cpp.llama_vocab_bos(self._vocab))),
+                add_generation_prompt=True,
+            )
+        self._head, self._tail = self._special_framing()
+        self._yes: list[int] = []
+        self._no: list[int] = []
+        n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        self._embed_limit = min(spec.max_tokens, n_ctx_train)
+
+    # -- Loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> GgufBackend:
+        path = files.weights
+        _check_gguf_file(spec.name, path)
+        # Without this llama-cpp-python prints every llama.cpp log line to stderr.
+        logger = logging.getLogger(_LOGGER_NAME)
+        logger.setLevel(max(logger.level, logging.ERROR))
+        llama_cpp.llama_backend_init()
+
+        embeds = Task.EMBED in spec.tasks
+        relevance = Task.RERANK in spec.tasks and spec.effective_rerank_method is RerankMethod.RELEVANCE
+        generates = Task.GENERATE in spec.tasks or relevance
+        if embeds and spec.pooling not in _POOLING:
+            raise FailedPreconditionError(
+                f"model {spec.name!r}: the gguf backend pools mean, cls or last, not {spec.pooling.value!r}"
+            )
+
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = False  # see the module docstring: AMX dies with SIGILL here
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not model:
+            raise FailedPreconditionError(
+                f"model {spec.name!r}: llama.cpp cannot load {path}: the file is corrupt or truncated, "
+                "or its architecture is newer than this llama.cpp"
+            )
+        gen: _Context | None = None
+        emb: _Context | None = None
+        try:
+            metadata = _metadata(model)
+            n_embd = int(llama_cpp.llama_model_n_embd(model))
+            if embeds and spec.dimensions != n_embd:
+                raise FailedPreconditionError(
+                    f"model {spec.name!r}: models.yaml says dimensions {spec.dimensions}, "
+                    f"but the GGUF file's embedding size is {n_embd}"
+                )
+            n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+            if generates:
+                params = _generation_params(spec, options.threads, n_ctx_train)
+                gen = _Context(model, params, what="generation")
+            if embeds:
+                params = _embedding_params(spec, options.threads, n_ctx_train, metadata)
+                emb = _Context(model, params, what="embedding")
+            backend = cls(spec, model=model, gen=gen, emb=emb, metadata=metadata)
+            if relevance:
+                backend._prepare_relevance()
+            return backend
+        except BaseException:
+            for ctx in (gen, emb):
+                if ctx is not None:
+                    ctx.close()
+            llama_cpp.llama_model_free(model)
+            raise
+
+    # -- Backend contract ----------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenize(text, special=True, parse=False))
+
+    def health(self) -> None:
+        if self._gen is not None:
+            ctx = self._gen
+            ctx.claim()
+            index = self._decode(ctx, self._tokenize("ok", special=True, parse=False), 0, output_last=True)
+            logits = ctx.logits(index, self._n_vocab)
+            ctx.clear()
+            if not bool(np.isfinite(logits).all()):
+                raise FailedPreconditionError(f"model {self.spec.name!r} produced non-finite logits")
+        if self._emb is not None:
+            vectors = self.embed(["ok"], truncate=True).vectors
+            if vectors.shape != (1, self._n_embd) or not bool(np.isfinite(vectors).all()):
+                raise FailedPreconditionError(f"model {self.spec.name!r} produced an invalid embedding")
+
+    def close(self) -> None:
+        for ctx in (self._gen, self._emb):
+            if ctx is not None:
+                ctx.close()
+        self._gen = self._emb = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+            self._vocab = None
+
+    # -- Generation ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        *,
+        prompt: str | None,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[GenerationDelta]:
+        """Completion tokens count every sampled token, the end-of-generation one included."""
+        ctx = self._context(self._gen if Task.GENERATE in self.spec.tasks else None, Task.GENERATE)
+        if messages:
+            tokens = self._tokenize(self._render(messages), special=False, parse=True)
+        else:
+            tokens = self._tokenize(prompt or "", special=True, parse=True)
+        if not tokens:
+            raise InvalidArgumentError("the prompt is empty after tokenization")
+        if len(tokens) >= ctx.n_ctx:
+            raise InvalidArgumentError(
+                f"the prompt has {len(tokens)} tokens; model {self.spec.name!r} has a context of "
+                f"{ctx.n_ctx} tokens, which must also hold the reply: shorten the prompt"
+            )
+        budget = min(sampling.max_tokens, ctx.n_ctx - len(tokens))
+        return self._stream(ctx, tokens, budget, sampling, cancelled)
+
+    def _stream(
+        self,
+        ctx: _Context,
+        tokens: list[int],
+        budget: int,
+        sampling: SamplingParams,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[GenerationDelta]:
+        owner = ctx.claim()
+        sampler = _sampler(sampling)
+        try:
+            for start in range(0, len(tokens), ctx.n_batch):
+                if cancelled():
+                    return
+                ctx.check(owner)
+                for pos in range(start, min(start + ctx.n_batch, len(tokens))):
+                    ctx.add(tokens[pos], pos, 0, pos == len(tokens) - 1)
+                ctx.decode()
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            stops = _StopMatcher(sampling.stop)
+            pos, generated, previous = len(tokens), 0, -1
+            finish, tail, hit = FinishReason.LENGTH, "", False
+            while generated < budget:
+                if cancelled():
+                    return
+                ctx.check(owner)
+                if previous >= 0:  # decoded only when another token is wanted after it
+                    ctx.add(previous, pos, 0, True)
+                    ctx.decode()
+                    pos += 1
+                token = int(llama_cpp.llama_sampler_sample(sampler, ctx.ptr, -1))
+                generated += 1
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    finish = FinishReason.STOP
+                    break
+                text, hit = stops.feed(utf8.decode(self._piece(token)))
+                if hit:
+                    finish, tail = FinishReason.STOP, text
+                    break
+                if text:
+                    yield GenerationDelta(text=text)
+                previous = token
+            if not hit:
+                tail, hit = stops.feed(utf8.decode(b"", final=True))
+                if hit:
+                    finish = FinishReason.STOP
+                else:
+                    tail += stops.flush()
+            yield GenerationDelta(
+                text=tail, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=generated
+            )
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+
+    def _render(self, messages: Sequence[ChatMessage]) -> str:
+        if self._template is None:
+            raise InvalidArgumentError(
+                f"model {self.spec.name!r} has no chat template in its GGUF file; send a plain prompt"
+            )
+        try:
+            rendered = self._template(messages=[{"role": m.role, "content": m.content} for m in messages])
+        except Exception as exc:  # the template's own raise_exception, or a Jinja error
+            raise InvalidArgumentError(f"the chat template of model {self.spec.name!r} refused: {exc}") from None
+        return str(rendered.prompt)
+
+    # -- Embeddings ----------------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+        ctx = self._context(self._emb, Task.EMBED)
+        limit = self._embed_limit
+        inputs: list[list[int]] = []
+        for i, text in enumerate(texts):
+            tokens = self._tokenize(text, special=True, parse=False)
+            if not tokens:
+                raise InvalidArgumentError(f"input {i} is empty after tokenization")
+            if len(tokens) > limit:
+                if not truncate:
+                    raise InputTooLongError(i, len(tokens), limit, self.spec.name)
+                tokens = self._truncate(tokens, limit)
+            inputs.append(tokens)
+        vectors = np.zeros((len(inputs), self._n_embd), dtype=np.float32)
+        group: list[int] = []
+        used = 0
+        for i, tokens in enumerate(inputs):
+            if len(tokens) > ctx.n_batch:
+                vectors[i] = self._embed_long(ctx, tokens)
+                continue
+            if group and (used + len(tokens) > ctx.n_batch or len(group) == ctx.n_seq_max):
+                self._embed_group(ctx, inputs, group, vectors)
+                group, used = [], 0
+            group.append(i)
+            used += len(tokens)
+        if group:
+            self._embed_group(ctx, inputs, group, vectors)
+        return Embeddings(vectors=vectors, token_counts=[len(t) for t in inputs])
+
+    def _embed_group(self, ctx: _Context, inputs: list[list[int]], rows: list[int], out: FloatMatrix) -> None:
+        """Embed inputs[rows] in one decode, a sequence each, into out[rows]."""
+        ctx.clear()
+        for seq, row in enumerate(rows):
+            for pos, token in enumerate(inputs[row]):
+                ctx.add(token, pos, seq, True)
+        ctx.decode()
+        for seq, row in enumerate(rows):
+            out[row] = ctx.pooled(seq, self._n_embd)
+        ctx.clear()
+
+    def _embed_long(self, ctx: _Context, tokens: list[int]) -> _Vector:
+        """Pool a text longer than one decode: causal attention makes each chunk's states exact."""
+        pooling = self.spec.pooling
+        if pooling is Pooling.CLS:
+            tokens = tokens[: ctx.n_batch]  # the first token's state does not depend on later ones
+        total = np.zeros(self._n_embd, dtype=np.float64)
+        vector = total
+        ctx.clear()
+        for start in range(0, len(tokens), ctx.n_batch):
+            chunk = tokens[start : start + ctx.n_batch]
+            for offset, token in enumerate(chunk):
+                ctx.add(token, start + offset, 0, True)
+            ctx.decode()
+            vector = ctx.pooled(0, self._n_embd).astype(np.float64)
+            total += vector * len(chunk)
+        ctx.clear()
+        result = total / len(tokens) if pooling is Pooling.MEAN else vector
+        return result.astype(np.float32)
+
+    def _truncate(self, tokens: list[int], limit: int) -> list[int]:
+        """Keep `limit` tokens: the text's first ones, and the special tokens the tokenizer adds
+        around it (as a Hugging Face tokenizer truncates before adding them)."""
+        head, tail = self._head, self._tail
+        if head + tail >= limit:
+            return tokens[:limit]
+        body = tokens[head : len(tokens) - tail]
+        return tokens[:head] + body[: limit - head - tail] + tokens[len(tokens) - tail :]
+
+    # -- Relevance -----------------------------------------------------------------------------
+
+    def score_relevance(
+        self, query: str, documents: Sequence[str], *, instruction: str, truncate: bool
+    ) -> RelevanceScores:
+        """P(yes) against P(no) as the judge's next token, per document.
+
+        The prompt up to the document (system, examples, instruction, query) is evaluated once;
+        each document then runs on top of those KV cells and is dropped from the cache after.
+        Documents go one per decode: packing several into one decode (a sequence each, sharing
+        the prefix cells) was 1.6x faster here, but moved a document's score by up to 0.04
+        depending on its neighbours (the quantized model amplifies float-order differences),
+        and a score should depend on the query and the document only.
+        """
+        ctx = self._context(self._gen if self._yes else None, Task.RERANK)
+        if not documents:
+            return RelevanceScores(scores=[], token_counts=[])
+        frame = self._rerank_frame(query, instruction)
+        prefix, suffix = frame.prefix, frame.suffix
+        limit = min(self.spec.max_tokens, ctx.n_ctx)
+        room = limit - len(prefix) - len(suffix)
+        if room <= 0:
+            raise InvalidArgumentError(
+                f"the query and instruction take {len(prefix) + len(suffix)} tokens of the "
+                f"{limit} that model {self.spec.name!r} reads per document: shorten the query"
+            )
+        bodies: list[list[int]] = []
+        for i, document in enumerate(documents):
+            body = self._tokenize(" " + document, special=False, parse=False)
+            if len(body) > room:
+                if not truncate:
+                    raise InputTooLongError(i, len(prefix) + len(body) + len(suffix), limit, self.spec.name)
+                body = body[:room]
+            bodies.append(body + suffix)
+
+        scores: list[float] = []
+        try:
+            ctx.claim()
+            self._decode(ctx, prefix, 0, output_last=False)
+            for body in bodies:
+                index = self._decode(ctx, body, len(prefix), output_last=True)
+                scores.append(self._yes_probability(ctx.logits(index, self._n_vocab)))
+                llama_cpp.llama_memory_seq_rm(ctx.memory, 0, len(prefix), -1)
+        finally:
+            ctx.clear()
+        return RelevanceScores(scores=scores, token_counts=[len(prefix) + len(body) for body in bodies])
+
+    def _decode(self, ctx: _Context, tokens: list[int], start: int, *, output_last: bool) -> int:
+        """Decode `tokens` at positions start.. in sequence 0, a batch at a time; returns the
+        batch index of the last token (where its logits are read when `output_last`)."""
+        index = 0
+        for offset in range(0, len(tokens), ctx.n_batch):
+            for k in range(offset, min(offset + ctx.n_batch, len(tokens))):
+                index = ctx.add(tokens[k], start + k, 0, output_last and k == len(tokens) - 1)
+            ctx.decode()
+        return index
+
+    def _yes_probability(self, logits: _Vector) -> float:
+        yes = float(np.logaddexp.reduce(logits[self._yes].astype(np.float64)))
+        no = float(np.logaddexp.reduce(logits[self._no].astype(np.float64)))
+        return 1.0 / (1.0 + math.exp(no - yes))
+
+    def _prepare_relevance(self) -> None:
+        if self._template is None:
+            raise FailedPreconditionError(
+                f"model {self.spec.name!r} reranks by relevance, which needs a chat template, "
+                "and its GGUF file has none; use rerank_method: cosine"
+            )
+        for words, ids in ((_YES, self._yes), (_NO, self._no)):
+            for word in words:
+                tokens = self._tokenize(word, special=False, parse=False)
+                if len(tokens) == 1:
+                    ids.append(tokens[0])
+            if not ids:
+                raise FailedPreconditionError(
+                    f"model {self.spec.name!r}: its vocabulary has no single token for {words[0]!r}, "
+                    "so it cannot judge relevance; use rerank_method: cosine"
+                )
+        self._rerank_frame("query", "instruction")  # fails now, not at the first request
+
+    def _rerank_frame(self, query: str, instruction: str) -> _RerankFrame:
+        messages: list[ChatMessage] = [ChatMessage("system", _RERANK_SYSTEM)]
+        for example_query, example_document, answer in _RERANK_EXAMPLES:
+            content = _rerank_user_turn(" " + instruction, " " + example_query, " " + example_document)
+            messages += [ChatMessage("user", content), ChatMessage("assistant", answer)]
+        messages.append(ChatMessage("user", _rerank_user_turn(*_SLOTS)))
+        rendered = self._render(messages)
+        pieces: list[str] = []
+        rest = rendered
+        for slot in _SLOTS:
+            before, found, rest = rest.partition(slot)
+            if not found or slot in rest:
+                raise FailedPreconditionError(
+                    f"model {self.spec.name!r}: its chat template changes message text, "
+                    "so relevance prompts cannot be built from it; use rerank_method: cosine"
+                )
+            pieces.append(before)
+        prefix = self._tokenize(pieces[0], special=False, parse=True)
+        prefix += self._tokenize(" " + instruction, special=False, parse=False)
+        prefix += self._tokenize(pieces[1], special=False, parse=True)
+        prefix += self._tokenize(" " + query, special=False, parse=False)
+        prefix += self._tokenize(pieces[2], special=False, parse=True)
+        return _RerankFrame(prefix=prefix, suffix=self._tokenize(rest, special=False, parse=True))
+
+    # -- Helpers -------------------------------------------------------------------------------
+
+    def _context(self, ctx: _Context | None, task: Task) -> _Context:
+        if self._model is None:
+            raise UnavailableError(f"model {self.spec.name!r} has been unloaded")
+        if ctx is None:
+            raise self._unsupported(task)
+        return ctx
+
+    def _tokenize(self, text: str, *, special: bool, parse: bool) -> list[int]:
+        """`special`: add the BOS/EOS the model's tokenizer adds; `parse`: read "<|...|>" as tokens."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        n = int(llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, special, parse))
+        if n < 0:
+            capacity = -n
+            buffer = (llama_cpp.llama_token * capacity)()
+            n = int(llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, special, parse))
+            if n < 0:
+                raise RuntimeError(f"llama_tokenize failed ({n})")
+        return [int(t) for t in buffer[:n]]
+
+    def _piece(self, token: int) -> bytes:
+        buf = self._piece_buf
+        n = int(llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False))
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = int(llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False))
+        return buf.raw[: max(n, 0)]
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return str(llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace"))
+
+    def _special_framing(self) -> tuple[int, int]:
+        """How many special tokens the tokenizer puts before and after a text."""
+        plain = self._tokenize("a", special=False, parse=False)
+        framed = self._tokenize("a", special=True, parse=False)
+        for head in range(len(framed) - len(plain) + 1):
+            if framed[head : head + len(plain)] == plain:
+                return head, len(framed) - head - len(plain)
+        return 0, 0
+
+
+def _check_gguf_file(name: str, path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise FailedPreconditionError(f"model {name!r}: cannot read {path}: {exc.strerror}") from None
+    if magic != _GGUF_MAGIC:
+        raise FailedPreconditionError(
+            f"model {name!r}: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+        )
+
+
+def _generation_params(spec: ModelSpec, threads: int, n_ctx_train: int) -> Any:
+    params = _context_params(threads)
+    params.n_ctx = spec.context_length or n_ctx_train
+    params.n_batch = params.n_ubatch = min(_GEN_BATCH, params.n_ctx)
+    # Generation and reranking read the logits of one token per decode.
+    params.n_outputs_max = 1
+    return params
+
+
+def _embedding_params(spec: ModelSpec, threads: int, n_ctx_train: int, metadata: dict[str, str]) -> Any:
+    arch = metadata.get("general.architecture", "")
+    causal = metadata.get(f"{arch}.attention.causal", "true") != "false"
+    limit = min(spec.max_tokens, n_ctx_train)
+    params = _context_params(threads)
+    params.embeddings = True
+    params.pooling_type = _POOLING[spec.pooling]
+    params.n_ctx = limit
+    # llama.cpp pools per micro-batch: a non-causal model must see each text whole in one.
+    params.n_batch = params.n_ubatch = min(_EMBED_BATCH, limit) if causal else limit
+    # Every token is an output in embedding mode; llama.cpp asserts n_outputs_max >= n_seq_max.
+    params.n_seq_max = min(_EMBED_SEQS, params.n_batch)
+    params.kv_unified = True
+    return params
+
+
+def _context_params(threads: int) -> Any:
+    params = llama_cpp.llama_context_default_params()
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    return params
+
+
+def _metadata(model: Any) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    buffer = ctypes.create_string_buffer(256)
+    for i in range(int(llama_cpp.llama_model_meta_count(model))):
+        key = _meta_string(llama_cpp.llama_model_meta_key_by_index, model, i, buffer)
+        metadata[key] = _meta_string(llama_cpp.llama_model_meta_val_str_by_index, model, i, buffer)
+    return metadata
+
+
+def _meta_string(read: Any, model: Any, index: int, buffer: Any) -> str:
+    n = int(read(model, index, buffer, len(buffer)))
+    if n >= len(buffer):
+        buffer = ctypes.create_string_buffer(n + 1)
+        n = int(read(model, index, buffer, len(buffer)))
+    return str(buffer.raw[: max(n, 0)].decode("utf-8", errors="replace"))
+
+
+def _sampler(sampling: SamplingParams) -> Any:
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = llama_cpp.llama_sampler_chain_add
+    if sampling.temperature <= 0.0:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    # Temperature first, then top-k and top-p on the tempered distribution, as transformers does.
+    add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+    if sampling.top_k > 0:
+        add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+    if sampling.top_p < 1.0:
+        add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+    # LLAMA_DEFAULT_SEED (2**32 - 1) asks llama.cpp for a random seed; a caller's seed must never be it.
+    seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % llama_cpp.LLAMA_DEFAULT_SEED
+    add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain
