@@ -283,18 +283,22 @@ def _usage_line(last: GenerationChunk | None) -> str:
 def generate(
     ctx: typer.Context,
     *,
-    prompt: Annotated[str, typer.Argument(help="The prompt (the user's message with --chat).")],
+    prompt: Annotated[str, typer.Argument(help="The user's message (the raw text to continue with --raw).")],
     model: Annotated[str, typer.Option(help="Model name [default: the server's generator].")] = "",
     max_tokens: Annotated[int, typer.Option(min=0, help="Most tokens to generate.")] = 0,
     temperature: Annotated[float | None, typer.Option(min=0, max=2, help="0 is greedy.")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed for reproducible sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop before this string (repeatable).")] = None,
-    system: Annotated[str | None, typer.Option(help="System message (implies --chat).")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Use the model's chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="System message (chat only).")] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat/--raw", help="Use the model's chat template, or continue the raw text.")
+    ] = True,
 ) -> None:
     """Generate text, printed as it streams; usage goes to stderr at the end."""
+    if system is not None and not chat:
+        raise typer.BadParameter("--system needs the chat template; drop --raw")
     messages: list[ChatMessage] | None = None
-    if chat or system is not None:
+    if chat:
         messages = [ChatMessage("system", system)] if system is not None else []
         messages.append(ChatMessage("user", prompt))
     last: GenerationChunk | None = None
@@ -344,29 +348,31 @@ def models_list(
     if as_json:
         _echo_json([_model_json(m) for m in models])
         return
-    # A narrow terminal wraps task lists between tasks (min_width fits the longest, "generate") and
-    # folds the free-text error column; names and states never wrap.
+    # Short columns that never wrap; the free-text reasons a model is not loadable go under the
+    # table, where a long sentence cannot squeeze the columns in an 80-column terminal.
     table = Table(show_edge=False, box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("name", no_wrap=True)
-    table.add_column("backend")
+    for column, justify in (("name", "left"), ("backend", "left"), ("state", "left"), ("dims", "right")):
+        table.add_column(column, no_wrap=True, justify=justify)  # type: ignore[arg-type]
+    table.add_column("MB", no_wrap=True, justify="right")
     table.add_column("tasks", min_width=8)
-    table.add_column("state", no_wrap=True)
-    table.add_column("dims", justify="right")
-    table.add_column("mem MB", justify="right")
     table.add_column("default for", min_width=8)
-    table.add_column("error", overflow="fold", min_width=10)
+    notes: list[str] = []
     for m in models:
         table.add_row(
             escape(m.name),
             m.backend,
-            ", ".join(m.tasks),
             _state(m),
             str(m.dimensions) if m.dimensions else "",
-            f"{m.memory_bytes / 1e6:.1f}" if m.memory_bytes else "",
-            ", ".join(m.default_for),
-            escape(m.error),
+            f"{m.memory_bytes / 1e6:.0f}" if m.memory_bytes else "",
+            ",".join(m.tasks),
+            ",".join(m.default_for),
         )
-    Console().print(table)
+        if m.error:
+            notes.append(f"[bold]{escape(m.name)}[/bold]: {escape(m.error)}")
+    console = Console()
+    console.print(table)
+    for note in notes:
+        console.print(note, overflow="fold")
 
 
 @models_app.command("get")

@@ -49,9 +49,9 @@ def test_models_list(fake_server: FakeServer, script: Script) -> None:
         "fake-embed",
         "fake-generate",
         "onnx",
-        "embed, rerank",
+        "embed,rerank",
         "ready",
-        "23.0",
+        "23",
         "weights not found",
     ):
         assert text in out
@@ -73,13 +73,22 @@ def test_models_load_unload_get(fake_server: FakeServer, script: Script) -> None
 
 def test_generate_streams_to_stdout_and_usage_to_stderr(fake_server: FakeServer, script: Script) -> None:
     code, out, err = wafer(
-        fake_server, "generate", "Say hi", "--max-tokens", "5", "--seed", "1", "--stop", "\n", "--stop", "."
+        fake_server, "generate", "Say hi", "--raw", "--max-tokens", "5", "--seed", "1", "--stop", "\n", "--stop", "."
     )
     assert code == 0
     assert out == "".join(REPLY) + "\n"
     assert f"3 prompt + {len(REPLY)} completion tokens" in err and "finish: stop" in err
     request = script.requests["Generate"][0]
     assert request.prompt == "Say hi" and list(request.stop) == ["\n", "."] and request.seed == 1
+
+
+def test_generate_uses_the_chat_template_by_default(fake_server: FakeServer, script: Script) -> None:
+    code, _, _ = wafer(fake_server, "generate", "hi")
+    assert code == 0
+    request = script.requests["Generate"][0]
+    assert request.prompt == "" and [(m.role, m.content) for m in request.messages] == [("user", "hi")]
+    code, _, err = wafer(fake_server, "generate", "hi", "--raw", "--system", "be brief")
+    assert code != 0 and "--system" in err
 
 
 def test_generate_chat_with_system(fake_server: FakeServer, script: Script) -> None:
@@ -91,7 +100,7 @@ def test_generate_chat_with_system(fake_server: FakeServer, script: Script) -> N
 
 
 def test_generate_error_midway_keeps_the_text_and_fails(fake_server: FakeServer, script: Script) -> None:
-    code, out, err = wafer(fake_server, "generate", "fail-midway")
+    code, out, err = wafer(fake_server, "generate", "fail-midway", "--raw")
     assert code == 1
     assert out == "".join(REPLY[:2]) + "\n"
     assert "error: UNAVAILABLE: model is being unloaded" in err
