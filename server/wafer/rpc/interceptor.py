@@ -9,6 +9,7 @@ status and durations.
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -174,8 +175,16 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
+            # A stream handler is either an async generator (ours) or a coroutine that writes with
+            # context.write() (grpc's health Watch); only the first can be iterated.
+            behavior: Any = handler.unary_stream
+            wrapped: Any = (
+                _wrap_stream(method, behavior)
+                if inspect.isasyncgenfunction(behavior)
+                else _wrap_unary(method, behavior)
+            )
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),  # type: ignore[arg-type]
+                wrapped,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
