@@ -75,7 +75,9 @@ def median(values: Sequence[float]) -> float:
 
 def header(title: str, corpus: str) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join([Path(sys.executable).name, *sys.argv])
+    script = Path(sys.argv[0])
+    runner = f"-m bench.{script.stem}" if script.parent.name == "bench" else str(script)
+    command = " ".join([".venv/bin/python", runner, *sys.argv[1:]])
     return (
         f"## {title}\n\n"
         f"- date: {now}; revision: {git_revision()}\n"

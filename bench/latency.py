@@ -19,13 +19,14 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from bench.common import ROOT, header, load_corpus, median, percentile, write_section
 from wafer.backends import available_backends
 from wafer.config import Settings
-from wafer.domain import EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
+from wafer.domain import ChatMessage, EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
 from wafer.engine import InferenceEngine
 from wafer.registry import ModelRegistry
 from wafer.sources import SourceResolver
@@ -33,7 +34,8 @@ from wafer.specs import Catalog
 from wafer_client import WaferClient
 
 GENERATE_TOKENS = 32
-PROMPT = "Write one sentence about the sea."
+PROMPT = "Write a short story about the sea."
+MESSAGES = (ChatMessage("user", PROMPT),)
 
 
 class Samples:
@@ -104,7 +106,7 @@ async def _generate_in_process(engine: InferenceEngine, samples: Samples) -> Non
     started = time.perf_counter()
     first = None
     request = GenerateRequest(
-        prompt=PROMPT, sampling=SamplingParams(max_tokens=GENERATE_TOKENS, temperature=0), model="smollm2"
+        messages=MESSAGES, sampling=SamplingParams(max_tokens=GENERATE_TOKENS, temperature=0), model="smollm2"
     )
     tokens = 0
     async for chunk in engine.generate(request):
@@ -123,7 +125,7 @@ def over_grpc(texts: list[str], runs: int, threads: int) -> tuple[Samples, dict[
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "wafer", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir),
-         "--threads", str(threads), "--models", str(ROOT / "models.yaml"), "--log-level", "warning"],
+         "--threads", str(threads), "--models", str(ROOT / "models.yaml")],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
     try:
@@ -150,7 +152,12 @@ def over_grpc(texts: list[str], runs: int, threads: int) -> tuple[Samples, dict[
                 started = time.perf_counter()
                 first = None
                 tokens = 0
-                for chunk in client.generate(PROMPT, model="smollm2", max_tokens=GENERATE_TOKENS, temperature=0):
+                for chunk in client.generate(
+                    messages=[{"role": "user", "content": PROMPT}],
+                    model="smollm2",
+                    max_tokens=GENERATE_TOKENS,
+                    temperature=0,
+                ):
                     if first is None and chunk.text:
                         first = time.perf_counter()
                     if chunk.usage is not None:
@@ -166,9 +173,13 @@ def over_grpc(texts: list[str], runs: int, threads: int) -> tuple[Samples, dict[
 
 
 def _wait_listening(server: subprocess.Popen[str]) -> str:
+    """The address from the server's "server listening" log line; then keep draining its log so a
+    full pipe never blocks it."""
     assert server.stderr is not None
-    for line in server.stderr:
+    stream = server.stderr
+    for line in stream:
         if '"server listening"' in line:
+            threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
             return str(json.loads(line)["address"])
     raise RuntimeError("server exited before listening")
 
