@@ -47,17 +47,24 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(data_dir: Path, *, address: str = "127.0.0.1:0", models: Path = MODELS_YAML) -> ServerProcess:
-    """Start `python -m wafer serve`, wait until it listens and its default models are ready."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_THREADS": "2"}
+def start_server(
+    data_dir: Path,
+    *,
+    address: str | None = "127.0.0.1:0",
+    models: Path = MODELS_YAML,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start `python -m wafer serve`, wait until it listens and its default models are ready.
+    `address=None` leaves the flag out, so the server takes WAFER_ADDRESS or its default."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_THREADS": "2", **(env or {})}
+    flags = ["--address", address] if address is not None else []
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "wafer",
             "serve",
-            "--address",
-            address,
+            *flags,
             "--models",
             str(models),
             "--data-dir",
@@ -69,7 +76,7 @@ def start_server(data_dir: Path, *, address: str = "127.0.0.1:0", models: Path =
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=environment,
     )
     lines: list[str] = []
     listening = threading.Event()
