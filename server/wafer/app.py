@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from wafer.backends import available_backends
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
+from wafer.errors import WaferError
 from wafer.indexing import IndexService
 from wafer.logging import configure_logging
 from wafer.registry import ModelRegistry
@@ -68,7 +71,15 @@ async def serve(settings: Settings) -> None:
 
 
 def main(overrides: dict[str, Any] | None = None) -> None:
-    """Entry point of `wafer serve`: settings from flags (`overrides`), environment and defaults."""
-    settings = Settings(**(overrides or {}))
+    """Entry point of `wafer serve`: settings from flags (`overrides`), environment and defaults.
+    A configuration mistake ends the process with status 2 and one readable message."""
+    try:
+        settings = Settings(**(overrides or {}))
+    except ValidationError as exc:
+        sys.exit(f"wafer: invalid settings:\n{exc}")
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except WaferError as exc:
+        log.error("cannot start", error=exc.message)
+        sys.exit(2)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,9 +41,43 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(default=256, gt=0, description="Generate's max_tokens when unset.")
     max_new_tokens_limit: int = Field(default=4096, gt=0, description="Largest max_tokens a call may ask.")
     unload_drain_timeout_seconds: float = Field(default=30.0, gt=0)
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0, description="On SIGTERM, how long running calls may take to finish."
+    )
+    default_deadline_seconds: float = Field(
+        default=300.0, gt=0, description="Deadline of a call whose client set none."
+    )
 
-    @field_validator("data_dir", "models_file", "model_cache_dir")
+    # Observability.
+    metrics_address: str | None = Field(
+        default=None, description="host:port of the Prometheus endpoint (/metrics); off when unset."
+    )
+
+    # Transport security and access.
+    tls_cert_file: Path | None = Field(default=None, description="Server certificate chain (PEM); enables TLS.")
+    tls_key_file: Path | None = Field(default=None, description="Private key of tls_cert_file (PEM).")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) that client certificates must chain to; enables mutual TLS."
+    )
+    auth_token: SecretStr | None = Field(
+        default=None, description="Bearer token required on admin RPCs (prefer auth_token_file)."
+    )
+    auth_token_file: Path | None = Field(default=None, description="File holding the bearer token.")
+    auth_all_rpcs: bool = Field(default=False, description="Require the token on every RPC, not only admin ones.")
+    allow_remote_admin: bool = Field(
+        default=False,
+        description="Allow binding a non-loopback address while admin RPCs are open (no token).",
+    )
+
+    @field_validator(
+        "data_dir",
+        "models_file",
+        "model_cache_dir",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "auth_token_file",
+    )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
