@@ -64,7 +64,9 @@ async def serve(settings: Settings) -> None:
 
     log.info("shutting down", grace_seconds=settings.shutdown_grace_seconds)
     await wafer.health.drain()
-    await wafer.server.stop(settings.shutdown_grace_seconds)
+    if not await wafer.drain.drain(settings.shutdown_grace_seconds):
+        log.warning("grace period over; cancelling calls still running", calls=wafer.drain.in_flight)
+    await wafer.server.stop(0)
     await registry.close()
     await index.close()
     log.info("stopped")

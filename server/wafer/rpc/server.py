@@ -15,6 +15,7 @@ from wafer.engine import InferenceEngine
 from wafer.errors import InvalidArgumentError
 from wafer.indexing import IndexService
 from wafer.registry import ModelRegistry
+from wafer.rpc.drain import DrainInterceptor
 from wafer.rpc.interceptor import RequestInterceptor
 from wafer.rpc.servicers import IndexServicer, InferenceServicer, ModelsServicer
 from wafer_proto.v1 import (
@@ -76,6 +77,7 @@ class WaferServer:
     server: grpc.aio.Server
     port: int
     health: HealthReporter
+    drain: DrainInterceptor
 
 
 def create_server(
@@ -87,8 +89,10 @@ def create_server(
 ) -> WaferServer:
     """Build (not start) the server and bind it. `port` is the bound TCP port (useful with port 0),
     or 0 for a unix socket."""
+    drain = DrainInterceptor()
     server = grpc.aio.server(
-        interceptors=[RequestInterceptor()],
+        # The request interceptor is outermost: a call the drain refuses is still logged and mapped.
+        interceptors=[RequestInterceptor(), drain],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -115,4 +119,4 @@ def create_server(
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise InvalidArgumentError(f"cannot listen on {address!r}: {exc}") from exc
-    return WaferServer(server=server, port=0 if address.startswith("unix:") else port, health=health)
+    return WaferServer(server=server, port=0 if address.startswith("unix:") else port, health=health, drain=drain)
