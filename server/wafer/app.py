@@ -16,6 +16,7 @@ from wafer.engine import InferenceEngine
 from wafer.errors import WaferError
 from wafer.indexing import IndexService
 from wafer.logging import configure_logging
+from wafer.metrics import Metrics
 from wafer.registry import ModelRegistry
 from wafer.rpc.server import create_server
 from wafer.sources import SourceResolver
@@ -42,9 +43,16 @@ async def serve(settings: Settings) -> None:
         threads=settings.threads,
         drain_timeout_seconds=settings.unload_drain_timeout_seconds,
     )
-    engine = InferenceEngine(registry, settings)
+    metrics = Metrics(models=catalog.models)
+    metrics.watch(registry)
+    engine = InferenceEngine(registry, settings, metrics)
     index = IndexService(engine, QdrantStore(path=settings.store_dir))
-    wafer = create_server(settings, registry, engine, index)
+    wafer = create_server(settings, registry, engine, index, metrics=metrics)
+    # Started before the gRPC server so it can be scraped from the first call on; its thread is a
+    # daemon, so a failed start below does not keep the process alive.
+    exporter = metrics.serve(settings.metrics_address) if settings.metrics_address else None
+    if exporter is not None:
+        log.info("metrics listening", address=exporter.address, path="/metrics")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,6 +77,8 @@ async def serve(settings: Settings) -> None:
     await wafer.server.stop(0)
     await registry.close()
     await index.close()
+    if exporter is not None:
+        exporter.stop()
     log.info("stopped")
 
 

@@ -5,10 +5,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def check_token(token: str, source: str) -> str:
+    """The bearer token, stripped; refuses one a client could not send or that is surely a mistake.
+    Messages name the source, never the token."""
+    token = token.strip()
+    if not token:
+        raise ValueError(f"{source} is empty")
+    # gRPC metadata values are printable ASCII; whitespace inside means two tokens or a pasted
+    # line break, and a client could never match it.
+    if not all("!" <= ch <= "~" for ch in token):
+        raise ValueError(f"{source} must be printable ASCII without spaces")
+    return token
+
+
+def read_token_file(path: Path) -> str:
+    """The token in `path` (surrounding whitespace, such as the final newline, stripped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the auth token file {path}: {exc}") from exc
+    return check_token(text, f"the auth token file {path}")
 
 
 def _default_data_dir() -> Path:
@@ -17,7 +39,9 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="WAFER_", extra="forbid")
+    # hide_input_in_errors: a validation error would otherwise print the raw input, and a
+    # model-level error prints every field's input, the auth token (e.g. WAFER_AUTH_TOKEN) included.
+    model_config = SettingsConfigDict(env_prefix="WAFER_", extra="forbid", hide_input_in_errors=True)
 
     address: str = Field(
         default="127.0.0.1:50051",
@@ -81,6 +105,31 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token_usable(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        return SecretStr(check_token(value.get_secret_value(), "auth_token"))
+
+    @field_validator("auth_token_file")
+    @classmethod
+    def _token_file_usable(cls, value: Path | None) -> Path | None:
+        # Read now so a wrong path fails before anything starts; the server reads it again at start.
+        if value is not None:
+            read_token_file(value.expanduser())
+        return value
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both to enable TLS, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs TLS: set tls_cert_file and tls_key_file too")
+        if self.auth_all_rpcs and self.auth_token is None and self.auth_token_file is None:
+            raise ValueError("auth_all_rpcs needs a token: set auth_token_file (or auth_token / WAFER_AUTH_TOKEN)")
+        return self
 
     @property
     def hub_cache_dir(self) -> Path:

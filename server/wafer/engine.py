@@ -29,6 +29,7 @@ from wafer.domain import (
     Usage,
 )
 from wafer.errors import InvalidArgumentError
+from wafer.metrics import Metrics
 from wafer.registry import ModelRegistry
 from wafer.specs import ModelSpec, RerankMethod, Task
 
@@ -48,9 +49,10 @@ def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
 
 
 class InferenceEngine:
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> None:
         self._registry = registry
         self._settings = settings
+        self._metrics = metrics
 
     @property
     def registry(self) -> ModelRegistry:
@@ -69,6 +71,8 @@ class InferenceEngine:
             started = time.perf_counter()
             output = await model.worker.run(lambda: model.backend.embed(texts, truncate=request.truncate))
             finished = time.perf_counter()
+        if self._metrics is not None:
+            self._metrics.record_batch(spec.name, Task.EMBED, len(texts), sum(output.token_counts))
         vectors = output.vectors[:, :dimensions]
         normalize = spec.normalize if request.normalize is None else request.normalize
         if normalize:
@@ -119,6 +123,8 @@ class InferenceEngine:
                 )
                 scores, token_counts = relevance.scores, relevance.token_counts
             finished = time.perf_counter()
+        if self._metrics is not None:
+            self._metrics.record_batch(spec.name, Task.RERANK, len(token_counts), sum(token_counts))
         order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
         if request.top_n:
             order = order[: request.top_n]
@@ -170,6 +176,8 @@ class InferenceEngine:
                         yield GenerateChunk(model=name, text=delta.text)
                     continue
                 begun = started or arrived
+                if self._metrics is not None:
+                    self._metrics.record_generation(name, delta.prompt_tokens, delta.completion_tokens)
                 yield GenerateChunk(
                     model=name,
                     text=delta.text,

@@ -64,6 +64,8 @@ class ModelStatus:
     last_used: datetime | None
     active_requests: int
     error: str
+    # Calls accepted for the model that have not started computing (see ModelWorker.waiting).
+    waiting_for_compute: int = 0
 
 
 class _Entry:
@@ -134,6 +136,7 @@ class ModelRegistry:
     def status(self, name: str) -> ModelStatus:
         entry = self._entry(name)
         defaults = tuple(t for t in Task if self._catalog.default_for(t) == name)
+        loaded = entry.loaded  # read once: metrics scrapes call this from another thread
         return ModelStatus(
             spec=entry.spec,
             state=entry.state,
@@ -143,6 +146,7 @@ class ModelRegistry:
             last_used=entry.last_used,
             active_requests=entry.active,
             error=entry.error,
+            waiting_for_compute=loaded.worker.waiting if loaded is not None else 0,
         )
 
     def statuses(self) -> list[ModelStatus]:

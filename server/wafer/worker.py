@@ -53,17 +53,48 @@ class ModelWorker:
     def __init__(self, name: str, gate: ComputeGate) -> None:
         self._gate = gate
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wafer-{name}")
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        """Calls submitted here that have not started computing: queued for this worker's thread or
+        waiting for their first turn of the gate (the queue depth metrics report)."""
+        return self._waiting
+
+    def _start_waiting(self) -> Callable[[], None]:
+        """Count one call as waiting; the returned function ends its wait, once, from any thread.
+        Both the worker thread (the turn came) and the caller (cancelled while queued, so the
+        thread never ran it) call it, and only the first one counts."""
+        with self._waiting_lock:
+            self._waiting += 1
+        waiting = True
+
+        def stop_waiting() -> None:
+            nonlocal waiting
+            with self._waiting_lock:
+                if waiting:
+                    waiting = False
+                    self._waiting -= 1
+
+        return stop_waiting
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the worker thread, in one turn of the compute gate, and wait for its result."""
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
 
+        stop_waiting = self._start_waiting()
+
         def in_turn() -> T:
             with self._gate.turn():
+                stop_waiting()
                 return fn()
 
-        return await loop.run_in_executor(self._executor, ctx.run, in_turn)
+        try:
+            return await loop.run_in_executor(self._executor, ctx.run, in_turn)
+        finally:
+            stop_waiting()
 
     async def stream(self, start: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncGenerator[T, None]:
         """Drive the iterator `start(cancelled)` on the worker thread, yielding its items here.
@@ -76,12 +107,15 @@ class ModelWorker:
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
         ctx = contextvars.copy_context()
+        # A stream waits until its first turn; between tokens it is running, not queued.
+        stop_waiting = self._start_waiting()
 
         def produce() -> None:
             try:
                 items = start(stop.is_set)
                 while not stop.is_set():
                     with self._gate.turn():
+                        stop_waiting()
                         item = next(items, _DONE)
                     if item is _DONE:
                         break
@@ -101,6 +135,7 @@ class ModelWorker:
                 yield item  # type: ignore[misc]
         finally:
             stop.set()
+            stop_waiting()  # stopped before its first turn: it will not take one
             await asyncio.shield(future)
 
     def close(self) -> None:

@@ -8,14 +8,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MODELS_YAML
-from wafer_client import WaferClient
+from wafer_client import ClientOptions, WaferClient
 
 STARTUP_TIMEOUT_SECONDS = 120
 
@@ -47,17 +47,33 @@ class ServerProcess:
         return self.process.returncode
 
 
+def _connectable(address: str) -> str:
+    """Where a client on this machine reaches a server listening on `address`: a wildcard address
+    (every interface) is not a destination, its loopback is."""
+    for wildcard, loopback in (("0.0.0.0:", "127.0.0.1:"), ("[::]:", "[::1]:")):
+        if address.startswith(wildcard):
+            return loopback + address.removeprefix(wildcard)
+    return address
+
+
 def start_server(
     data_dir: Path,
     *,
     address: str | None = "127.0.0.1:0",
     models: Path = MODELS_YAML,
     env: dict[str, str] | None = None,
+    metrics_address: str | None = None,
+    extra_args: Sequence[str] = (),
+    client_options: ClientOptions | None = None,
 ) -> ServerProcess:
     """Start `python -m wafer serve`, wait until it listens and its default models are ready.
-    `address=None` leaves the flag out, so the server takes WAFER_ADDRESS or its default."""
+    `address=None` leaves the flag out, so the server takes WAFER_ADDRESS or its default.
+    `extra_args` go to `serve` as they are; `client_options` (TLS, for one) are what the readiness
+    check needs to reach the server."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_THREADS": "2", **(env or {})}
     flags = ["--address", address] if address is not None else []
+    if metrics_address is not None:  # the bound address is in the "metrics listening" log line
+        flags += ["--metrics-address", metrics_address]
     process = subprocess.Popen(
         [
             sys.executable,
@@ -71,6 +87,7 @@ def start_server(
             str(data_dir),
             "--log-format",
             "json",
+            *extra_args,
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -96,8 +113,9 @@ def start_server(
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError("server did not start:\n" + "".join(lines[-40:]))
-    server = ServerProcess(process=process, address=bound[0], data_dir=data_dir, log_lines=lines)
-    with WaferClient(server.address, timeout=5) as client:
+    server = ServerProcess(process=process, address=_connectable(bound[0]), data_dir=data_dir, log_lines=lines)
+    options: ClientOptions = {"timeout": 5, **(client_options or {})}
+    with WaferClient(server.address, **options) as client:
         while client.health("wafer.v1.Inference") != "SERVING":
             if process.poll() is not None or time.monotonic() > deadline:
                 server.stop()

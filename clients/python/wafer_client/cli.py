@@ -25,6 +25,7 @@ from rich.table import Table
 
 # Submodules, not the package root: they import even where the package is a namespace package (a
 # stale editable install), so the command keeps working there.
+from wafer_client._base import ClientOptions
 from wafer_client._sync import WaferClient
 from wafer_client.errors import WaferError
 from wafer_client.types import ChatMessage, GenerationChunk, ModelInfo
@@ -51,6 +52,12 @@ class _Options:
     timeout: float | None = None
     headers: list[str] = field(default_factory=list)
     address_given: bool = False
+    token: str | None = None
+    token_file: Path | None = None
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
 
 
 def _options(ctx: typer.Context) -> _Options:
@@ -70,11 +77,48 @@ def _metadata(headers: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _read(path: Path, hint: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc.strerror or exc}", param_hint=hint) from None
+
+
+def _token(opts: _Options) -> str | None:
+    if opts.token_file is not None:
+        token = _read(opts.token_file, "--token-file").decode("utf-8", "replace").strip()
+        if not token:
+            raise typer.BadParameter(f"{opts.token_file} is empty", param_hint="--token-file")
+        return token
+    return opts.token.strip() if opts.token else None
+
+
+def _client_options(opts: _Options) -> ClientOptions:
+    metadata = _metadata(opts.headers)
+    token = _token(opts)
+    if token is not None:
+        # Two authorization headers would leave it to the server which one counts.
+        if any(key.lower() == "authorization" for key, _ in metadata):
+            raise typer.BadParameter("give --token or an authorization header, not both", param_hint="--token")
+        metadata.append(("authorization", f"Bearer {token}"))
+    options: ClientOptions = {"metadata": metadata}
+    if opts.timeout is not None:
+        options["timeout"] = opts.timeout
+    if (opts.tls_client_cert is None) != (opts.tls_client_key is None):
+        raise typer.BadParameter("--tls-client-cert and --tls-client-key go together", param_hint="--tls-client-cert")
+    if opts.tls or opts.tls_ca is not None or opts.tls_client_cert is not None:
+        options["tls"] = True
+        if opts.tls_ca is not None:
+            options["root_certificates"] = _read(opts.tls_ca, "--tls-ca")
+        if opts.tls_client_cert is not None and opts.tls_client_key is not None:
+            options["certificate_chain"] = _read(opts.tls_client_cert, "--tls-client-cert")
+            options["private_key"] = _read(opts.tls_client_key, "--tls-client-key")
+    return options
+
+
 def _client(ctx: typer.Context) -> WaferClient:
     opts = _options(ctx)
-    if opts.timeout is not None:
-        return WaferClient(opts.address, timeout=opts.timeout, metadata=_metadata(opts.headers))
-    return WaferClient(opts.address, metadata=_metadata(opts.headers))
+    return WaferClient(opts.address, **_client_options(opts))
 
 
 @contextmanager
@@ -102,6 +146,7 @@ def _echo_json(value: Any) -> None:
 @app.callback()
 def main(
     ctx: typer.Context,
+    *,
     address: Annotated[
         str | None,
         typer.Option(
@@ -118,6 +163,28 @@ def main(
         list[str] | None,
         typer.Option("--header", "-H", help="Extra call metadata, 'name: value' (repeatable)."),
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="WAFER_TOKEN",
+            help="Bearer token for a server that requires one (prefer WAFER_TOKEN or --token-file: "
+            "arguments show in the process list).",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(envvar="WAFER_TOKEN_FILE", dir_okay=False, help="File holding the bearer token."),
+    ] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS, trusting the system's CAs.")] = False,
+    tls_ca: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="PEM CA bundle to verify the server with (implies --tls).")
+    ] = None,
+    tls_client_cert: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="PEM client certificate, for servers that require one.")
+    ] = None,
+    tls_client_key: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="PEM private key of --tls-client-cert.")
+    ] = None,
 ) -> None:
     """Wafer: a gRPC inference server for small text models, and a client for it."""
     source = ctx.get_parameter_source("address")
@@ -126,6 +193,12 @@ def main(
         timeout=timeout,
         headers=list(header or []),
         address_given=source is not None and source.name == "COMMANDLINE",
+        token=token,
+        token_file=token_file,
+        tls=tls,
+        tls_ca=tls_ca,
+        tls_client_cert=tls_client_cert,
+        tls_client_key=tls_client_key,
     )
 
 
@@ -152,6 +225,30 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
     log_format: Annotated[LogFormat | None, typer.Option(help="json or console.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Threads for inference.")] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Server certificate chain (PEM); enables TLS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(dir_okay=False, help="Private key of --tls-cert (PEM).")] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="Require client certificates from this CA (PEM): mutual TLS."),
+    ] = None,
+    auth_token_file: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="File holding the bearer token admin RPCs require [default: none]."),
+    ] = None,
+    auth_all_rpcs: Annotated[
+        bool, typer.Option("--auth-all-rpcs", help="Require the token on every RPC, not only admin ones.")
+    ] = False,
+    allow_remote_admin: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote-admin", help="Listen on a non-loopback address even though admin RPCs have no token."
+        ),
+    ] = False,
+    metrics_address: Annotated[
+        str | None, typer.Option(help="Serve Prometheus metrics at http://host:port/metrics [default: off].")
+    ] = None,
 ) -> None:
     """Run the Wafer server (needs the server extra: wafer[server])."""
     opts = _options(ctx)
@@ -163,6 +260,14 @@ def serve(
         "log_level": log_level,
         "log_format": log_format.value if log_format is not None else None,
         "threads": threads,
+        "tls_cert_file": tls_cert,
+        "tls_key_file": tls_key,
+        "tls_client_ca_file": tls_client_ca,
+        "auth_token_file": auth_token_file,
+        # Only a given switch: absent, the environment (WAFER_AUTH_ALL_RPCS, ...) still decides.
+        "auth_all_rpcs": True if auth_all_rpcs else None,
+        "allow_remote_admin": True if allow_remote_admin else None,
+        "metrics_address": metrics_address,
     }
     overrides: dict[str, object] = {key: value for key, value in given.items() if value is not None}
     try:

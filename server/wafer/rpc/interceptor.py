@@ -19,6 +19,7 @@ import grpc
 import structlog
 
 from wafer.errors import WaferError, status_for
+from wafer.metrics import Metrics
 
 log = structlog.get_logger("wafer.rpc")
 
@@ -53,8 +54,15 @@ def _timings(message: Any) -> dict[str, float]:
 class _Call:
     """Bookkeeping of one RPC: its context, its outcome, its log line."""
 
-    def __init__(self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        metrics: Metrics | None = None,
+    ) -> None:
         self.method = method
+        self.metrics = metrics
         self.context = context
         self.request_id = _request_id(context)
         self.model: str = getattr(request, "model", "") or getattr(request, "name", "") or ""
@@ -87,25 +95,38 @@ class _Call:
         )
 
     def finish(self) -> None:
-        level = "debug" if self.method.startswith(_QUIET_PREFIXES) else "info"
-        getattr(log, level)(
+        seconds = time.perf_counter() - self.started
+        quiet = self.method.startswith(_QUIET_PREFIXES)
+        getattr(log, "debug" if quiet else "info")(
             "rpc",
             request_id=self.request_id,
             method=self.method,
             model=self.model,
             status=self.code.name,
-            duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            duration_ms=round(seconds * 1000, 3),
             **self.extra,
         )
+        # Health and reflection stay out too: a health Watch lasts as long as its client, and
+        # polls would swamp the latency histograms of the calls that matter.
+        if self.metrics is not None and not quiet:
+            queue_ms, inference_ms = self.extra.get("queue_ms"), self.extra.get("inference_ms")
+            self.metrics.record_call(
+                self.method,
+                self.model,
+                self.code.name,
+                seconds,
+                queue_seconds=queue_ms / 1000 if queue_ms is not None else None,
+                inference_seconds=inference_ms / 1000 if inference_ms is not None else None,
+            )
 
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
-def _wrap_unary(method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+def _wrap_unary(method: str, behavior: UnaryBehavior, metrics: Metrics | None = None) -> UnaryBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, request, context)
+        call = _Call(method, request, context, metrics)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
             try:
                 await call.begin()
@@ -126,9 +147,9 @@ def _wrap_unary(method: str, behavior: UnaryBehavior) -> UnaryBehavior:
     return handle
 
 
-def _wrap_stream(method: str, behavior: StreamBehavior) -> StreamBehavior:
+def _wrap_stream(method: str, behavior: StreamBehavior, metrics: Metrics | None = None) -> StreamBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        call = _Call(method, request, context)
+        call = _Call(method, request, context, metrics)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
             try:
                 await call.begin()
@@ -159,6 +180,9 @@ def _is_cancellation(error: BaseException) -> bool:
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
@@ -170,7 +194,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),  # type: ignore[arg-type]
+                _wrap_unary(method, handler.unary_unary, self._metrics),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -179,9 +203,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # context.write() (grpc's health Watch); only the first can be iterated.
             behavior: Any = handler.unary_stream
             wrapped: Any = (
-                _wrap_stream(method, behavior)
+                _wrap_stream(method, behavior, self._metrics)
                 if inspect.isasyncgenfunction(behavior)
-                else _wrap_unary(method, behavior)
+                else _wrap_unary(method, behavior, self._metrics)
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,

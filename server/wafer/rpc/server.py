@@ -6,18 +6,21 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # re-exported at run time
 from grpc_reflection.v1alpha import reflection
 
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
-from wafer.errors import InvalidArgumentError
 from wafer.indexing import IndexService
+from wafer.metrics import Metrics
 from wafer.registry import ModelRegistry
+from wafer.rpc.auth import AuthInterceptor, check_exposure, is_local_address, load_token
 from wafer.rpc.drain import DrainInterceptor
 from wafer.rpc.interceptor import RequestInterceptor
 from wafer.rpc.servicers import IndexServicer, InferenceServicer, ModelsServicer
+from wafer.rpc.transport import bind, server_credentials
 from wafer_proto.v1 import (
     index_pb2,
     index_pb2_grpc,
@@ -31,6 +34,8 @@ INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 MODELS = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 INDEX = index_pb2.DESCRIPTOR.services_by_name["Index"].full_name
 OVERALL = ""
+
+log = structlog.get_logger("wafer")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -86,13 +91,35 @@ def create_server(
     engine: InferenceEngine,
     index: IndexService,
     address: str | None = None,
+    *,
+    metrics: Metrics | None = None,
 ) -> WaferServer:
     """Build (not start) the server and bind it. `port` is the bound TCP port (useful with port 0),
-    or 0 for a unix socket."""
+    or 0 for a unix socket. Refuses (FailedPreconditionError) unreadable TLS or token files, and
+    open admin RPCs on an address other machines can reach."""
+    address = address or settings.address
+    # Everything that can refuse the configuration runs before the server exists.
+    token = load_token(settings)
+    credentials = server_credentials(settings)
+    mutual_tls = settings.tls_client_ca_file is not None
+    check_exposure(
+        address,
+        token_configured=token is not None,
+        client_certificates=mutual_tls,
+        allow_remote_admin=settings.allow_remote_admin,
+    )
+    if token is not None and credentials is None and not is_local_address(address):
+        log.warning(
+            "the bearer token crosses the network in plain text; enable TLS unless a TLS proxy is in front",
+            address=address,
+        )
+    # No token, no auth interceptor: open servers pay nothing per call.
+    auth = [AuthInterceptor(token, all_rpcs=settings.auth_all_rpcs)] if token is not None else []
     drain = DrainInterceptor()
     server = grpc.aio.server(
-        # The request interceptor is outermost: a call the drain refuses is still logged and mapped.
-        interceptors=[RequestInterceptor(), drain],
+        # The request interceptor is outermost: a call that auth or the drain refuses is still logged
+        # and mapped. Auth comes before the drain so refused calls never count as in flight.
+        interceptors=[RequestInterceptor(metrics), *auth, drain],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -114,9 +141,11 @@ def create_server(
         ),
         server,
     )
-    address = address or settings.address
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise InvalidArgumentError(f"cannot listen on {address!r}: {exc}") from exc
-    return WaferServer(server=server, port=0 if address.startswith("unix:") else port, health=health, drain=drain)
+    port = bind(server, address, credentials)
+    log.info(
+        "access",
+        tls=credentials is not None,
+        client_certificates=mutual_tls,
+        token_required="off" if token is None else ("all rpcs" if settings.auth_all_rpcs else "admin rpcs"),
+    )
+    return WaferServer(server=server, port=port, health=health, drain=drain)

@@ -1,0 +1,268 @@
+"""Prometheus metrics: what the server has done (counters, histograms) and what it holds now (gauges).
+
+One `Metrics` object owns its own `CollectorRegistry`: `app.serve` makes one and hands it to the
+parts that record (the RPC interceptor, the engine); tests make their own, so nothing is shared
+between servers or tests through prometheus_client's global registry.
+
+Events are recorded where they happen: calls in the interceptor (it alone sees the status code and
+the whole duration), batches and tokens in the engine (it alone sees the backend's output).
+State is not copied: model state, memory, load time, in-flight and waiting calls are read from
+the model registry when /metrics is scraped, so they can never drift from what the registry says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from threading import Thread
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wafer.errors import InvalidArgumentError
+from wafer.specs import Task
+
+if TYPE_CHECKING:
+    from wafer.registry import ModelRegistry
+
+# From a cache-hit embedding (well under a millisecond) to a long generation (minutes).
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+# Up to the largest request the settings allow by default (1024 inputs).
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+# There is one queue today: every call waits for its model's worker and the compute gate. The
+# scheduler will split it into lanes ("interactive" for RPCs, "batch" for jobs) under this label.
+INTERACTIVE_LANE = "interactive"
+
+# A model label for a call that names no model of the catalog: a client must not be able to mint
+# one time series per made-up model name.
+NO_MODEL = ""
+
+
+class Metrics:
+    """The server's metrics, in their own registry."""
+
+    def __init__(self, *, models: Iterable[str] | None = None) -> None:
+        """`models`: the catalog's names, the only values a `model` label may take (None: any)."""
+        self.registry = CollectorRegistry()
+        self._models = frozenset(models) if models is not None else None
+        registry = self.registry
+        self.requests = Counter(
+            "wafer_requests",
+            "Finished RPCs by method, model and gRPC status code.",
+            ["method", "model", "code"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "wafer_request_duration_seconds",
+            "Whole RPC time, from arrival to the last response message (or the error).",
+            ["method", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "wafer_request_queue_seconds",
+            "Time a successful RPC waited for its model (loading, worker thread, compute turn).",
+            ["method", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_seconds = Histogram(
+            "wafer_request_inference_seconds",
+            "Time a successful RPC spent computing (and, for Index RPCs, writing or searching the store).",
+            ["method", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "wafer_batch_size",
+            "Sequences per backend call (embedding or relevance scoring).",
+            ["model", "task"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_tokens = Histogram(
+            "wafer_batch_tokens",
+            "Tokens per backend call (embedding or relevance scoring), after truncation.",
+            ["model", "task"],
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "wafer_prompt_tokens",
+            "Input tokens read by a model: texts embedded, pairs scored, prompts of generations.",
+            ["model", "task"],
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "wafer_generated_tokens",
+            "Tokens sampled by finished generations (the end-of-generation token included).",
+            ["model"],
+            registry=registry,
+        )
+
+    def model_label(self, name: str) -> str:
+        if self._models is None or name in self._models:
+            return name
+        return NO_MODEL
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def record_call(
+        self,
+        method: str,
+        model: str,
+        code: str,
+        seconds: float,
+        *,
+        queue_seconds: float | None = None,
+        inference_seconds: float | None = None,
+    ) -> None:
+        """One finished RPC. Queue and inference times come only with responses that report them."""
+        model = self.model_label(model)
+        self.requests.labels(method, model, code).inc()
+        self.request_seconds.labels(method, model).observe(seconds)
+        if queue_seconds is not None:
+            self.queue_seconds.labels(method, model).observe(queue_seconds)
+        if inference_seconds is not None:
+            self.inference_seconds.labels(method, model).observe(inference_seconds)
+
+    def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None:
+        """One backend call over `size` sequences holding `tokens` tokens; they count as prompt tokens."""
+        self.batch_size.labels(model, task.value).observe(size)
+        self.batch_tokens.labels(model, task.value).observe(tokens)
+        self.prompt_tokens.labels(model, task.value).inc(tokens)
+
+    def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None:
+        self.prompt_tokens.labels(model, Task.GENERATE.value).inc(prompt_tokens)
+        self.generated_tokens.labels(model).inc(generated_tokens)
+
+    def watch(self, registry: ModelRegistry) -> None:
+        """Report the registry's models (state, memory, load time, in-flight and waiting calls)."""
+        self.registry.register(_RegistryCollector(registry))
+
+    # -- exposition ----------------------------------------------------------------------------
+
+    def serve(self, address: str) -> MetricsServer:
+        """Serve /metrics over HTTP on `address` (host:port; port 0 picks a free one), on a thread."""
+        host, port = parse_address(address)
+        try:
+            httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot serve metrics on {address!r}: {exc}") from exc
+        return MetricsServer(httpd, thread, host)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6 host]:port` → (host, port)."""
+    host, sep, port_text = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise InvalidArgumentError(f"metrics address {address!r} must be host:port, e.g. 127.0.0.1:9464")
+    return host, int(port_text)
+
+
+@dataclass
+class MetricsServer:
+    """The running /metrics endpoint."""
+
+    httpd: WSGIServer
+    thread: Thread
+    host: str
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        return f"{host}:{self.port}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class _RegistryCollector(Collector):
+    """Gauges read from the registry at scrape time (on the HTTP server's thread).
+
+    The registry's fields are mutated on the event loop; reading them from another thread sees
+    each value whole (ints, enums, references), which is all a scrape needs.
+    """
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def describe(self) -> Iterator[Metric]:
+        # Declared without samples so registering does not run a scrape.
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        from wafer.registry import ModelState
+
+        state, memory, load, in_flight, queue = self._families()
+        for status in self._registry.statuses():
+            name = status.spec.name
+            for candidate in ModelState:
+                state.add_metric([name, candidate.value], 1.0 if status.state is candidate else 0.0)
+            memory.add_metric([name], status.memory_bytes)
+            load.add_metric([name], status.load_seconds)
+            in_flight.add_metric([name], status.active_requests)
+            queue.add_metric([name, INTERACTIVE_LANE], status.waiting_for_compute)
+        yield from (state, memory, load, in_flight, queue)
+
+    @staticmethod
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+    ]:
+        return (
+            GaugeMetricFamily(
+                "wafer_model_state",
+                "1 for the model's current state (unloaded, loading, ready, unloading, failed), 0 for the others.",
+                labels=["model", "state"],
+            ),
+            GaugeMetricFamily(
+                "wafer_model_memory_bytes",
+                "Resident memory the model's last load added (0 when not loaded).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "wafer_model_load_seconds",
+                "Duration of the model's last successful load.",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "wafer_requests_in_flight",
+                "Requests holding the model now (a lease: from the model being ready to the response).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "wafer_queue_depth",
+                "Calls waiting for compute: queued for the model's worker or for a turn of the compute gate.",
+                labels=["model", "lane"],
+            ),
+        )
