@@ -14,13 +14,14 @@ NODE_STAMP := $(NODE_CLIENT)/node_modules/.wafer-installed
 # llama.cpp is compiled by pip (minutes; pip's wheel cache makes later installs quick). Without
 # OpenMP, ggml uses its own thread pool, which does not slow down when called from a worker thread.
 LLAMA_CMAKE_ARGS ?= -DGGML_OPENMP=OFF
-ADDRESS ?= 127.0.0.1:50051
+# Empty: the server's own setting (WAFER_ADDRESS, else 127.0.0.1:50051).
+ADDRESS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install lint typecheck format proto check-proto unit integration e2e bench clean
+.PHONY: serve test install lint typecheck format proto docs unit integration e2e bench clean
 
 serve: install
-	$(BIN)/wafer serve --address $(ADDRESS)
+	$(BIN)/wafer serve $(if $(ADDRESS),--address $(ADDRESS))
 
 test: install lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -56,6 +57,10 @@ typecheck: install
 proto: install
 	$(BIN)/python tools/genproto.py
 
+# docs/api.md is generated from the proto comments; tests/unit/test_docs_drift.py fails on drift.
+docs: install
+	$(BIN)/python tools/gendocs.py
+
 unit: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
@@ -67,6 +72,7 @@ e2e: install
 
 bench: install
 	$(BIN)/python -m bench.latency --write
+	$(BIN)/python -m bench.contention --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_CLIENT)/node_modules

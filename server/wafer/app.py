@@ -88,7 +88,8 @@ def main(overrides: dict[str, Any] | None = None) -> None:
     try:
         settings = Settings(**(overrides or {}))
     except ValidationError as exc:
-        sys.exit(f"wafer: invalid settings:\n{exc}")
+        print(f"wafer: invalid settings:\n{exc}", file=sys.stderr)
+        sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))

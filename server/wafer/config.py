@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     )
     models_file: Path = Field(default=Path("models.yaml"), description="The model catalog.")
     data_dir: Path = Field(
-        default_factory=_default_data_dir, description="Vector store, job state and caches live here."
+        default_factory=_default_data_dir, description="The vector store and the model cache live here."
     )
     model_cache_dir: Path | None = Field(
         default=None, description="Where hf:// sources are downloaded; default: <data_dir>/models."

@@ -28,7 +28,7 @@ from wafer.specs import Task
 if TYPE_CHECKING:
     from wafer.registry import ModelRegistry
 
-# From a cache-hit embedding (well under a millisecond) to a long generation (minutes).
+# From a sub-millisecond refusal to a long generation (minutes).
 LATENCY_BUCKETS = (
     0.0005,
     0.001,

@@ -6,7 +6,7 @@ thread.
 
 Models take turns on the CPU through one `ComputeGate`. On a small machine each model's kernels
 already use every core; two models computing at once oversubscribe them and both slow down badly
-(measured here: SmolLM2 generation fell from 92 to 5 tokens/s while MiniLM embedded beside it).
+(bench/RESULTS.md: SmolLM2 generation fell from 102 to 2.8 tokens/s while MiniLM embedded beside it).
 Turns are one backend call or one generated token long and are granted in arrival order, so a
 short embedding slips in between two tokens of a long generation instead of waiting for all of it.
 """

@@ -220,7 +220,7 @@ def serve(
     address: Annotated[str | None, typer.Option(help="Address to listen on: host:port or unix:///path.")] = None,
     models: Annotated[Path | None, typer.Option("--models", help="The models.yaml to serve.", dir_okay=False)] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="Where collections, jobs and caches live.", file_okay=False)
+        Path | None, typer.Option(help="Where the vector store and the model cache live.", file_okay=False)
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
     log_format: Annotated[LogFormat | None, typer.Option(help="json or console.")] = None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from numpy.typing import NDArray
 
@@ -61,7 +61,9 @@ _EMBED_BATCH = 128
 # Texts per llama_decode in the embedding context.
 _EMBED_SEQS = 64
 
-_LOGGER_NAME = "llama-cpp-python"
+_log = structlog.get_logger("wafer.llama_cpp")
+_GGML_LOG_WARN = 3
+_GGML_LOG_ERROR = 4
 _GGUF_MAGIC = b"GGUF"
 
 # Qwen3-Reranker's judging prompt. Two worked examples before the real question teach a small
@@ -238,9 +240,9 @@ class GgufBackend(Backend):
     def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> GgufBackend:
         path = files.weights
         _check_gguf_file(spec.name, path)
-        # Without this llama-cpp-python prints every llama.cpp log line to stderr.
-        logger = logging.getLogger(_LOGGER_NAME)
-        logger.setLevel(max(logger.level, logging.ERROR))
+        # llama.cpp's own log lines become structured log events: llama-cpp-python's default
+        # callback prints raw text into the server's JSON log stream.
+        llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
 
         embeds = Task.EMBED in spec.tasks
@@ -625,6 +627,19 @@ class GgufBackend(Backend):
             if framed[head : head + len(plain)] == plain:
                 return head, len(framed) - head - len(plain)
         return 0, 0
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", "replace").strip()
+    if not message or message == ".":
+        return
+    # ggml.h's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings and errors stay
+    # visible; the rest (metadata dumps at every load) only at debug.
+    if level in (_GGML_LOG_WARN, _GGML_LOG_ERROR):
+        _log.warning("llama.cpp", message=message)
+    else:
+        _log.debug("llama.cpp", message=message)
 
 
 def _check_gguf_file(name: str, path: Path) -> None:

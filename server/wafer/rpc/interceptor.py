@@ -9,6 +9,8 @@ status and durations.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import time
 import uuid
@@ -18,7 +20,7 @@ from typing import Any
 import grpc
 import structlog
 
-from wafer.errors import WaferError, status_for
+from wafer.errors import DeadlineExceededError, WaferError, status_for
 from wafer.metrics import Metrics
 
 log = structlog.get_logger("wafer.rpc")
@@ -120,17 +122,38 @@ class _Call:
             )
 
 
+@contextlib.asynccontextmanager
+async def _deadline(context: grpc.aio.ServicerContext[Any, Any], default_seconds: float | None) -> AsyncIterator[None]:
+    """Give a call whose client set no deadline the server's default, so nothing runs forever.
+    A client's own deadline is enforced by gRPC itself (the call is cancelled)."""
+    budget = default_seconds if context.time_remaining() is None else None
+    timeout = asyncio.timeout(budget)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError:
+        if not timeout.expired():
+            raise
+        raise DeadlineExceededError(
+            f"the call ran past the server's default deadline of {default_seconds:g} s; "
+            "set a deadline on the call, or raise default_deadline_seconds"
+        ) from None
+
+
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
-def _wrap_unary(method: str, behavior: UnaryBehavior, metrics: Metrics | None = None) -> UnaryBehavior:
+def _wrap_unary(
+    method: str, behavior: UnaryBehavior, metrics: Metrics | None = None, default_deadline: float | None = None
+) -> UnaryBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, request, context, metrics)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
             try:
                 await call.begin()
-                response = await behavior(request, context)
+                async with _deadline(context, default_deadline):
+                    response = await behavior(request, context)
                 call.saw(response)
                 return response
             except grpc.aio.AbortError:
@@ -147,17 +170,20 @@ def _wrap_unary(method: str, behavior: UnaryBehavior, metrics: Metrics | None = 
     return handle
 
 
-def _wrap_stream(method: str, behavior: StreamBehavior, metrics: Metrics | None = None) -> StreamBehavior:
+def _wrap_stream(
+    method: str, behavior: StreamBehavior, metrics: Metrics | None = None, default_deadline: float | None = None
+) -> StreamBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = _Call(method, request, context, metrics)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
             try:
                 await call.begin()
                 messages = 0
-                async for response in behavior(request, context):
-                    messages += 1
-                    call.saw(response)
-                    yield response
+                async with _deadline(context, default_deadline):
+                    async for response in behavior(request, context):
+                        messages += 1
+                        call.saw(response)
+                        yield response
                 call.extra["messages"] = messages
             except grpc.aio.AbortError:
                 call.code = context.code() or grpc.StatusCode.UNKNOWN
@@ -174,14 +200,13 @@ def _wrap_stream(method: str, behavior: StreamBehavior, metrics: Metrics | None 
 
 
 def _is_cancellation(error: BaseException) -> bool:
-    import asyncio
-
     return isinstance(error, asyncio.CancelledError | GeneratorExit)
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, default_deadline_seconds: float | None = None) -> None:
         self._metrics = metrics
+        self._default_deadline = default_deadline_seconds
 
     async def intercept_service(
         self,
@@ -194,7 +219,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary, self._metrics),  # type: ignore[arg-type]
+                _wrap_unary(method, handler.unary_unary, self._metrics, self._default_deadline),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -203,9 +228,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # context.write() (grpc's health Watch); only the first can be iterated.
             behavior: Any = handler.unary_stream
             wrapped: Any = (
-                _wrap_stream(method, behavior, self._metrics)
+                _wrap_stream(method, behavior, self._metrics, self._default_deadline)
                 if inspect.isasyncgenfunction(behavior)
-                else _wrap_unary(method, behavior, self._metrics)
+                else _wrap_unary(method, behavior, self._metrics, self._default_deadline)
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,

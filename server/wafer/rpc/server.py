@@ -119,7 +119,7 @@ def create_server(
     server = grpc.aio.server(
         # The request interceptor is outermost: a call that auth or the drain refuses is still logged
         # and mapped. Auth comes before the drain so refused calls never count as in flight.
-        interceptors=[RequestInterceptor(metrics), *auth, drain],
+        interceptors=[RequestInterceptor(metrics, settings.default_deadline_seconds), *auth, drain],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -32,7 +32,10 @@ class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.Val
     """Background work (indexing a corpus); it yields to interactive requests."""
 
 class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
-    """Which lane a request rides in. Interactive work is always served before batch work."""
+    """Which lane a request rides in: interactive work is to be served before batch work.
+    This server version accepts and records it; the scheduler that orders work by lane is not
+    built yet, so today both lanes are served in arrival order.
+    """
 
 PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
 """Treated as PRIORITY_INTERACTIVE."""
@@ -50,16 +53,22 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     DESCRIPTOR: _descriptor.EnumDescriptor
     TASK_UNSPECIFIED: _Task.ValueType  # 0
     TASK_EMBED: _Task.ValueType  # 1
+    """Inference.Embed: one vector per text."""
     TASK_RERANK: _Task.ValueType  # 2
+    """Inference.Rerank: relevance scores of documents for a query."""
     TASK_GENERATE: _Task.ValueType  # 3
+    """Inference.Generate: streamed text."""
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """What a model can do."""
 
 TASK_UNSPECIFIED: Task.ValueType  # 0
 TASK_EMBED: Task.ValueType  # 1
+"""Inference.Embed: one vector per text."""
 TASK_RERANK: Task.ValueType  # 2
+"""Inference.Rerank: relevance scores of documents for a query."""
 TASK_GENERATE: Task.ValueType  # 3
+"""Inference.Generate: streamed text."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final
@@ -106,7 +115,9 @@ class Timings(_message.Message):
     inference_ms: _builtins.float
     """Running the model (tokenization included)."""
     batch_size: _builtins.int
-    """How many inputs shared the forward pass this call rode in."""
+    """How many inputs this call ran through the model (its own inputs; a rerank counts its
+    documents). Once requests are batched together it will count the whole batch.
+    """
     time_to_first_token_ms: _builtins.float
     """Generate only: from the call's arrival to its first token."""
     def __init__(

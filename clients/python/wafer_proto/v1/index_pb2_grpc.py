@@ -92,13 +92,15 @@ class IndexServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDocuments(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes documents by id; ids that are not there are ignored.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListCollections(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The collections in the store, with their model, dimension and size.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

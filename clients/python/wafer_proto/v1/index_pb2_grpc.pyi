@@ -45,7 +45,9 @@ class IndexStub:
     GetDocuments: _grpc.UnaryUnaryMultiCallable[_index_pb2.GetDocumentsRequest, _index_pb2.GetDocumentsResponse]
     """Reads documents back by id."""
     DeleteDocuments: _grpc.UnaryUnaryMultiCallable[_index_pb2.DeleteDocumentsRequest, _index_pb2.DeleteDocumentsResponse]
+    """Removes documents by id; ids that are not there are ignored."""
     ListCollections: _grpc.UnaryUnaryMultiCallable[_index_pb2.ListCollectionsRequest, _index_pb2.ListCollectionsResponse]
+    """The collections in the store, with their model, dimension and size."""
 
 @_typing.type_check_only
 class IndexAsyncStub(IndexStub):
@@ -63,7 +65,9 @@ class IndexAsyncStub(IndexStub):
     GetDocuments: _aio.UnaryUnaryMultiCallable[_index_pb2.GetDocumentsRequest, _index_pb2.GetDocumentsResponse]  # type: ignore[assignment]
     """Reads documents back by id."""
     DeleteDocuments: _aio.UnaryUnaryMultiCallable[_index_pb2.DeleteDocumentsRequest, _index_pb2.DeleteDocumentsResponse]  # type: ignore[assignment]
+    """Removes documents by id; ids that are not there are ignored."""
     ListCollections: _aio.UnaryUnaryMultiCallable[_index_pb2.ListCollectionsRequest, _index_pb2.ListCollectionsResponse]  # type: ignore[assignment]
+    """The collections in the store, with their model, dimension and size."""
 
 class IndexServicer(metaclass=_abc_1.ABCMeta):
     """Index embeds documents into a vector collection (Qdrant) and searches it.
@@ -101,13 +105,15 @@ class IndexServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _index_pb2.DeleteDocumentsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_index_pb2.DeleteDocumentsResponse, _abc.Awaitable[_index_pb2.DeleteDocumentsResponse]]: ...
+    ) -> _typing.Union[_index_pb2.DeleteDocumentsResponse, _abc.Awaitable[_index_pb2.DeleteDocumentsResponse]]:
+        """Removes documents by id; ids that are not there are ignored."""
 
     @_abc_1.abstractmethod
     def ListCollections(
         self,
         request: _index_pb2.ListCollectionsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_index_pb2.ListCollectionsResponse, _abc.Awaitable[_index_pb2.ListCollectionsResponse]]: ...
+    ) -> _typing.Union[_index_pb2.ListCollectionsResponse, _abc.Awaitable[_index_pb2.ListCollectionsResponse]]:
+        """The collections in the store, with their model, dimension and size."""
 
 def add_IndexServicer_to_server(servicer: IndexServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -98,7 +98,9 @@ class ModelInfo(_message.Message):
     DOCUMENT_PROMPT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     backend: _builtins.str
-    """"onnx" or "gguf"."""
+    """The backend that runs it: "onnx" or "gguf" (the catalog may name a backend this server
+    does not have, such as "cde"; such a model lists, and says why it cannot load).
+    """
     state: Global___ModelState.ValueType
     dimensions: _builtins.int
     """Embedding dimension; 0 for models that do not embed."""

@@ -65,13 +65,15 @@ class ModelsServicer:
     """
 
     def ListModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every model of the catalog, loaded or not, with its state.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One model by name; NOT_FOUND if the catalog has no such model.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -37,7 +37,9 @@ class ModelsStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ModelsAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]
+    """Every model of the catalog, loaded or not, with its state."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.ModelInfo]
+    """One model by name; NOT_FOUND if the catalog has no such model."""
     LoadModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.LoadModelRequest, _models_pb2.ModelInfo]
     """Loads a model and returns once it is ready. A load that fails answers
     FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
@@ -55,7 +57,9 @@ class ModelsAsyncStub(ModelsStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Every model of the catalog, loaded or not, with its state."""
     GetModel: _aio.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.ModelInfo]  # type: ignore[assignment]
+    """One model by name; NOT_FOUND if the catalog has no such model."""
     LoadModel: _aio.UnaryUnaryMultiCallable[_models_pb2.LoadModelRequest, _models_pb2.ModelInfo]  # type: ignore[assignment]
     """Loads a model and returns once it is ready. A load that fails answers
     FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
@@ -75,14 +79,16 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _models_pb2.ListModelsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_models_pb2.ListModelsResponse, _abc.Awaitable[_models_pb2.ListModelsResponse]]: ...
+    ) -> _typing.Union[_models_pb2.ListModelsResponse, _abc.Awaitable[_models_pb2.ListModelsResponse]]:
+        """Every model of the catalog, loaded or not, with its state."""
 
     @_abc_1.abstractmethod
     def GetModel(
         self,
         request: _models_pb2.GetModelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_models_pb2.ModelInfo, _abc.Awaitable[_models_pb2.ModelInfo]]: ...
+    ) -> _typing.Union[_models_pb2.ModelInfo, _abc.Awaitable[_models_pb2.ModelInfo]]:
+        """One model by name; NOT_FOUND if the catalog has no such model."""
 
     @_abc_1.abstractmethod
     def LoadModel(
