@@ -1,0 +1,244 @@
+"""Decoder embedding models (gte-Qwen2, KaLM-embedding, stella) on the GGUF backend.
+
+Their weights cannot be fetched here, so a tiny random-weight Qwen2 GGUF written by the test
+stands in: same architecture and tokenizer kind, so llama.cpp runs the same graph and pooling.
+The backend's vectors are checked against an independent reference: llama.cpp with pooling off
+(one hidden state per token), with the last row or the mean taken here in numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from tests.fakes.tiny_qwen2 import TinyQwen2, write_tiny_qwen2
+from wafer.backends.base import InputTooLongError, LoadOptions, ModelFiles
+from wafer.backends.gguf import GgufBackend
+from wafer.config import Settings
+from wafer.domain import EmbedRequest, InputType, RerankRequest
+from wafer.engine import InferenceEngine
+from wafer.errors import FailedPreconditionError
+from wafer.registry import ModelRegistry
+from wafer.sources import SourceResolver
+from wafer.specs import Catalog, ModelSpec, Pooling
+
+pytestmark = pytest.mark.integration
+
+CONFIG = TinyQwen2()
+N_EMBD = CONFIG.n_embd
+GTE_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
+LONG_TEXT = " ".join(f"part {i} of the text" for i in range(12))  # > 128 tokens: decoded in chunks
+TEXTS = [
+    "hi",
+    "Are we still on for lunch tomorrow?",
+    "the tiny test of the token t",
+    "Ünïcödé façade naïve café, 日本語, emoji 🙂",
+    LONG_TEXT,
+]
+Vector = NDArray[np.float64]
+
+
+def cosine(a: NDArray[Any], b: NDArray[Any]) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def spec_for(pooling: Pooling, **update: Any) -> ModelSpec:
+    """An entry shaped like the user's gte-Qwen2 / KaLM ones."""
+    fields: dict[str, Any] = {
+        "name": f"tiny-qwen2-{pooling.value}",
+        "backend": "gguf",
+        "source": "tiny-qwen2.gguf",
+        "tasks": ["embed", "rerank"],
+        "rerank_method": "cosine",
+        "dimensions": N_EMBD,
+        "pooling": pooling,
+        "query_prompt": GTE_QUERY_PROMPT,
+        "normalize": True,
+    }
+    return ModelSpec.model_validate({**fields, **update})
+
+
+class TokenStates:
+    """llama.cpp with pooling off: the final-norm hidden state of every token."""
+
+    def __init__(self, path: Path) -> None:
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = False
+        self.model: Any = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        assert self.model
+        self.vocab: Any = llama_cpp.llama_model_get_vocab(self.model)
+        self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
+        params = llama_cpp.llama_context_default_params()
+        params.embeddings = True
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        params.n_ctx = params.n_batch = params.n_ubatch = CONFIG.n_ctx
+        params.n_threads = params.n_threads_batch = 1
+        self.ctx: Any = llama_cpp.llama_init_from_model(self.model, params)
+        assert self.ctx
+        self.batch: Any = llama_cpp.llama_batch_init(CONFIG.n_ctx, 0, 1)
+
+    def tokens(self, text: str) -> list[int]:
+        data = text.encode()
+        buffer = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, len(buffer), True, False)
+        return [int(t) for t in buffer[:n]]
+
+    def rows(self, tokens: list[int]) -> NDArray[np.float64]:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        self.batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            self.batch.token[i] = token
+            self.batch.pos[i] = i
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+            self.batch.logits[i] = True
+        assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
+        rows = [
+            np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self.ctx, i), shape=(N_EMBD,))
+            for i in range(len(tokens))
+        ]
+        return np.array(rows, dtype=np.float64)
+
+    def pooled(self, tokens: list[int], pooling: Pooling) -> Vector:
+        rows = self.rows(tokens)
+        if pooling is Pooling.LAST:
+            last: Vector = rows[-1]
+            return last
+        mean: Vector = rows.mean(axis=0)
+        return mean
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+
+# -- Fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2") / "tiny-qwen2.gguf", CONFIG)
+
+
+@pytest.fixture(scope="module")
+def reference(weights: Path) -> Iterator[TokenStates]:
+    states = TokenStates(weights)
+    yield states
+    states.close()
+
+
+@pytest.fixture(scope="module", params=[Pooling.LAST, Pooling.MEAN], ids=lambda p: str(p.value))
+def backend(request: pytest.FixtureRequest, weights: Path) -> Iterator[GgufBackend]:
+    loaded = GgufBackend.load(spec_for(request.param), ModelFiles(weights=weights), LoadOptions(threads=1))
+    loaded.health()
+    yield loaded
+    loaded.close()
+
+
+# -- Backend -------------------------------------------------------------------------------------
+
+
+def test_the_tokenizer_appends_eos_as_gte_qwen2_does(reference: TokenStates) -> None:
+    # The state last-token pooling reads is the appended <|endoftext|>'s, as in gte-Qwen2.
+    for text in TEXTS:
+        tokens = reference.tokens(text)
+        assert tokens[-1] == reference.eos
+        assert reference.eos not in tokens[:-1]
+    assert len(reference.tokens(LONG_TEXT)) > 128
+
+
+def test_embed_pools_like_the_per_token_reference(backend: GgufBackend, reference: TokenStates) -> None:
+    pooling = backend.spec.pooling
+    output = backend.embed(TEXTS, truncate=False)
+    assert output.vectors.shape == (len(TEXTS), N_EMBD)
+    assert output.vectors.dtype == np.float32
+    assert bool(np.isfinite(output.vectors).all())
+    assert output.token_counts == [len(reference.tokens(t)) for t in TEXTS]
+    assert output.token_counts == [backend.count_tokens(t) for t in TEXTS]
+    for text, vector in zip(TEXTS, output.vectors, strict=True):
+        expected = reference.pooled(reference.tokens(text), pooling)
+        assert cosine(vector, expected) >= 0.999, text[:30]
+    # The texts really give different vectors (the random model is not degenerate).
+    assert max(cosine(output.vectors[0], v) for v in output.vectors[1:]) < 0.99
+
+
+def test_last_and_mean_pooling_differ(weights: Path, reference: TokenStates) -> None:
+    tokens = reference.tokens(TEXTS[1])
+    assert cosine(reference.pooled(tokens, Pooling.LAST), reference.pooled(tokens, Pooling.MEAN)) < 0.99
+
+
+def test_embedding_does_not_depend_on_the_rest_of_the_batch(backend: GgufBackend) -> None:
+    batched = backend.embed(TEXTS + TEXTS[::-1], truncate=False).vectors
+    single = [backend.embed([text], truncate=False).vectors[0] for text in TEXTS]
+    for i, text in enumerate(TEXTS):
+        assert cosine(batched[i], single[i]) >= 0.999, text[:30]
+        assert cosine(batched[2 * len(TEXTS) - 1 - i], single[i]) >= 0.999, text[:30]
+
+
+@pytest.mark.parametrize("pooling", [Pooling.LAST, Pooling.MEAN])
+def test_too_long_input_raises_or_truncates(weights: Path, reference: TokenStates, pooling: Pooling) -> None:
+    spec = spec_for(pooling, max_tokens=16)
+    small = GgufBackend.load(spec, ModelFiles(weights=weights), LoadOptions(threads=1))
+    try:
+        tokens = reference.tokens(LONG_TEXT)
+        with pytest.raises(InputTooLongError, match=f"input 1 has {len(tokens)} tokens, more than the 16") as info:
+            small.embed(["short", LONG_TEXT], truncate=False)
+        assert info.value.index == 1
+
+        output = small.embed(["short", LONG_TEXT], truncate=True)
+        assert output.token_counts == [small.count_tokens("short"), 16]
+        # The text's first 15 tokens, then the <|endoftext|> the tokenizer puts after it.
+        expected = reference.pooled([*tokens[:15], reference.eos], pooling)
+        assert cosine(output.vectors[1], expected) >= 0.999
+    finally:
+        small.close()
+
+
+def test_wrong_dimensions_fail_the_load(weights: Path) -> None:
+    spec = spec_for(Pooling.LAST, dimensions=1536)
+    with pytest.raises(FailedPreconditionError, match=rf"dimensions 1536.*{N_EMBD}"):
+        GgufBackend.load(spec, ModelFiles(weights=weights), LoadOptions(threads=1))
+
+
+# -- Through the engine --------------------------------------------------------------------------
+
+
+async def test_engine_applies_the_query_prompt_to_queries_only(weights: Path, tmp_path: Path) -> None:
+    spec = spec_for(Pooling.LAST, name="gte-tiny", source=str(weights))
+    catalog = Catalog(models={spec.name: spec}, base_dir=tmp_path)
+    registry = ModelRegistry(
+        catalog,
+        SourceResolver(catalog.base_dir, tmp_path / "hub"),
+        {"gguf": GgufBackend},
+        threads=1,
+        drain_timeout_seconds=5,
+    )
+    engine = InferenceEngine(registry, Settings(data_dir=tmp_path / "data"))
+    try:
+        question = "where do trains to the coast leave from?"
+        documents = ["Trains to the coast leave from platform 4.", "The bakery opens at seven."]
+        query = await engine.embed(EmbedRequest(inputs=[question], input_type=InputType.QUERY))
+        prompted = await engine.embed(EmbedRequest(inputs=[GTE_QUERY_PROMPT + question]))
+        bare = await engine.embed(EmbedRequest(inputs=[question], input_type=InputType.DOCUMENT))
+        assert query.model == "gte-tiny"
+        assert query.vectors.shape == (1, N_EMBD)
+        assert np.linalg.norm(query.vectors[0]) == pytest.approx(1.0, abs=1e-5)
+        assert cosine(query.vectors[0], prompted.vectors[0]) >= 0.999
+        assert cosine(query.vectors[0], bare.vectors[0]) < 0.99
+        assert query.usage.prompt_tokens == prompted.usage.prompt_tokens > bare.usage.prompt_tokens
+
+        # Cosine reranking: the prompted query against bare documents.
+        docs = await engine.embed(EmbedRequest(inputs=documents))
+        ranked = await engine.rerank(RerankRequest(query=question, documents=documents))
+        scores = {r.index: r.score for r in ranked.results}
+        for i in range(len(documents)):
+            assert scores[i] == pytest.approx(float(docs.vectors[i] @ query.vectors[0]), abs=1e-3)
+    finally:
+        await registry.close()
