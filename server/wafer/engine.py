@@ -113,14 +113,17 @@ class InferenceEngine:
                 scores = (vectors[1:] @ vectors[0]).tolist()
                 token_counts = output.token_counts
             else:
-                relevance = await model.worker.run(
-                    lambda: backend.score_relevance(
-                        request.query,
-                        request.documents,
-                        instruction=spec.rerank_instruction,
-                        truncate=request.truncate,
+                try:
+                    relevance = await model.worker.run(
+                        lambda: backend.score_relevance(
+                            request.query,
+                            request.documents,
+                            instruction=spec.rerank_instruction,
+                            truncate=request.truncate,
+                        )
                     )
-                )
+                except InputTooLongError as error:
+                    raise error.renamed(f"documents[{error.index}]", error.index) from None
                 scores, token_counts = relevance.scores, relevance.token_counts
             finished = time.perf_counter()
         if self._metrics is not None:
@@ -223,13 +226,19 @@ class InferenceEngine:
             raise InvalidArgumentError("set exactly one of `prompt` and `messages`")
         if request.prompt is not None:
             self._check_texts([request.prompt], what="prompt")
+        if request.messages:
+            # The same limits as a prompt: per message, and for the chat as a whole.
+            self._check_texts([m.content for m in request.messages], what="messages")
+            total = sum(len(m.content.encode("utf-8")) for m in request.messages)
+            if total > self._settings.max_input_bytes:
+                raise InvalidArgumentError(
+                    f"the messages hold {total} bytes together; the limit is {self._settings.max_input_bytes}"
+                )
         for i, message in enumerate(request.messages):
             if message.role not in CHAT_ROLES:
                 raise InvalidArgumentError(
                     f"messages[{i}].role is {message.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}"
                 )
-            if not message.content:
-                raise InvalidArgumentError(f"messages[{i}].content is empty")
         sampling = request.sampling
         if not 0 < sampling.max_tokens <= self._settings.max_new_tokens_limit:
             raise InvalidArgumentError(

@@ -5,7 +5,8 @@ States: UNLOADED → LOADING → READY → UNLOADING → UNLOADED, and FAILED wh
   leasing a loading model waits for it.
 - Unloading refuses new leases (UNAVAILABLE), waits for the held ones to end, then frees the model.
   Freeing a llama.cpp model under a running call would crash the process; this never does.
-- Loads run one at a time, so the memory a load adds can be measured as the change in RSS.
+- Loads run one at a time, so the memory a load adds is estimated as the change in RSS. Only an
+  estimate: other models keep computing meanwhile, and ONNX arenas grow after the first batches.
 """
 
 from __future__ import annotations
@@ -221,14 +222,22 @@ class ModelRegistry:
                 f"model {name!r} is still serving {entry.active} request(s) after {timeout:g} s; "
                 "it stays loaded. Try again later or with a longer drain_timeout_seconds"
             ) from None
+        except BaseException:
+            # The caller gave up (cancelled, deadline): the model goes on serving, never stuck.
+            self._set_state(entry, ModelState.READY)
+            raise
         loaded, entry.loaded = entry.loaded, None
         assert loaded is not None
+        # Once out of the entry the model must be freed and marked so, even if the caller goes away.
+        await asyncio.shield(self._free(entry, loaded))
+        return self.status(name)
+
+    async def _free(self, entry: _Entry, loaded: LoadedModel) -> None:
         await asyncio.to_thread(_close, loaded)
         entry.memory_bytes = 0
         entry.error = ""
         self._set_state(entry, ModelState.UNLOADED)
-        log.info("model unloaded", model=name)
-        return self.status(name)
+        log.info("model unloaded", model=entry.spec.name)
 
     async def close(self) -> None:
         """Unload everything (used at shutdown, after requests have drained)."""
@@ -254,11 +263,13 @@ class ModelRegistry:
 
     async def _load(self, entry: _Entry) -> None:
         spec = entry.spec
+        pending: asyncio.Future[LoadedModel] | None = None
         try:
             async with self._load_lock:
                 started = time.perf_counter()
                 rss_before = _rss()
-                loaded = await asyncio.to_thread(self._load_blocking, spec)
+                pending = asyncio.get_running_loop().run_in_executor(None, self._load_blocking, spec)
+                loaded = await pending
                 entry.memory_bytes = max(0, _rss() - rss_before)
                 entry.load_seconds = time.perf_counter() - started
             entry.loaded = loaded
@@ -275,6 +286,13 @@ class ModelRegistry:
             entry.error = exc.message if isinstance(exc, WaferError) else f"{type(exc).__name__}: {exc}"
             self._set_state(entry, ModelState.FAILED)
             log.warning("model failed to load", model=spec.name, error=entry.error)
+        except asyncio.CancelledError:
+            # Shutdown while loading: the load thread cannot be interrupted; free what it returns.
+            if pending is not None:
+                pending.add_done_callback(_close_when_loaded)
+            entry.error = "the load was cancelled"
+            self._set_state(entry, ModelState.FAILED)
+            raise
         finally:
             entry.loading = None
 
@@ -312,6 +330,11 @@ class ModelRegistry:
 def _close(loaded: LoadedModel) -> None:
     loaded.worker.close()
     loaded.backend.close()
+
+
+def _close_when_loaded(future: asyncio.Future[LoadedModel]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        _close(future.result())
 
 
 def _rss() -> int:

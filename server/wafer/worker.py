@@ -8,7 +8,8 @@ Models take turns on the CPU through one `ComputeGate`. On a small machine each 
 already use every core; two models computing at once oversubscribe them and both slow down badly
 (bench/RESULTS.md: SmolLM2 generation fell from 102 to 2.8 tokens/s while MiniLM embedded beside it).
 Turns are one backend call or one generated token long and are granted in arrival order, so a
-short embedding slips in between two tokens of a long generation instead of waiting for all of it.
+short embedding on another model slips in between two tokens of a long generation instead of
+waiting for all of it. Calls to the same model still run one after another on its one thread.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _DONE = object()
+
+
+class _AbandonedError(Exception):
+    """Raised on the worker thread for a call nobody waits for any more; never seen by a caller."""
 
 
 class ComputeGate:
@@ -85,21 +90,29 @@ class ModelWorker:
         ctx = contextvars.copy_context()
 
         stop_waiting = self._start_waiting()
+        abandoned = threading.Event()
 
         def in_turn() -> T:
             with self._gate.turn():
                 stop_waiting()
+                if abandoned.is_set():
+                    # The caller went away while queued (cancelled, deadline): skip the work.
+                    raise _AbandonedError
                 return fn()
 
         try:
             return await loop.run_in_executor(self._executor, ctx.run, in_turn)
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
         finally:
             stop_waiting()
 
     async def stream(self, start: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncGenerator[T, None]:
         """Drive the iterator `start(cancelled)` on the worker thread, yielding its items here.
 
-        Each item is computed in its own turn of the gate. If the consumer stops early (the client
+        Each item, the first with whatever `start` prepares, is computed in its own turn of the
+        gate. If the consumer stops early (the client
         cancelled), `cancelled()` turns true and the backend ends at its next step, freeing the
         worker for the next request.
         """
@@ -112,10 +125,12 @@ class ModelWorker:
 
         def produce() -> None:
             try:
-                items = start(stop.is_set)
+                items: Iterator[T] | None = None
                 while not stop.is_set():
                     with self._gate.turn():
                         stop_waiting()
+                        if items is None:
+                            items = start(stop.is_set)
                         item = next(items, _DONE)
                     if item is _DONE:
                         break

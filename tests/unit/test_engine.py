@@ -120,7 +120,7 @@ async def test_generate_streams_and_reports_usage(engine: InferenceEngine) -> No
         (GenerateRequest(messages=(ChatMessage("robot", "x"),), sampling=SamplingParams(5)), "role"),
         (
             GenerateRequest(messages=(ChatMessage("user", ""),), sampling=SamplingParams(5)),
-            "content is empty",
+            r"messages\[0\] is empty",
         ),
         (GenerateRequest(prompt="p", sampling=SamplingParams(max_tokens=0)), "max_tokens"),
         (GenerateRequest(prompt="p", sampling=SamplingParams(5, temperature=-1)), "temperature"),
@@ -144,3 +144,14 @@ async def test_rerank_names_the_document_that_is_too_long(engine: InferenceEngin
         await engine.rerank(RerankRequest(query="q", documents=["short", "w " * 20]))
     with pytest.raises(InvalidArgumentError, match="the query has 23 tokens"):
         await engine.rerank(RerankRequest(query="w " * 20, documents=["short"]))
+
+
+async def test_chat_messages_have_the_prompt_size_limit(engine: InferenceEngine) -> None:
+    big = ChatMessage("user", "x" * 6_000)
+    with pytest.raises(InvalidArgumentError, match="the messages hold 12000 bytes together"):
+        async for _ in engine.generate(GenerateRequest(messages=(big, big), sampling=SamplingParams(5))):
+            pass
+    with pytest.raises(InvalidArgumentError, match=r"messages\[0\] is larger than the 10000-byte limit"):
+        huge = ChatMessage("user", "x" * 10_001)
+        async for _ in engine.generate(GenerateRequest(messages=(huge,), sampling=SamplingParams(5))):
+            pass

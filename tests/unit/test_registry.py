@@ -133,3 +133,28 @@ async def test_admin_loads_only_names_the_catalog_knows(registry: ModelRegistry,
     """LoadModel takes a catalog name, never a path or a source: nothing outside models.yaml loads."""
     with pytest.raises(NotFoundError, match="unknown model"):
         await registry.load(name)
+
+
+async def test_an_unload_whose_caller_gives_up_leaves_the_model_serving(registry: ModelRegistry) -> None:
+    await registry.load("lazy")
+    release = asyncio.Event()
+    held = asyncio.Event()
+
+    async def long_request() -> None:
+        async with registry.lease("lazy", Task.EMBED):
+            held.set()
+            await release.wait()
+
+    request = asyncio.create_task(long_request())
+    await held.wait()
+    unloading = asyncio.create_task(registry.unload("lazy", drain_timeout_seconds=60))
+    await asyncio.sleep(0.05)
+    assert registry.status("lazy").state is ModelState.UNLOADING
+    unloading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await unloading
+    assert registry.status("lazy").state is ModelState.READY
+    async with registry.lease("lazy", Task.EMBED):
+        pass
+    release.set()
+    await request

@@ -52,3 +52,14 @@ async def test_a_client_deadline_wins_over_the_default(channel: grpc.aio.Channel
     FakeBackend.gate.set()
     assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert "default deadline" not in (raised.value.details() or "")
+
+
+@pytest.mark.parametrize("drain", [float("nan"), float("inf"), -1.0, 1e9])
+async def test_unload_refuses_absurd_drain_timeouts(channel: grpc.aio.Channel, drain: float) -> None:
+    from wafer_proto.v1 import models_pb2, models_pb2_grpc
+
+    stub = models_pb2_grpc.ModelsStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.UnloadModel(models_pb2.UnloadModelRequest(name="embedder", drain_timeout_seconds=drain))
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "drain_timeout_seconds must be between 0 and 3600" in (raised.value.details() or "")

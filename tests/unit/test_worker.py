@@ -105,3 +105,28 @@ async def test_errors_reach_the_caller() -> None:
             received.append(item)
     assert received == [1]
     worker.close()
+
+
+async def test_a_call_abandoned_while_queued_does_not_run() -> None:
+    gate = ComputeGate()
+    worker = ModelWorker("m", gate)
+    ran: list[str] = []
+    release = threading.Event()
+
+    def hold_the_gate() -> None:
+        with gate.turn():
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_the_gate)
+    holder.start()
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(worker.run(lambda: ran.append("ran")))
+    await asyncio.sleep(0.05)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    release.set()
+    holder.join(5)
+    await worker.run(lambda: ran.append("later"))
+    assert ran == ["later"]
+    worker.close()

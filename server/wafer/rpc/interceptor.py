@@ -217,9 +217,11 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
+        # Health Watch streams live as long as their client; only Wafer's own calls get the default.
+        deadline = None if method.startswith(_QUIET_PREFIXES) else self._default_deadline
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary, self._metrics, self._default_deadline),  # type: ignore[arg-type]
+                _wrap_unary(method, handler.unary_unary, self._metrics, deadline),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -228,9 +230,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # context.write() (grpc's health Watch); only the first can be iterated.
             behavior: Any = handler.unary_stream
             wrapped: Any = (
-                _wrap_stream(method, behavior, self._metrics, self._default_deadline)
+                _wrap_stream(method, behavior, self._metrics, deadline)
                 if inspect.isasyncgenfunction(behavior)
-                else _wrap_unary(method, behavior, self._metrics, self._default_deadline)
+                else _wrap_unary(method, behavior, self._metrics, deadline)
             )
             return grpc.unary_stream_rpc_method_handler(
                 wrapped,

@@ -3,6 +3,7 @@ WaferErrors and mapped in one place (rpc.interceptor)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,9 @@ from wafer_proto.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
+
+# An hour: longer than any request should hold a model, short enough to be a typo if exceeded.
+MAX_DRAIN_TIMEOUT_SECONDS = 3600.0
 
 Context = Any  # grpc.aio.ServicerContext; the servicers never touch it
 
@@ -74,8 +78,11 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
     async def UnloadModel(  # noqa: N802
         self, request: models_pb2.UnloadModelRequest, context: Context
     ) -> models_pb2.ModelInfo:
-        if request.drain_timeout_seconds < 0:
-            raise InvalidArgumentError("drain_timeout_seconds must not be negative")
+        drain = request.drain_timeout_seconds
+        if not (math.isfinite(drain) and 0 <= drain <= MAX_DRAIN_TIMEOUT_SECONDS):
+            raise InvalidArgumentError(
+                f"drain_timeout_seconds must be between 0 and {MAX_DRAIN_TIMEOUT_SECONDS:g}, not {drain!r}"
+            )
         status = await self._registry.unload(_name(request.name), request.drain_timeout_seconds or None)
         return convert.model_info(status)
 
