@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import numpy as np
 import pytest
 from numpy.typing import NDArray
 
 from tests.fakes.tiny_qwen2 import TinyQwen2, write_tiny_qwen2
+from tests.llama_reference import TokenStates
 from wafer.backends.base import InputTooLongError, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
 from wafer.config import Settings
@@ -64,61 +64,6 @@ def spec_for(pooling: Pooling, **update: Any) -> ModelSpec:
     return ModelSpec.model_validate({**fields, **update})
 
 
-class TokenStates:
-    """llama.cpp with pooling off: the final-norm hidden state of every token."""
-
-    def __init__(self, path: Path) -> None:
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.use_extra_bufts = False
-        self.model: Any = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
-        assert self.model
-        self.vocab: Any = llama_cpp.llama_model_get_vocab(self.model)
-        self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
-        params = llama_cpp.llama_context_default_params()
-        params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
-        params.n_ctx = params.n_batch = params.n_ubatch = CONFIG.n_ctx
-        params.n_threads = params.n_threads_batch = 1
-        self.ctx: Any = llama_cpp.llama_init_from_model(self.model, params)
-        assert self.ctx
-        self.batch: Any = llama_cpp.llama_batch_init(CONFIG.n_ctx, 0, 1)
-
-    def tokens(self, text: str) -> list[int]:
-        data = text.encode()
-        buffer = (llama_cpp.llama_token * (len(data) + 8))()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, len(buffer), True, False)
-        return [int(t) for t in buffer[:n]]
-
-    def rows(self, tokens: list[int]) -> NDArray[np.float64]:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        self.batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            self.batch.token[i] = token
-            self.batch.pos[i] = i
-            self.batch.n_seq_id[i] = 1
-            self.batch.seq_id[i][0] = 0
-            self.batch.logits[i] = True
-        assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
-        rows = [
-            np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self.ctx, i), shape=(N_EMBD,))
-            for i in range(len(tokens))
-        ]
-        return np.array(rows, dtype=np.float64)
-
-    def pooled(self, tokens: list[int], pooling: Pooling) -> Vector:
-        rows = self.rows(tokens)
-        if pooling is Pooling.LAST:
-            last: Vector = rows[-1]
-            return last
-        mean: Vector = rows.mean(axis=0)
-        return mean
-
-    def close(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
-
-
 # -- Fixtures ------------------------------------------------------------------------------------
 
 
@@ -129,7 +74,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(weights: Path) -> Iterator[TokenStates]:
-    states = TokenStates(weights)
+    states = TokenStates(weights, n_ctx=CONFIG.n_ctx)
     yield states
     states.close()
 

@@ -8,19 +8,18 @@ chunking of long texts are all measured against a plain mean over every token.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import llama_cpp
 import numpy as np
 import psutil
 import pytest
 from numpy.typing import NDArray
 
+from tests.llama_reference import TokenStates
 from wafer.backends.base import InputTooLongError, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
 from wafer.domain import ChatMessage, FinishReason, GenerationDelta, SamplingParams
@@ -79,58 +78,9 @@ def on(pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
     return pool.submit(fn).result(timeout=120)
 
 
-class MeanReference:
-    """Per-token llama.cpp embeddings (pooling off), averaged in numpy."""
-
-    def __init__(self, path: Path) -> None:
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.use_extra_bufts = False
-        self.model: Any = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
-        assert self.model
-        self.vocab: Any = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
-        params = llama_cpp.llama_context_default_params()
-        params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
-        params.n_ctx = params.n_batch = params.n_ubatch = 1024
-        params.n_threads = params.n_threads_batch = 2
-        self.ctx: Any = llama_cpp.llama_init_from_model(self.model, params)
-        assert self.ctx
-        self.batch: Any = llama_cpp.llama_batch_init(1024, 0, 1)
-
-    def tokens(self, text: str) -> list[int]:
-        data = text.encode()
-        buffer = (llama_cpp.llama_token * (len(data) + 8))()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, len(buffer), True, False)
-        return [int(t) for t in buffer[:n]]
-
-    def mean(self, tokens: list[int]) -> Vector:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        self.batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            self.batch.token[i] = token
-            self.batch.pos[i] = i
-            self.batch.n_seq_id[i] = 1
-            self.batch.seq_id[i][0] = 0
-            self.batch.logits[i] = True
-        assert llama_cpp.llama_decode(self.ctx, self.batch) == 0
-        rows = [
-            np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(self.ctx, i), shape=(self.n_embd,))
-            for i in range(len(tokens))
-        ]
-        mean: NDArray[np.float64] = np.mean(np.array(rows, dtype=np.float64), axis=0)
-        return mean
-
-    def close(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
-
-
 @pytest.fixture(scope="module")
-def reference(files: ModelFiles) -> Iterator[MeanReference]:
-    ref = MeanReference(files.weights)
+def reference(files: ModelFiles) -> Iterator[TokenStates]:
+    ref = TokenStates(files.weights)
     yield ref
     ref.close()
 
@@ -272,7 +222,7 @@ def test_context_caps_max_tokens_and_rejects_longer_prompts(smollm2_spec: ModelS
 
 
 def test_embed_matches_a_plain_mean_over_every_token(
-    backend: GgufBackend, reference: MeanReference, worker: ThreadPoolExecutor
+    backend: GgufBackend, reference: TokenStates, worker: ThreadPoolExecutor
 ) -> None:
     output = on(worker, lambda: backend.embed(TEXTS, truncate=False))
     assert output.vectors.shape == (len(TEXTS), 576)
@@ -290,9 +240,7 @@ def test_embedding_does_not_depend_on_the_rest_of_the_batch(backend: GgufBackend
         assert cosine(batched[i], single[i % len(TEXTS)]) >= 0.999
 
 
-def test_too_long_input_raises_or_truncates(
-    smollm2_spec: ModelSpec, files: ModelFiles, reference: MeanReference
-) -> None:
+def test_too_long_input_raises_or_truncates(smollm2_spec: ModelSpec, files: ModelFiles, reference: TokenStates) -> None:
     spec = smollm2_spec.model_copy(update={"max_tokens": 64, "tasks": [Task.EMBED]})
     small = GgufBackend.load(spec, files, LoadOptions(threads=2))
     try:
