@@ -453,29 +453,32 @@ def models_list(
     if as_json:
         _echo_json([_model_json(m) for m in models])
         return
-    # Short columns that never wrap; the free-text reasons a model is not loadable go under the
-    # table, where a long sentence cannot squeeze the columns in an 80-column terminal.
+    # Short columns that never wrap; tasks wrap between words. The free-text reasons a model is not
+    # loadable, and which model answers a request that names none, go under the table, where long
+    # text cannot squeeze the columns in an 80-column terminal.
     table = Table(show_edge=False, box=box.SIMPLE_HEAD, pad_edge=False)
     for column, justify in (("name", "left"), ("backend", "left"), ("state", "left"), ("dims", "right")):
         table.add_column(column, no_wrap=True, justify=justify)  # type: ignore[arg-type]
     table.add_column("MB", no_wrap=True, justify="right")
-    table.add_column("tasks", min_width=8)
-    table.add_column("default for", min_width=8)
+    table.add_column("tasks", min_width=9)
     notes: list[str] = []
+    defaults: list[str] = []
     for m in models:
         table.add_row(
-            escape(m.name),
+            escape(m.name) + (" *" if m.default_for else ""),
             m.backend,
             _state(m),
             str(m.dimensions) if m.dimensions else "",
             f"{m.memory_bytes / 1e6:.0f}" if m.memory_bytes else "",
-            ",".join(m.tasks),
-            ",".join(m.default_for),
+            ", ".join(m.tasks),
         )
+        defaults += [f"{task} → {escape(m.name)}" for task in m.default_for]
         if m.error:
             notes.append(f"[bold]{escape(m.name)}[/bold]: {escape(m.error)}")
     console = Console()
     console.print(table)
+    if defaults:
+        console.print("* default for " + ", ".join(defaults))
     for note in notes:
         console.print(note, overflow="fold")
 

@@ -49,7 +49,7 @@ def test_models_list(fake_server: FakeServer, script: Script) -> None:
         "fake-embed",
         "fake-generate",
         "onnx",
-        "embed,rerank",
+        "embed, rerank",
         "ready",
         "23",
         "weights not found",
