@@ -9,9 +9,18 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+
+from wafer.backends import available_backends
+from wafer.config import Settings
+from wafer.engine import InferenceEngine
+from wafer.registry import ModelRegistry
+from wafer.sources import SourceResolver
+from wafer.specs import Catalog
+from wafer.worker import ComputeGate
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -27,6 +36,24 @@ _FALLBACK = [
     "Happy birthday! Hope you have a wonderful day.",
     "Call me when you get this, it is about the car.",
 ]
+
+
+def in_process_engine(threads: int | None = None, gate: ComputeGate | None = None) -> InferenceEngine:
+    """The server's engine and registry over the repository's models.yaml, in this process, with
+    no gRPC: the baseline the served numbers are compared with."""
+    catalog = Catalog.from_yaml(ROOT / "models.yaml")
+    settings = Settings(data_dir=Path(tempfile.mkdtemp()))
+    if threads is not None:
+        settings = settings.model_copy(update={"threads": threads})
+    registry = ModelRegistry(
+        catalog,
+        SourceResolver(catalog.base_dir, settings.hub_cache_dir),
+        available_backends(),
+        threads=settings.threads,
+        drain_timeout_seconds=settings.unload_drain_timeout_seconds,
+        gate=gate,
+    )
+    return InferenceEngine(registry, settings)
 
 
 def load_corpus(path: Path | None) -> tuple[list[str], str]:

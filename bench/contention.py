@@ -9,20 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-from bench.common import ROOT, header, median, write_section
+from bench.common import header, in_process_engine, median, write_section
 from wafer import worker
-from wafer.backends import available_backends
-from wafer.config import Settings
 from wafer.domain import EmbedRequest, GenerateRequest, SamplingParams
 from wafer.engine import InferenceEngine
-from wafer.registry import ModelRegistry
-from wafer.sources import SourceResolver
-from wafer.specs import Catalog
 
 TEXT = "Are we still on for lunch tomorrow? I can be there at noon."
 TOKENS = 128
@@ -41,17 +34,8 @@ async def generate(engine: InferenceEngine) -> float:
 
 
 async def measure(gate: worker.ComputeGate) -> dict[str, float]:
-    catalog = Catalog.from_yaml(ROOT / "models.yaml")
-    settings = Settings(data_dir=Path(tempfile.mkdtemp()))
-    registry = ModelRegistry(
-        catalog,
-        SourceResolver(catalog.base_dir, settings.hub_cache_dir),
-        available_backends(),
-        threads=settings.threads,
-        drain_timeout_seconds=5,
-        gate=gate,
-    )
-    engine = InferenceEngine(registry, settings)
+    engine = in_process_engine(gate=gate)
+    registry = engine.registry
     await registry.load("minilm")
     await registry.load("smollm2")
     alone = await generate(engine)

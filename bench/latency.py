@@ -23,14 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import ROOT, header, load_corpus, median, percentile, write_section
-from wafer.backends import available_backends
-from wafer.config import Settings
+from bench.common import ROOT, header, in_process_engine, load_corpus, median, percentile, write_section
 from wafer.domain import ChatMessage, EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
 from wafer.engine import InferenceEngine
-from wafer.registry import ModelRegistry
-from wafer.sources import SourceResolver
-from wafer.specs import Catalog
 from wafer_client import WaferClient
 
 GENERATE_TOKENS = 32
@@ -65,16 +60,8 @@ def cases(texts: list[str], runs: int) -> dict[str, list[tuple[str, list[str]]]]
 
 
 async def in_process(texts: list[str], runs: int, threads: int) -> tuple[Samples, dict[str, tuple[float, int]]]:
-    catalog = Catalog.from_yaml(ROOT / "models.yaml")
-    settings = Settings(threads=threads, data_dir=Path(tempfile.mkdtemp()))
-    registry = ModelRegistry(
-        catalog,
-        SourceResolver(catalog.base_dir, settings.hub_cache_dir),
-        available_backends(),
-        threads=threads,
-        drain_timeout_seconds=30,
-    )
-    engine = InferenceEngine(registry, settings)
+    engine = in_process_engine(threads)
+    registry = engine.registry
     loads = {}
     for name in ("minilm", "smollm2"):
         status = await registry.load(name)

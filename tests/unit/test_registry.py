@@ -10,6 +10,21 @@ from wafer.registry import ModelRegistry, ModelState
 from wafer.specs import Task
 
 
+async def hold(registry: ModelRegistry, name: str) -> tuple[asyncio.Task[None], asyncio.Event]:
+    """A request that holds `name` until the returned event is set."""
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def long_request() -> None:
+        async with registry.lease(name, Task.EMBED):
+            held.set()
+            await release.wait()
+
+    request = asyncio.create_task(long_request())
+    await held.wait()
+    return request, release
+
+
 async def test_startup_loads_startup_models_only(registry: ModelRegistry) -> None:
     assert not registry.defaults_ready()
     await registry.start()
@@ -68,16 +83,7 @@ async def test_concurrent_leases_share_one_load(registry: ModelRegistry) -> None
 
 async def test_unload_waits_for_requests_and_refuses_new_ones(registry: ModelRegistry) -> None:
     await registry.load("lazy")
-    held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def long_request() -> None:
-        async with registry.lease("lazy", Task.EMBED):
-            held.set()
-            await release.wait()
-
-    request = asyncio.create_task(long_request())
-    await held.wait()
+    request, release = await hold(registry, "lazy")
     unloading = asyncio.create_task(registry.unload("lazy"))
     await asyncio.sleep(0.05)
     assert registry.status("lazy").state is ModelState.UNLOADING
@@ -93,16 +99,7 @@ async def test_unload_waits_for_requests_and_refuses_new_ones(registry: ModelReg
 
 async def test_unload_times_out_and_keeps_serving(registry: ModelRegistry) -> None:
     await registry.load("lazy")
-    release = asyncio.Event()
-    held = asyncio.Event()
-
-    async def long_request() -> None:
-        async with registry.lease("lazy", Task.EMBED):
-            held.set()
-            await release.wait()
-
-    request = asyncio.create_task(long_request())
-    await held.wait()
+    request, release = await hold(registry, "lazy")
     with pytest.raises(FailedPreconditionError, match="still serving 1 request"):
         await registry.unload("lazy", drain_timeout_seconds=0.1)
     assert registry.status("lazy").state is ModelState.READY
@@ -137,16 +134,7 @@ async def test_admin_loads_only_names_the_catalog_knows(registry: ModelRegistry,
 
 async def test_an_unload_whose_caller_gives_up_leaves_the_model_serving(registry: ModelRegistry) -> None:
     await registry.load("lazy")
-    release = asyncio.Event()
-    held = asyncio.Event()
-
-    async def long_request() -> None:
-        async with registry.lease("lazy", Task.EMBED):
-            held.set()
-            await release.wait()
-
-    request = asyncio.create_task(long_request())
-    await held.wait()
+    request, release = await hold(registry, "lazy")
     unloading = asyncio.create_task(registry.unload("lazy", drain_timeout_seconds=60))
     await asyncio.sleep(0.05)
     assert registry.status("lazy").state is ModelState.UNLOADING

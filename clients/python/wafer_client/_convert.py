@@ -15,6 +15,7 @@ from wafer_client.errors import InternalError
 from wafer_client.types import (
     ChatMessage,
     CollectionInfo,
+    Completion,
     Document,
     EmbedResult,
     FinishReason,
@@ -335,3 +336,15 @@ def collections(response: index_pb2.ListCollectionsResponse) -> list[CollectionI
         CollectionInfo(name=c.name, model=c.model, dimensions=c.dimensions, documents=c.documents)
         for c in response.collections
     ]
+
+
+def completion(chunks: Sequence[GenerationChunk]) -> Completion:
+    """A streamed generation joined: all the text, and the last chunk's reason, usage and timings."""
+    last = chunks[-1] if chunks else GenerationChunk(text="")
+    return Completion(
+        text="".join(chunk.text for chunk in chunks),
+        model=last.model,
+        finish_reason=last.finish_reason,
+        usage=last.usage or Usage(),
+        timings=last.timings or Timings(),
+    )

@@ -24,9 +24,7 @@ from wafer_client.types import (
     RerankResult,
     SearchResult,
     StoredDocument,
-    Timings,
     UpsertResult,
-    Usage,
 )
 from wafer_proto.v1 import (
     index_pb2,
@@ -246,18 +244,7 @@ class WaferClient(BaseClient):
             priority=priority,
             timeout=timeout,
         )
-        parts: list[str] = []
-        last = GenerationChunk(text="")
-        for chunk in chunks:
-            parts.append(chunk.text)
-            last = chunk
-        return Completion(
-            text="".join(parts),
-            model=last.model,
-            finish_reason=last.finish_reason,
-            usage=last.usage or Usage(),
-            timings=last.timings or Timings(),
-        )
+        return _convert.completion(list(chunks))
 
     # Models
 

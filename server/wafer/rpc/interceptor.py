@@ -81,6 +81,17 @@ class _Call:
         self.model = getattr(response, "model", "") or self.model
         self.extra.update(_timings(response))
 
+    async def settle(self, error: BaseException) -> None:
+        """Record how a call that raised ended: aborts and cancellations propagate as they are,
+        everything else becomes its status."""
+        if isinstance(error, grpc.aio.AbortError):
+            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            raise error
+        if _is_cancellation(error):
+            self.code = grpc.StatusCode.CANCELLED
+            raise error
+        await self.fail(error)
+
     async def fail(self, error: BaseException) -> None:
         self.code = status_for(error)
         if isinstance(error, WaferError):
@@ -156,14 +167,8 @@ def _wrap_unary(
                     response = await behavior(request, context)
                 call.saw(response)
                 return response
-            except grpc.aio.AbortError:
-                call.code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
             except BaseException as error:
-                if _is_cancellation(error):
-                    call.code = grpc.StatusCode.CANCELLED
-                    raise
-                await call.fail(error)
+                await call.settle(error)
             finally:
                 call.finish()
 
@@ -185,14 +190,8 @@ def _wrap_stream(
                         call.saw(response)
                         yield response
                 call.extra["messages"] = messages
-            except grpc.aio.AbortError:
-                call.code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
             except BaseException as error:
-                if _is_cancellation(error):
-                    call.code = grpc.StatusCode.CANCELLED
-                    raise
-                await call.fail(error)
+                await call.settle(error)
             finally:
                 call.finish()
 
