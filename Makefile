@@ -70,7 +70,10 @@ integration: install
 e2e: install
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
+# Each benchmark also runs alone (`.venv/bin/python -m bench.throughput --help`); they write their
+# sections of bench/RESULTS.md. Run on a quiet machine: they compare against in-process baselines.
 bench: install
+	$(BIN)/python -m bench.throughput --write
 	$(BIN)/python -m bench.latency --write
 	$(BIN)/python -m bench.contention --write
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -10,7 +11,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,9 +20,9 @@ from wafer.backends import available_backends
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.registry import ModelRegistry
+from wafer.scheduler import ComputeGate
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog
-from wafer.worker import ComputeGate
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -54,6 +56,36 @@ def in_process_engine(threads: int | None = None, gate: ComputeGate | None = Non
         gate=gate,
     )
     return InferenceEngine(registry, settings)
+
+
+@contextlib.contextmanager
+def served(threads: int | None = None) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A real `wafer serve` on a free port over the repository's models.yaml, in its own process,
+    offline, with a fresh data folder: yields its address and process once it is listening."""
+    data_dir = Path(tempfile.mkdtemp())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "wafer", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir)]
+    command += ["--models", str(ROOT / "models.yaml")]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        yield _wait_listening(server), server
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _wait_listening(server: subprocess.Popen[str]) -> str:
+    """The address from the server's "server listening" log line; then keep draining its log so a
+    full pipe never blocks it."""
+    assert server.stderr is not None
+    stream = server.stderr
+    for line in stream:
+        if '"server listening"' in line:
+            threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+            return str(json.loads(line)["address"])
+    raise RuntimeError("server exited before listening")
 
 
 def load_corpus(path: Path | None) -> tuple[list[str], str]:

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterator
 
 from bench.common import header, in_process_engine, median, write_section
-from wafer import worker
-from wafer.domain import EmbedRequest, GenerateRequest, SamplingParams
+from wafer import scheduler
+from wafer.domain import EmbedRequest, GenerateRequest, Priority, SamplingParams
 from wafer.engine import InferenceEngine
 
 TEXT = "Are we still on for lunch tomorrow? I can be there at noon."
@@ -33,7 +33,7 @@ async def generate(engine: InferenceEngine) -> float:
     return produced / (time.perf_counter() - started)
 
 
-async def measure(gate: worker.ComputeGate) -> dict[str, float]:
+async def measure(gate: scheduler.ComputeGate) -> dict[str, float]:
     engine = in_process_engine(gate=gate)
     registry = engine.registry
     await registry.load("minilm")
@@ -66,11 +66,11 @@ async def measure(gate: worker.ComputeGate) -> dict[str, float]:
     }
 
 
-class NoGate(worker.ComputeGate):
+class NoGate(scheduler.ComputeGate):
     """Every model computes whenever it likes (what the gate prevents)."""
 
     @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
+    def turn(self, lane: Priority = Priority.INTERACTIVE) -> Iterator[None]:
         yield
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {"gate (default)": [], "no gate": []}
     for _ in range(args.runs):
-        results["gate (default)"].append(asyncio.run(measure(worker.ComputeGate())))
+        results["gate (default)"].append(asyncio.run(measure(scheduler.ComputeGate())))
         results["no gate"].append(asyncio.run(measure(NoGate())))
     lines = [
         header("Two models on two cores: generation beside an embedding loop", f"a fixed {len(TEXT)}-char SMS"),

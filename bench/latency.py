@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-from bench.common import ROOT, header, in_process_engine, load_corpus, median, percentile, write_section
+from bench.common import header, in_process_engine, load_corpus, median, percentile, served, write_section
 from wafer.domain import ChatMessage, EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
 from wafer.engine import InferenceEngine
 from wafer_client import WaferClient
@@ -108,15 +103,7 @@ async def _generate_in_process(engine: InferenceEngine, samples: Samples) -> Non
 
 
 def over_grpc(texts: list[str], runs: int, threads: int) -> tuple[Samples, dict[str, tuple[float, int]]]:
-    data_dir = Path(tempfile.mkdtemp())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "wafer", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir),
-         "--threads", str(threads), "--models", str(ROOT / "models.yaml")],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
-    try:
-        address = _wait_listening(server)
+    with served(threads) as (address, _):
         with WaferClient(address, timeout=120, retries=0) as client:
             while client.health("wafer.v1.Inference") != "SERVING":
                 time.sleep(0.1)
@@ -154,21 +141,6 @@ def over_grpc(texts: list[str], runs: int, threads: int) -> tuple[Samples, dict[
                 samples.add(f"generate {GENERATE_TOKENS} tokens (total)", total * 1000)
                 samples.note("generate tokens/s", tokens / total)
         return samples, loads
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def _wait_listening(server: subprocess.Popen[str]) -> str:
-    """The address from the server's "server listening" log line; then keep draining its log so a
-    full pipe never blocks it."""
-    assert server.stderr is not None
-    stream = server.stderr
-    for line in stream:
-        if '"server listening"' in line:
-            threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
-            return str(json.loads(line)["address"])
-    raise RuntimeError("server exited before listening")
 
 
 def report(local: Samples, remote: Samples, loads: dict[str, tuple[float, int]], corpus: str, runs: int) -> str:

@@ -36,14 +36,15 @@ def listening_address(settings: Settings, port: int) -> str:
 async def serve(settings: Settings) -> None:
     catalog = Catalog.from_yaml(settings.models_file)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(models=catalog.models)
     registry = ModelRegistry(
         catalog,
         SourceResolver(catalog.base_dir, settings.hub_cache_dir),
         available_backends(),
         threads=settings.threads,
         drain_timeout_seconds=settings.unload_drain_timeout_seconds,
+        batch_observer=metrics,
     )
-    metrics = Metrics(models=catalog.models)
     metrics.watch(registry)
     engine = InferenceEngine(registry, settings, metrics)
     index = IndexService(engine, QdrantStore(path=settings.store_dir))

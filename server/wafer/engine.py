@@ -1,14 +1,16 @@
 """The inference engine: what Embed, Rerank and Generate mean, independent of gRPC.
 
 It validates requests against the model that will answer them, applies the model's prompts,
-runs the backend on the model's worker, and post-processes (Matryoshka cuts, normalization,
+runs the backend through the model's scheduler, and post-processes (Matryoshka cuts, normalization,
 ranking). The RPC layer only translates to and from these calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from wafer.domain import (
     GenerateRequest,
     GenerationDelta,
     InputType,
+    Priority,
     RankedDocument,
     RerankRequest,
     RerankResult,
@@ -30,7 +33,8 @@ from wafer.domain import (
 )
 from wafer.errors import InvalidArgumentError
 from wafer.metrics import Metrics
-from wafer.registry import ModelRegistry
+from wafer.registry import LoadedModel, ModelRegistry
+from wafer.scheduler import Scheduled
 from wafer.specs import ModelSpec, RerankMethod, Task
 
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
@@ -40,6 +44,15 @@ MAX_STOP_LENGTH = 256
 
 def _ms(seconds: float) -> float:
     return seconds * 1000.0
+
+
+def _timings(scheduled: Scheduled[Any], *, waited: float, batch_size: int | None = None) -> Timings:
+    """`waited`: time before the scheduler saw the request (a model loading on demand)."""
+    return Timings(
+        queue_ms=_ms(waited + scheduled.queued_seconds),
+        inference_ms=_ms(scheduled.inference_seconds),
+        batch_size=batch_size or scheduled.batch_size,
+    )
 
 
 def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
@@ -53,6 +66,8 @@ class InferenceEngine:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
+        self._interactive_running = 0
+        self._interactive_seen = time.monotonic()
 
     @property
     def registry(self) -> ModelRegistry:
@@ -63,16 +78,16 @@ class InferenceEngine:
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_texts(request.inputs, what="inputs")
         arrived = time.perf_counter()
-        async with self._registry.lease(request.model, Task.EMBED) as model:
-            spec = model.spec
-            dimensions = self._check_dimensions(spec, request.dimensions)
-            prompt = spec.query_prompt if request.input_type is InputType.QUERY else spec.document_prompt
-            texts = [prompt + text for text in request.inputs]
-            started = time.perf_counter()
-            output = await model.worker.run(lambda: model.backend.embed(texts, truncate=request.truncate))
-            finished = time.perf_counter()
-        if self._metrics is not None:
-            self._metrics.record_batch(spec.name, Task.EMBED, len(texts), sum(output.token_counts))
+        with self._activity(request.priority):
+            async with self._registry.lease(request.model, Task.EMBED) as model:
+                spec = model.spec
+                dimensions = self._check_dimensions(spec, request.dimensions)
+                prompt = spec.query_prompt if request.input_type is InputType.QUERY else spec.document_prompt
+                leased = time.perf_counter()
+                scheduled = await model.scheduler.embed(
+                    [prompt + text for text in request.inputs], truncate=request.truncate, lane=request.priority
+                )
+        output = scheduled.value
         vectors = output.vectors[:, :dimensions]
         normalize = spec.normalize if request.normalize is None else request.normalize
         if normalize:
@@ -81,11 +96,7 @@ class InferenceEngine:
             model=spec.name,
             vectors=np.ascontiguousarray(vectors, dtype=np.float32),
             usage=Usage(prompt_tokens=sum(output.token_counts)),
-            timings=Timings(
-                queue_ms=_ms(started - arrived),
-                inference_ms=_ms(finished - started),
-                batch_size=len(texts),
-            ),
+            timings=_timings(scheduled, waited=leased - arrived),
         )
 
     # -- Rerank --------------------------------------------------------------------------------
@@ -96,38 +107,43 @@ class InferenceEngine:
         if request.top_n < 0:
             raise InvalidArgumentError("top_n must not be negative")
         arrived = time.perf_counter()
-        async with self._registry.lease(request.model, Task.RERANK) as model:
-            spec, backend = model.spec, model.backend
-            started = time.perf_counter()
-            if spec.effective_rerank_method is RerankMethod.COSINE:
-                texts = [spec.query_prompt + request.query]
-                texts += [spec.document_prompt + doc for doc in request.documents]
-                try:
-                    output = await model.worker.run(lambda: backend.embed(texts, truncate=request.truncate))
-                except InputTooLongError as error:
-                    # Row 0 is the query; documents follow.
-                    if error.index == 0:
-                        raise error.renamed("the query", 0) from None
-                    raise error.renamed(f"documents[{error.index - 1}]", error.index - 1) from None
-                vectors = l2_normalize(output.vectors)
-                scores = (vectors[1:] @ vectors[0]).tolist()
-                token_counts = output.token_counts
-            else:
-                try:
-                    relevance = await model.worker.run(
-                        lambda: backend.score_relevance(
-                            request.query,
-                            request.documents,
-                            instruction=spec.rerank_instruction,
-                            truncate=request.truncate,
+        with self._activity(request.priority):
+            async with self._registry.lease(request.model, Task.RERANK) as model:
+                spec, backend, lane = model.spec, model.backend, request.priority
+                leased = time.perf_counter()
+                if spec.effective_rerank_method is RerankMethod.COSINE:
+                    texts = [spec.query_prompt + request.query]
+                    texts += [spec.document_prompt + doc for doc in request.documents]
+                    try:
+                        embedded = await model.scheduler.embed(
+                            texts, truncate=request.truncate, lane=lane, task=Task.RERANK
                         )
-                    )
-                except InputTooLongError as error:
-                    raise error.renamed(f"documents[{error.index}]", error.index) from None
-                scores, token_counts = relevance.scores, relevance.token_counts
-            finished = time.perf_counter()
-        if self._metrics is not None:
-            self._metrics.record_batch(spec.name, Task.RERANK, len(token_counts), sum(token_counts))
+                    except InputTooLongError as error:
+                        # Row 0 is the query; documents follow.
+                        if error.index == 0:
+                            raise error.renamed("the query", 0) from None
+                        raise error.renamed(f"documents[{error.index - 1}]", error.index - 1) from None
+                    vectors = l2_normalize(embedded.value.vectors)
+                    scores = (vectors[1:] @ vectors[0]).tolist()
+                    token_counts = embedded.value.token_counts
+                    timings = _timings(embedded, waited=leased - arrived)
+                else:
+                    try:
+                        judged = await model.scheduler.run(
+                            lambda: backend.score_relevance(
+                                request.query,
+                                request.documents,
+                                instruction=spec.rerank_instruction,
+                                truncate=request.truncate,
+                            ),
+                            lane=lane,
+                        )
+                    except InputTooLongError as error:
+                        raise error.renamed(f"documents[{error.index}]", error.index) from None
+                    scores, token_counts = judged.value.scores, judged.value.token_counts
+                    timings = _timings(judged, waited=leased - arrived, batch_size=len(request.documents))
+                    if self._metrics is not None:
+                        self._metrics.record_batch(spec.name, Task.RERANK, len(token_counts), sum(token_counts))
         order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
         if request.top_n:
             order = order[: request.top_n]
@@ -143,11 +159,7 @@ class InferenceEngine:
             model=spec.name,
             results=results,
             usage=Usage(prompt_tokens=sum(token_counts)),
-            timings=Timings(
-                queue_ms=_ms(started - arrived),
-                inference_ms=_ms(finished - started),
-                batch_size=len(request.documents),
-            ),
+            timings=timings,
         )
 
     # -- Generate ------------------------------------------------------------------------------
@@ -155,44 +167,72 @@ class InferenceEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         self._check_generate(request)
         arrived = time.perf_counter()
-        async with self._registry.lease(request.model, Task.GENERATE) as model:
-            name, backend = model.spec.name, model.backend
-            started: float | None = None
-            first_token: float | None = None
+        with self._activity(request.priority):
+            async with self._registry.lease(request.model, Task.GENERATE) as model:
+                async for chunk in self._stream(model, request, arrived):
+                    yield chunk
 
-            def start(cancelled: Callable[[], bool]) -> Iterator[GenerationDelta]:
-                nonlocal started
-                started = time.perf_counter()
-                return backend.generate(
-                    prompt=request.prompt,
-                    messages=request.messages,
-                    sampling=request.sampling,
-                    cancelled=cancelled,
-                )
+    async def _stream(
+        self, model: LoadedModel, request: GenerateRequest, arrived: float
+    ) -> AsyncIterator[GenerateChunk]:
+        name, backend = model.spec.name, model.backend
+        started: float | None = None
+        first_token: float | None = None
 
-            async for delta in model.worker.stream(start):
-                now = time.perf_counter()
-                if first_token is None and delta.text:
-                    first_token = now
-                if delta.finish_reason is None:
-                    if delta.text:
-                        yield GenerateChunk(model=name, text=delta.text)
-                    continue
-                begun = started or arrived
-                if self._metrics is not None:
-                    self._metrics.record_generation(name, delta.prompt_tokens, delta.completion_tokens)
-                yield GenerateChunk(
-                    model=name,
-                    text=delta.text,
-                    finish_reason=delta.finish_reason,
-                    usage=Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens),
-                    timings=Timings(
-                        queue_ms=_ms(begun - arrived),
-                        inference_ms=_ms(now - begun),
-                        batch_size=1,
-                        time_to_first_token_ms=_ms((first_token or now) - arrived),
-                    ),
-                )
+        def start(cancelled: Callable[[], bool]) -> Iterator[GenerationDelta]:
+            nonlocal started
+            started = time.perf_counter()
+            return backend.generate(
+                prompt=request.prompt,
+                messages=request.messages,
+                sampling=request.sampling,
+                cancelled=cancelled,
+            )
+
+        async for delta in model.scheduler.stream(start, lane=request.priority):
+            now = time.perf_counter()
+            if first_token is None and delta.text:
+                first_token = now
+            if delta.finish_reason is None:
+                if delta.text:
+                    yield GenerateChunk(model=name, text=delta.text)
+                continue
+            begun = started or arrived
+            if self._metrics is not None:
+                self._metrics.record_generation(name, delta.prompt_tokens, delta.completion_tokens)
+            yield GenerateChunk(
+                model=name,
+                text=delta.text,
+                finish_reason=delta.finish_reason,
+                usage=Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens),
+                timings=Timings(
+                    queue_ms=_ms(begun - arrived),
+                    inference_ms=_ms(now - begun),
+                    batch_size=1,
+                    time_to_first_token_ms=_ms((first_token or now) - arrived),
+                ),
+            )
+
+    # -- activity --------------------------------------------------------------------------------
+
+    def seconds_since_interactive(self) -> float:
+        """Seconds since an interactive request last ran; 0 while one is running. Jobs with a
+        `when_idle` policy wait on this."""
+        if self._interactive_running:
+            return 0.0
+        return time.monotonic() - self._interactive_seen
+
+    @contextlib.contextmanager
+    def _activity(self, priority: Priority) -> Iterator[None]:
+        if priority is not Priority.INTERACTIVE:
+            yield
+            return
+        self._interactive_running += 1
+        try:
+            yield
+        finally:
+            self._interactive_running -= 1
+            self._interactive_seen = time.monotonic()
 
     # -- validation ----------------------------------------------------------------------------
 

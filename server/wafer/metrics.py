@@ -52,9 +52,6 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 
-# There is one queue today: every call waits for its model's worker and the compute gate. The
-# scheduler will split it into lanes ("interactive" for RPCs, "batch" for jobs) under this label.
-INTERACTIVE_LANE = "interactive"
 
 # A model label for a call that names no model of the catalog: a client must not be able to mint
 # one time series per made-up model name.
@@ -232,7 +229,8 @@ class _RegistryCollector(Collector):
             memory.add_metric([name], status.memory_bytes)
             load.add_metric([name], status.load_seconds)
             in_flight.add_metric([name], status.active_requests)
-            queue.add_metric([name, INTERACTIVE_LANE], status.waiting_for_compute)
+            queue.add_metric([name, "interactive"], status.waiting_interactive)
+            queue.add_metric([name, "batch"], status.waiting_batch)
         yield from (state, memory, load, in_flight, queue)
 
     @staticmethod
@@ -262,7 +260,7 @@ class _RegistryCollector(Collector):
             ),
             GaugeMetricFamily(
                 "wafer_queue_depth",
-                "Calls waiting for compute: queued for the model's worker or for a turn of the compute gate.",
+                "Requests queued for a model's scheduler, per lane, not yet handed to the backend.",
                 labels=["model", "lane"],
             ),
         )

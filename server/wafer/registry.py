@@ -23,15 +23,16 @@ import psutil
 import structlog
 
 from wafer.backends.base import Backend, LoadOptions, ModelFiles
+from wafer.domain import Priority
 from wafer.errors import (
     FailedPreconditionError,
     NotFoundError,
     UnavailableError,
     WaferError,
 )
+from wafer.scheduler import BatchObserver, ComputeGate, ModelScheduler
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, LoadPolicy, ModelSpec, Task
-from wafer.worker import ComputeGate, ModelWorker
 
 log = structlog.get_logger(__name__)
 
@@ -46,11 +47,11 @@ class ModelState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """What a lease hands out: the spec, the backend, and the worker that must run it."""
+    """What a lease hands out: the spec, the backend, and the scheduler every call to it goes through."""
 
     spec: ModelSpec
     backend: Backend
-    worker: ModelWorker
+    scheduler: ModelScheduler
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +66,9 @@ class ModelStatus:
     last_used: datetime | None
     active_requests: int
     error: str
-    # Calls accepted for the model that have not started computing (see ModelWorker.waiting).
-    waiting_for_compute: int = 0
+    # Requests queued for the model, per lane, not yet handed to the backend.
+    waiting_interactive: int = 0
+    waiting_batch: int = 0
 
 
 class _Entry:
@@ -97,6 +99,7 @@ class ModelRegistry:
         threads: int,
         drain_timeout_seconds: float,
         gate: ComputeGate | None = None,
+        batch_observer: BatchObserver | None = None,
     ) -> None:
         self._catalog = catalog
         self._resolver = resolver
@@ -106,6 +109,7 @@ class ModelRegistry:
         self._entries = {name: _Entry(spec) for name, spec in catalog.models.items()}
         self._load_lock = asyncio.Lock()
         self._gate = gate or ComputeGate()
+        self._batch_observer = batch_observer
         self._listeners: list[Listener] = []
 
     # -- queries -------------------------------------------------------------------------------
@@ -147,7 +151,8 @@ class ModelRegistry:
             last_used=entry.last_used,
             active_requests=entry.active,
             error=entry.error,
-            waiting_for_compute=loaded.worker.waiting if loaded is not None else 0,
+            waiting_interactive=loaded.scheduler.waiting(Priority.INTERACTIVE) if loaded is not None else 0,
+            waiting_batch=loaded.scheduler.waiting(Priority.BATCH) if loaded is not None else 0,
         )
 
     def statuses(self) -> list[ModelStatus]:
@@ -319,7 +324,15 @@ class ModelRegistry:
         except Exception:
             backend.close()
             raise
-        return LoadedModel(spec=spec, backend=backend, worker=ModelWorker(spec.name, self._gate))
+        scheduler = ModelScheduler(
+            spec.name,
+            backend,
+            self._gate,
+            batching=spec.batching,
+            max_tokens=spec.max_tokens,
+            observer=self._batch_observer,
+        )
+        return LoadedModel(spec=spec, backend=backend, scheduler=scheduler)
 
     def _set_state(self, entry: _Entry, state: ModelState) -> None:
         entry.state = state
@@ -328,7 +341,7 @@ class ModelRegistry:
 
 
 def _close(loaded: LoadedModel) -> None:
-    loaded.worker.close()
+    loaded.scheduler.close()
     loaded.backend.close()
 
 

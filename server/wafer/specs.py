@@ -47,6 +47,27 @@ class RerankMethod(StrEnum):
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
+class BatchingSpec(BaseModel):
+    """How the scheduler merges and cuts this model's work (see wafer.scheduler.model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(default=32, gt=0, description="Most inputs merged into one backend call.")
+    max_batch_tokens: int = Field(
+        default=4096, gt=0, description="Most (estimated) tokens merged into one backend call."
+    )
+    batch_unit_ms: float = Field(
+        default=10.0,
+        gt=0,
+        le=10_000,
+        description="Target run time of one batch-lane micro-batch: about the longest an interactive "
+        "request waits behind batch work.",
+    )
+    queue_capacity: int = Field(
+        default=4096, gt=0, description="Inputs that may wait in each lane before RESOURCE_EXHAUSTED."
+    )
+
+
 class ModelSpec(BaseModel):
     """One entry of `models.yaml`."""
 
@@ -81,6 +102,7 @@ class ModelSpec(BaseModel):
     rerank_instruction: str = DEFAULT_RERANK_INSTRUCTION
     load: LoadPolicy = LoadPolicy.ON_DEMAND
     threads: int | None = Field(default=None, gt=0, description="CPU threads; default: the server's.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
     description: str = ""
     requires: str = Field(
         default="", description="What must be true before this model can load, told to whoever tries."

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from tests.reference import PlainReference
 from wafer.backends.base import InputTooLongError, LoadOptions, ModelFiles
-from wafer.backends.onnx import OnnxBackend, _sub_batches
+from wafer.backends.onnx import MAX_PADDING_FRACTION, OnnxBackend, _sub_batches
 from wafer.errors import FailedPreconditionError, UnavailableError
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, ModelSpec, Pooling
@@ -141,8 +141,13 @@ def test_sub_batch_planning_respects_the_budget() -> None:
     for batch in batches:
         width = max(lengths[i] for i in batch)
         assert len(batch) == 1 or width * len(batch) <= 300
-    # The 256-token text does not drag the short ones into its padding.
+    # The 256-token text does not drag the short ones into its padding, nor the 12-token one
+    # the 5-token one.
     assert batches[0] == [0]
+    for batch in batches:
+        width = max(lengths[i] for i in batch)
+        assert all(lengths[i] >= (1 - MAX_PADDING_FRACTION) * width for i in batch)
+    assert [lengths[i] for i in batches[-1]] == [5]
     assert list(_sub_batches([], [], 300)) == []
     assert list(_sub_batches([0], [500], 300)) == [[0]]
 

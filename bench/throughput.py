@@ -1,0 +1,280 @@
+"""Embedding throughput and latency under concurrency, against the in-process ceiling.
+
+    .venv/bin/python -m bench.throughput [--corpus FILE.jsonl] [--runs 3] [--quick] [--write]
+
+Four measurements, each the median of `--runs` runs, on the default embedding model (int8 MiniLM):
+1. the ceiling: the ONNX backend called in this process, no server, the corpus sorted by length,
+   at the best of several batch sizes;
+2. the server over gRPC, with the clients in a separate process (bench/loadgen.py): 1, 4, 16 and
+   64 concurrent clients sending one text per request, and 4 clients sending 32 texts per request;
+3. interactive latency (one text per request, one client) on an idle server, then while a
+   batch-lane flood (PRIORITY_BATCH, 4 clients x 32 texts) keeps the model saturated;
+4. the server's resident memory with 1,000 single-text requests queued at once.
+Generation over gRPC against llama-cpp-python in-process is in bench/latency.py.
+
+With --write, the tables go to bench/RESULTS.md and the chart to bench/throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import ROOT, header, in_process_engine, load_corpus, median, served, write_section
+from wafer.backends.base import Backend
+from wafer.specs import Task
+
+CONCURRENCY = (1, 4, 16, 64)
+CEILING_BATCHES = (8, 16, 32, 64)
+CHART = ROOT / "bench" / "throughput.png"
+Result = dict[str, float]
+
+
+# -- 1. the ceiling ------------------------------------------------------------------------------
+
+
+def ceiling(texts: list[str], runs: int) -> tuple[Result, dict[int, float]]:
+    """Best texts/s of the backend itself, length-sorted, by batch size."""
+
+    async def measure() -> tuple[Result, dict[int, float]]:
+        engine = in_process_engine()
+        async with engine.registry.lease("minilm", Task.EMBED) as model:
+            backend: Backend = model.backend
+            ordered = sorted(texts, key=len)
+            backend.embed(ordered[:64], truncate=True)
+            by_batch: dict[int, float] = {}
+            tokens_per_s: dict[int, float] = {}
+            for size in CEILING_BATCHES:
+                rates, token_rates = [], []
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    tokens = 0
+                    for i in range(0, len(ordered), size):
+                        tokens += sum(backend.embed(ordered[i : i + size], truncate=True).token_counts)
+                    elapsed = time.perf_counter() - started
+                    rates.append(len(ordered) / elapsed)
+                    token_rates.append(tokens / elapsed)
+                by_batch[size] = median(rates)
+                tokens_per_s[size] = median(token_rates)
+            single = []
+            for text in texts[:200]:
+                started = time.perf_counter()
+                backend.embed([text], truncate=True)
+                single.append((time.perf_counter() - started) * 1000)
+        await engine.registry.close()
+        best = max(by_batch, key=by_batch.__getitem__)
+        return (
+            {
+                "texts_per_s": by_batch[best],
+                "tokens_per_s": tokens_per_s[best],
+                "batch": best,
+                "single_p50_ms": median(single),
+            },
+            by_batch,
+        )
+
+    return asyncio.run(measure())
+
+
+# -- 2-4. the server -----------------------------------------------------------------------------
+
+
+def loadgen(address: str, texts_file: Path, **options: Any) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "bench.loadgen", "--address", address, "--texts", str(texts_file)]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def finish(process: subprocess.Popen[str]) -> Result:
+    out, _ = process.communicate(timeout=900)
+    if process.returncode != 0:
+        raise RuntimeError(f"load generator failed ({process.returncode})")
+    result: Result = json.loads(out)
+    return result
+
+
+def medians(results: list[Result]) -> Result:
+    return {key: median([r[key] for r in results]) for key in results[0]}
+
+
+def concurrency_sweep(address: str, texts_file: Path, runs: int) -> dict[str, Result]:
+    sweep: dict[str, Result] = {}
+    for clients in CONCURRENCY:
+        sweep[f"{clients} x 1"] = medians(
+            [finish(loadgen(address, texts_file, concurrency=clients)) for _ in range(runs)]
+        )
+    sweep["4 x 32"] = medians([finish(loadgen(address, texts_file, concurrency=4, batch=32)) for _ in range(runs)])
+    return sweep
+
+
+def flood_latency(address: str, texts_file: Path, runs: int, seconds: float) -> dict[str, Result]:
+    """Interactive single-text latency alone, then beside a batch-lane flood."""
+    idle, busy, flood = [], [], []
+    for _ in range(runs):
+        idle.append(finish(loadgen(address, texts_file, seconds=seconds, gap_ms=20)))
+        flooding = loadgen(address, texts_file, concurrency=4, batch=32, priority="batch", seconds=seconds + 4)
+        time.sleep(2)  # the flood fills the model's batch lane first
+        busy.append(finish(loadgen(address, texts_file, seconds=seconds, gap_ms=20)))
+        flood.append(finish(flooding))
+    return {"idle": medians(idle), "during flood": medians(busy), "flood itself": medians(flood)}
+
+
+def queued_memory(address: str, server: psutil.Process, texts_file: Path, queued: int) -> Result:
+    """Server RSS at rest, and its peak while `queued` single-text requests arrive at once."""
+    before = server.memory_info().rss
+    peak = before
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, server.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    result = finish(loadgen(address, texts_file, concurrency=queued))
+    stop.set()
+    sampler.join()
+    return {
+        "rss_before_mb": before / 2**20,
+        "rss_peak_mb": peak / 2**20,
+        "requests": result["requests"],
+        "refused": result["refused"],
+        "p99_ms": result["p99_ms"],
+    }
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def report(
+    corpus: str,
+    runs: int,
+    *,
+    top: Result,
+    by_batch: dict[int, float],
+    sweep: dict[str, Result],
+    flood: dict[str, Result],
+    memory: Result,
+) -> str:
+    lines = [
+        header("Throughput and latency under concurrency (scheduler)", corpus),
+        f"- medians of {runs} runs; model: minilm (int8 ONNX); clients in a separate process (bench/loadgen.py)",
+        "",
+        "**Ceiling** (backend in-process, length-sorted): "
+        + ", ".join(f"batch {size}: {rate:.0f} texts/s" for size, rate in by_batch.items())
+        + f". Best: {top['texts_per_s']:.0f} texts/s, {top['tokens_per_s']:.0f} tokens/s at batch {top['batch']:.0f};"
+        f" one text alone p50 {top['single_p50_ms']:.2f} ms.",
+        "",
+        "| clients x texts per request | texts/s | x ceiling | p50 ms | p95 ms | p99 ms | refused |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case, row in sweep.items():
+        lines.append(
+            f"| {case} | {row['texts_per_s']:.0f} | {row['texts_per_s'] / top['texts_per_s']:.2f} | "
+            f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['refused']:.0f} |"
+        )
+    single = sweep["1 x 1"]
+    lines += [
+        "",
+        f"- one request on an idle server: p50 {single['p50_ms']:.2f} ms over gRPC against "
+        f"{top['single_p50_ms']:.2f} ms in-process (+{single['p50_ms'] - top['single_p50_ms']:.2f} ms; target +3 ms)",
+        f"- 16 clients x 1 text: {sweep['16 x 1']['texts_per_s'] / top['texts_per_s']:.2f} x the ceiling (target 0.9)",
+        "",
+        "**Interactive latency during a batch-lane flood** (1 client, one text per request, 20 ms apart):",
+        "",
+        "| | p50 ms | p95 ms | p99 ms | texts/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for case, row in flood.items():
+        lines.append(
+            f"| {case} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['texts_per_s']:.0f} |"
+        )
+    ratio = flood["during flood"]["p95_ms"] / flood["idle"]["p95_ms"]
+    lines += [
+        "",
+        f"- interactive p95 during the flood: {ratio:.2f} x idle p95 (target 2)",
+        "",
+        f"**Memory with {memory['requests']:.0f} requests queued at once:** server RSS "
+        f"{memory['rss_before_mb']:.0f} MB at rest, {memory['rss_peak_mb']:.0f} MB at peak "
+        f"(+{memory['rss_peak_mb'] - memory['rss_before_mb']:.0f} MB); {memory['refused']:.0f} refused; "
+        f"slowest answer {memory['p99_ms']:.0f} ms (p99).",
+        "",
+        f"![throughput and latency against concurrency]({CHART.name})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(top: Result, sweep: dict[str, Result], flood: dict[str, Result]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = list(CONCURRENCY)
+    rows = [sweep[f"{c} x 1"] for c in clients]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(clients, [r["texts_per_s"] for r in rows], marker="o", label="server over gRPC, 1 text/request")
+    left.axhline(top["texts_per_s"], color="grey", linestyle="--", label="in-process ceiling")
+    left.axhline(0.9 * top["texts_per_s"], color="grey", linestyle=":", label="0.9 x ceiling")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="texts/s", title="Throughput", xticks=clients)
+    left.set_xticklabels([str(c) for c in clients])
+    left.set_ylim(bottom=0)
+    left.legend(loc="lower right", fontsize=8)
+    for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^:")):
+        right.plot(clients, [r[key] for r in rows], style, label=key.replace("_ms", ""))
+    right.axhline(flood["idle"]["p95_ms"], color="green", linewidth=0.8, label="interactive p95, idle")
+    right.axhline(flood["during flood"]["p95_ms"], color="red", linewidth=0.8, label="interactive p95, batch flood")
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="Latency per request")
+    right.set_xticks(clients)
+    right.set_xticklabels([str(c) for c in clients])
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(CHART, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, help="JSONL with a `text` field (default: the SMS collection)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--texts", type=int, default=2000, help="texts per throughput run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 run, few texts")
+    parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md and the chart")
+    args = parser.parse_args()
+    runs, count, seconds = (1, 200, 3.0) if args.quick else (args.runs, args.texts, 10.0)
+    corpus, described = load_corpus(args.corpus)
+    texts = corpus[:count]
+    texts_file = Path(tempfile.mkdtemp()) / "texts.json"
+    texts_file.write_text(json.dumps(texts), encoding="utf-8")
+
+    top, by_batch = ceiling(texts, runs)
+    print(f"ceiling: {top}", flush=True)
+    with served() as (address, process):
+        sweep = concurrency_sweep(address, texts_file, runs)
+        print(json.dumps(sweep, indent=1), flush=True)
+        flood = flood_latency(address, texts_file, runs, seconds)
+        print(json.dumps(flood, indent=1), flush=True)
+        memory = queued_memory(address, psutil.Process(process.pid), texts_file, 1000)
+        print(json.dumps(memory), flush=True)
+    corpus_note = f"{described}; first {len(texts)} texts"
+    text = report(corpus_note, runs, top=top, by_batch=by_batch, sweep=sweep, flood=flood, memory=memory)
+    print(text)
+    if args.write:
+        write_section("throughput", text)
+        chart(top, sweep, flood)
+
+
+if __name__ == "__main__":
+    main()

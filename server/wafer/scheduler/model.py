@@ -1,0 +1,495 @@
+"""One scheduler per loaded model: two lanes, merged batches, bounded queues, one thread.
+
+Every call into a backend goes through its model's scheduler, never straight from an RPC handler:
+- **One thread owns the backend.** A llama.cpp context must never be entered from two threads,
+  and one thread per model keeps onnxruntime's own thread pool the only parallelism.
+- **Two lanes.** Interactive work (a person is waiting) is always taken before batch work (a
+  corpus being indexed). Batch embeddings are cut into micro-batches whose estimated run time is
+  `batching.batch_unit_ms`, so an interactive request waits behind at most one of them.
+- **Merged batches.** Embedding requests waiting in the same lane are merged into one backend call,
+  up to `max_batch_size` inputs and `max_batch_tokens` estimated tokens. There is no waiting window:
+  requests that arrive while the model is busy are merged into its next call (continuous batching,
+  as TEI does), so a lone request on an idle server never waits for company. The backend then sorts
+  the merged inputs by length into forward passes with little padding. Each caller gets exactly its
+  own rows, or its own error: a failed merged call is re-run per request to find whose input failed.
+- **Bounded queues.** Each lane holds at most `queue_capacity` inputs; past that, callers get
+  RESOURCE_EXHAUSTED with a retry hint from the model's measured speed, never unbounded memory. A
+  caller that cancels or whose deadline passes is removed from the queue, and its work never runs.
+- **Streams** (generation) are served one at a time per model, in lane order, then arrival order:
+  a llama.cpp context holds one sequence. Each token is its own turn of the compute gate, so other
+  models' work runs between tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from wafer.backends.base import Backend, Embeddings, InputTooLongError
+from wafer.domain import FloatMatrix, Priority
+from wafer.errors import ResourceExhaustedError, UnavailableError
+from wafer.scheduler.gate import ComputeGate
+from wafer.specs import BatchingSpec, Task
+
+T = TypeVar("T")
+
+_DONE = object()
+# Weight of the newest measurement in the model's speed estimate.
+_RATE_SMOOTHING = 0.3
+# English text runs about 4 characters per token with BPE and WordPiece vocabularies. Only the
+# scale matters: the speed that turns tokens into time is measured in the same estimated tokens.
+_CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str, limit: int) -> int:
+    """A cheap token estimate for sizing batches, without running the tokenizer before the queue."""
+    return min(limit, len(text) // _CHARS_PER_TOKEN + 2)
+
+
+class BatchObserver(Protocol):
+    """Told about every backend call (the metrics implement it)."""
+
+    def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled(Generic[T]):
+    """A result and where its time went."""
+
+    value: T
+    queued_seconds: float
+    inference_seconds: float
+    # Inputs in the largest backend call this request rode in (its own and others').
+    batch_size: int
+
+
+# -- work items ------------------------------------------------------------------------------
+
+
+class _Work:
+    rows = 1
+
+    def __init__(self, lane: Priority, loop: asyncio.AbstractEventLoop) -> None:
+        self.lane = lane
+        self.loop = loop
+        self.context = contextvars.copy_context()
+        self.arrived = time.perf_counter()
+        self.started: float | None = None
+        self.abandoned = False
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def resolve(self, value: object) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, value)
+
+
+class _CallWork(_Work):
+    def __init__(self, fn: Callable[[], Any], lane: Priority, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(lane, loop)
+        self.fn = fn
+
+
+class _EmbedWork(_Work):
+    def __init__(
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool,
+        task: Task,
+        estimates: list[int],
+        lane: Priority,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(lane, loop)
+        self.texts = list(texts)
+        self.truncate = truncate
+        self.task = task
+        self.estimates = estimates
+        self.rows = len(self.texts)
+        # Rows handed to backend calls so far, and rows whose vectors came back.
+        self.taken = 0
+        self.finished_rows = 0
+        self.vectors: FloatMatrix | None = None
+        self.token_counts = [0] * self.rows
+        self.inference_seconds = 0.0
+        self.batch_size = 0
+        self.failed = False
+
+    @property
+    def remaining(self) -> int:
+        return self.rows - self.taken
+
+    def accept(
+        self, start: int, count: int, embeddings: Embeddings, offset: int, *, seconds: float, batch_size: int
+    ) -> None:
+        """Take this work's rows [start, start + count) from a merged call's output at `offset`."""
+        if self.failed:
+            return
+        vectors = embeddings.vectors[offset : offset + count]
+        if self.vectors is None:
+            self.vectors = np.empty((self.rows, vectors.shape[1]), dtype=np.float32)
+        self.vectors[start : start + count] = vectors
+        self.token_counts[start : start + count] = embeddings.token_counts[offset : offset + count]
+        self.inference_seconds += seconds
+        self.batch_size = max(self.batch_size, batch_size)
+        self.finished_rows += count
+        if self.finished_rows == self.rows:
+            assert self.started is not None
+            self.resolve(
+                Scheduled(
+                    value=Embeddings(vectors=self.vectors, token_counts=self.token_counts),
+                    queued_seconds=self.started - self.arrived,
+                    inference_seconds=self.inference_seconds,
+                    batch_size=self.batch_size,
+                )
+            )
+
+    def fail(self, error: BaseException) -> None:
+        if not self.failed:
+            self.failed = True
+            self.resolve(error)
+
+
+class _StreamWork(_Work):
+    def __init__(
+        self,
+        start: Callable[[Callable[[], bool]], Iterator[Any]],
+        lane: Priority,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(lane, loop)
+        self.start = start
+        self.stop = threading.Event()
+        self.items: asyncio.Queue[object] = asyncio.Queue()
+        # Set when the thread is done with the stream: the lease may end only after it.
+        self.released: asyncio.Future[None] = loop.create_future()
+
+    def deliver(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+
+@dataclass(frozen=True, slots=True)
+class _Slice:
+    work: _EmbedWork
+    start: int
+    stop: int
+
+
+def _settle(future: asyncio.Future[Any], value: object) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+# -- the scheduler ---------------------------------------------------------------------------
+
+
+class ModelScheduler:
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        gate: ComputeGate,
+        *,
+        batching: BatchingSpec | None = None,
+        max_tokens: int = 512,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.name = name
+        self._backend = backend
+        self._gate = gate
+        self._batching = batching or BatchingSpec()
+        self._max_tokens = max_tokens
+        self._observer = observer
+        self._changed = threading.Condition()
+        self._queues: dict[Priority, deque[_Work]] = {lane: deque() for lane in Priority}
+        self._queued_rows = dict.fromkeys(Priority, 0)
+        self._queued_tokens = dict.fromkeys(Priority, 0)
+        # Estimated tokens per second of embedding calls; None until the first one is measured.
+        self._rate: float | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=f"wafer-{name}", daemon=True)
+        self._thread.start()
+
+    # -- asking for work (event loop side) ------------------------------------------------------
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool,
+        lane: Priority = Priority.INTERACTIVE,
+        task: Task = Task.EMBED,
+    ) -> Scheduled[Embeddings]:
+        """Embed `texts`, merged with other waiting requests into as few backend calls as fit."""
+        estimates = [estimate_tokens(text, self._max_tokens) for text in texts]
+        work = _EmbedWork(
+            texts, truncate=truncate, task=task, estimates=estimates, lane=lane, loop=asyncio.get_running_loop()
+        )
+        result: Scheduled[Embeddings] = await self._wait(work)
+        return result
+
+    async def run(self, fn: Callable[[], T], *, lane: Priority = Priority.INTERACTIVE) -> Scheduled[T]:
+        """Run `fn` on the model's thread, in one turn of the compute gate."""
+        work = _CallWork(fn, lane, asyncio.get_running_loop())
+        result: Scheduled[T] = await self._wait(work)
+        return result
+
+    async def stream(
+        self,
+        start: Callable[[Callable[[], bool]], Iterator[T]],
+        *,
+        lane: Priority = Priority.INTERACTIVE,
+    ) -> AsyncGenerator[T, None]:
+        """Drive the iterator `start(cancelled)` on the model's thread, yielding its items here.
+
+        Each item is computed in its own turn of the compute gate. If the consumer stops early
+        (the client cancelled), `cancelled()` turns true and the backend ends at its next step.
+        """
+        work = _StreamWork(start, lane, asyncio.get_running_loop())
+        self._submit(work)
+        try:
+            while True:
+                item = await work.items.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            work.stop.set()
+            if not self._withdraw(work):
+                # The thread is driving it: wait until it lets go, so the model outlives its use.
+                await asyncio.shield(work.released)
+
+    def waiting(self, lane: Priority) -> int:
+        """Requests queued in `lane` that have not been fully handed to the backend."""
+        return len(self._queues[lane])
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Measured speed of embedding calls, in estimated tokens per second."""
+        return self._rate
+
+    async def _wait(self, work: _Work) -> Any:
+        self._submit(work)
+        try:
+            return await work.future
+        except asyncio.CancelledError:
+            # Cancelled or past its deadline: drop what has not run. A call already running
+            # finishes on the thread and its result is thrown away.
+            self._withdraw(work)
+            raise
+
+    def _submit(self, work: _Work) -> None:
+        lane = work.lane
+        tokens = sum(work.estimates) if isinstance(work, _EmbedWork) else 0
+        with self._changed:
+            if self._closed:
+                raise UnavailableError(f"model {self.name!r} is being unloaded; retry once it is loaded again")
+            queued = self._queued_rows[lane]
+            capacity = self._batching.queue_capacity
+            if queued and queued + work.rows > capacity:
+                retry = self._drain_estimate(lane)
+                raise ResourceExhaustedError(
+                    f"model {self.name!r} has {queued} inputs waiting in the {lane.name.lower()} lane "
+                    f"(capacity {capacity}); retry in about {retry:.1f} s",
+                    retry_after_seconds=retry,
+                )
+            self._queues[lane].append(work)
+            self._queued_rows[lane] += work.rows
+            self._queued_tokens[lane] += tokens
+            self._changed.notify_all()
+
+    def _withdraw(self, work: _Work) -> bool:
+        """Take `work` out of its queue; False if the thread already took (all of) it."""
+        with self._changed:
+            work.abandoned = True
+            if isinstance(work, _EmbedWork):
+                work.failed = True
+            queue = self._queues[work.lane]
+            if work not in queue:
+                return work.started is None and not isinstance(work, _StreamWork)
+            queue.remove(work)
+            self._release(work, work.remaining if isinstance(work, _EmbedWork) else work.rows)
+            return True
+
+    def _release(self, work: _Work, rows: int) -> None:
+        """Uncount `rows` rows of `work` from its lane (they ran, or never will)."""
+        self._queued_rows[work.lane] -= rows
+        if isinstance(work, _EmbedWork):
+            self._queued_tokens[work.lane] -= sum(work.estimates[work.taken : work.taken + rows])
+
+    def _drain_estimate(self, lane: Priority) -> float:
+        """Seconds until the lane's queue has room again, from the model's measured speed."""
+        lanes = [Priority.INTERACTIVE, lane] if lane is not Priority.INTERACTIVE else [lane]
+        tokens = sum(self._queued_tokens[each] for each in lanes)
+        if self._rate is None or tokens <= 0:
+            return 1.0
+        return min(30.0, max(0.05, tokens / self._rate / 2))
+
+    # -- serving (the model's thread) ------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and not any(self._queues.values()):
+                    self._changed.wait()
+                if self._closed:
+                    self._fail_queued(UnavailableError(f"model {self.name!r} was unloaded before this request ran"))
+                    return
+                lane = Priority.INTERACTIVE if self._queues[Priority.INTERACTIVE] else Priority.BATCH
+            with self._gate.turn(lane):
+                # Taken inside the turn: interactive work that arrived while waiting goes first.
+                with self._changed:
+                    unit = self._take()
+                if isinstance(unit, _CallWork):
+                    unit.context.run(self._call, unit)
+                elif isinstance(unit, list):
+                    unit[0].work.context.run(self._embed, unit)
+            if isinstance(unit, _StreamWork):
+                unit.context.run(self._drive, unit)
+
+    def _take(self) -> _CallWork | _StreamWork | list[_Slice] | None:
+        """The next unit of work: interactive first, and within a lane the oldest request, with
+        as many other waiting embedding requests merged in as the lane's budget allows."""
+        lane = Priority.INTERACTIVE if self._queues[Priority.INTERACTIVE] else Priority.BATCH
+        queue = self._queues[lane]
+        if not queue:
+            return None
+        head = queue[0]
+        now = time.perf_counter()
+        if not isinstance(head, _EmbedWork):
+            queue.popleft()
+            self._release(head, head.rows)
+            head.started = now
+            assert isinstance(head, _CallWork | _StreamWork)
+            return head
+        max_rows = self._batching.max_batch_size
+        max_tokens = self._unit_tokens(lane)
+        rows = tokens = 0
+        unit: list[_Slice] = []
+        for work in list(queue):
+            if not isinstance(work, _EmbedWork) or work.truncate != head.truncate:
+                continue  # waits for the next unit, which starts with the oldest request
+            start = work.taken
+            stop = start
+            while stop < work.rows and rows < max_rows:
+                estimate = work.estimates[stop]
+                if rows and tokens + estimate > max_tokens:
+                    break
+                rows += 1
+                tokens += estimate
+                stop += 1
+            if stop == start:
+                break
+            self._release(work, stop - start)
+            work.taken = stop
+            if work.started is None:
+                work.started = now
+            unit.append(_Slice(work, start, stop))
+            if work.remaining == 0:
+                queue.remove(work)
+            if rows >= max_rows or tokens >= max_tokens:
+                break
+        return unit
+
+    def _unit_tokens(self, lane: Priority) -> int:
+        budget = self._batching.max_batch_tokens
+        if lane is Priority.BATCH:
+            # One row at a time until the model's speed is known, then as much as fits the target.
+            rate = self._rate
+            budget = 0 if rate is None else min(budget, int(rate * self._batching.batch_unit_ms / 1000))
+        return budget
+
+    def _call(self, work: _CallWork) -> None:
+        started = time.perf_counter()
+        try:
+            value = work.fn()
+        except BaseException as exc:
+            work.resolve(exc)
+            return
+        assert work.started is not None
+        work.resolve(
+            Scheduled(
+                value=value,
+                queued_seconds=work.started - work.arrived,
+                inference_seconds=time.perf_counter() - started,
+                batch_size=1,
+            )
+        )
+
+    def _embed(self, unit: list[_Slice]) -> None:
+        texts = [text for part in unit for text in part.work.texts[part.start : part.stop]]
+        started = time.perf_counter()
+        try:
+            output = self._backend.embed(texts, truncate=unit[0].work.truncate)
+        except Exception as exc:
+            if len(unit) > 1:
+                # Someone's input failed the merged call: run each request's rows alone, so only
+                # the one it belongs to gets the error.
+                for part in unit:
+                    self._embed([part])
+            else:
+                part = unit[0]
+                if isinstance(exc, InputTooLongError):
+                    at = part.start + exc.index
+                    exc = exc.renamed(f"input {at}", at)
+                part.work.fail(exc)
+            return
+        seconds = time.perf_counter() - started
+        estimated = sum(sum(p.work.estimates[p.start : p.stop]) for p in unit)
+        if seconds > 0:
+            rate = estimated / seconds
+            self._rate = rate if self._rate is None else self._rate + _RATE_SMOOTHING * (rate - self._rate)
+        if self._observer is not None:
+            self._observer.record_batch(self.name, unit[0].work.task, len(texts), sum(output.token_counts))
+        offset = 0
+        for part in unit:
+            count = part.stop - part.start
+            part.work.accept(part.start, count, output, offset, seconds=seconds, batch_size=len(texts))
+            offset += count
+
+    def _drive(self, work: _StreamWork) -> None:
+        try:
+            items: Iterator[Any] | None = None
+            while not work.stop.is_set():
+                with self._gate.turn(work.lane):
+                    if items is None:
+                        items = work.start(work.stop.is_set)
+                    item = next(items, _DONE)
+                if item is _DONE:
+                    break
+                work.deliver(item)
+            work.deliver(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            work.deliver(exc)
+        finally:
+            work.loop.call_soon_threadsafe(_settle, work.released, None)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        for queue in self._queues.values():
+            while queue:
+                work = queue.popleft()
+                if isinstance(work, _StreamWork):
+                    work.deliver(error)
+                    work.loop.call_soon_threadsafe(_settle, work.released, None)
+                else:
+                    work.resolve(error)
+
+    def close(self) -> None:
+        """Stop the thread after the unit it is running; requests still queued get UNAVAILABLE."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()

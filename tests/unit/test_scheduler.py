@@ -1,0 +1,456 @@
+"""The scheduler: lanes, merged batches, bounded queues, cancellation, streams, the compute gate."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.fakes.fake_backend import FakeBackend
+from wafer.backends.base import Embeddings, InputTooLongError
+from wafer.domain import FloatMatrix, Priority
+from wafer.errors import ResourceExhaustedError
+from wafer.scheduler import ComputeGate, ModelScheduler
+from wafer.specs import BatchingSpec, ModelSpec, Task
+
+BATCH, INTERACTIVE = Priority.BATCH, Priority.INTERACTIVE
+
+
+class RecordingBackend(FakeBackend):
+    """The fake backend, with a record of every embed call and a gate of its own."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.calls: list[list[str]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+        # Simulated compute time, for tests of how work is cut by time.
+        self.seconds_per_text = 0.0
+
+    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+        self.calls.append(list(texts))
+        self.entered.set()
+        if not self.hold.wait(10):
+            raise TimeoutError("the test never released the backend")
+        time.sleep(self.seconds_per_text * len(texts))
+        return super().embed(texts, truncate=truncate)
+
+
+def spec(max_tokens: int = 12) -> ModelSpec:
+    return ModelSpec(name="m", backend="fake", source="x", tasks=[Task.EMBED], dimensions=8, max_tokens=max_tokens)
+
+
+@pytest.fixture
+def backend(open_gate: None) -> RecordingBackend:
+    return RecordingBackend(spec())
+
+
+@pytest.fixture
+async def make_scheduler(backend: RecordingBackend) -> AsyncIterator[Callable[..., ModelScheduler]]:
+    made: list[ModelScheduler] = []
+
+    def make(gate: ComputeGate | None = None, **batching: Any) -> ModelScheduler:
+        scheduler = ModelScheduler(
+            "m", backend, gate or ComputeGate(), batching=BatchingSpec(**batching), max_tokens=12
+        )
+        made.append(scheduler)
+        return scheduler
+
+    yield make
+    backend.hold.set()
+    for scheduler in made:
+        await asyncio.to_thread(scheduler.close)
+
+
+async def hold_backend(backend: RecordingBackend, scheduler: ModelScheduler) -> asyncio.Task[object]:
+    """Start one call and keep it inside the backend, so that what follows queues up."""
+    backend.hold.clear()
+    backend.entered.clear()
+    held: asyncio.Task[object] = asyncio.create_task(scheduler.embed(["holder"], truncate=False))
+    await asyncio.to_thread(backend.entered.wait, 5)
+    return held
+
+
+def alone(backend: FakeBackend, text: str) -> FloatMatrix:
+    """The row `text` gets when embedded on its own."""
+    return FakeBackend.embed(backend, [text], truncate=False).vectors[:1]
+
+
+# -- merged batches ----------------------------------------------------------------------------
+
+
+async def test_concurrent_callers_are_merged_and_each_gets_its_own_rows(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    scheduler = make_scheduler()
+    held = await hold_backend(backend, scheduler)
+    requests = [[f"caller {i} text {j}" for j in range(i % 3 + 1)] for i in range(10)]
+    tasks = [asyncio.create_task(scheduler.embed(texts, truncate=False)) for texts in requests]
+    await asyncio.sleep(0.05)
+    backend.hold.set()
+    await held
+    results = await asyncio.gather(*tasks)
+
+    # Everything that queued behind the held call ran in one merged call.
+    assert len(backend.calls) == 2
+    assert sorted(backend.calls[1]) == sorted(t for texts in requests for t in texts)
+    for texts, result in zip(requests, results, strict=True):
+        expected = np.concatenate([alone(backend, t) for t in texts])
+        np.testing.assert_array_equal(result.value.vectors, expected)
+        assert result.value.token_counts == [backend.count_tokens(t) for t in texts]
+        assert result.batch_size == len(backend.calls[1])
+        assert result.queued_seconds > 0
+
+
+async def test_a_merged_call_respects_the_size_and_token_budgets(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    scheduler = make_scheduler(max_batch_size=4, max_batch_tokens=1000)
+    held = await hold_backend(backend, scheduler)
+    tasks = [asyncio.create_task(scheduler.embed([f"text {i}"], truncate=False)) for i in range(10)]
+    await asyncio.sleep(0.05)
+    backend.hold.set()
+    await asyncio.gather(held, *tasks)
+    assert [len(call) for call in backend.calls[1:]] == [4, 4, 2]
+
+    backend.calls.clear()
+    # ~40 characters is ~12 estimated tokens: a 30-token budget holds two such texts.
+    scheduler = make_scheduler(max_batch_size=32, max_batch_tokens=30)
+    held = await hold_backend(backend, scheduler)
+    long_text = "word " * 8
+    tasks = [asyncio.create_task(scheduler.embed([long_text + str(i)], truncate=True)) for i in range(6)]
+    await asyncio.sleep(0.05)
+    backend.hold.set()
+    await asyncio.gather(held, *tasks)
+    assert [len(call) for call in backend.calls[1:]] == [2, 2, 2]
+
+
+async def test_one_callers_bad_input_fails_only_that_caller(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    scheduler = make_scheduler()
+    held = await hold_backend(backend, scheduler)
+    good = asyncio.create_task(scheduler.embed(["fine", "also fine"], truncate=False))
+    too_long = " ".join(["word"] * 20)  # 22 tokens, the window is 12
+    bad = asyncio.create_task(scheduler.embed(["short", too_long], truncate=False))
+    later = asyncio.create_task(scheduler.embed(["after"], truncate=False))
+    await asyncio.sleep(0.05)
+    backend.hold.set()
+    await held
+    with pytest.raises(InputTooLongError) as raised:
+        await bad
+    assert raised.value.index == 1, "the index is the caller's own, not the merged call's"
+    assert "input 1" in raised.value.message
+    assert (await good).value.vectors.shape == (2, 8)
+    assert (await later).value.vectors.shape == (1, 8)
+
+
+async def test_requests_with_and_without_truncation_are_not_merged(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    scheduler = make_scheduler()
+    held = await hold_backend(backend, scheduler)
+    cut = " ".join(["word"] * 20)
+    tasks = [
+        asyncio.create_task(scheduler.embed(["a"], truncate=False)),
+        asyncio.create_task(scheduler.embed([cut], truncate=True)),
+        asyncio.create_task(scheduler.embed(["b"], truncate=False)),
+    ]
+    await asyncio.sleep(0.05)
+    backend.hold.set()
+    await asyncio.gather(held, *tasks)
+    assert backend.calls[1:] == [["a", "b"], [cut]]
+
+
+# -- lanes -------------------------------------------------------------------------------------
+
+
+async def test_interactive_requests_overtake_queued_batch_work(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    scheduler = make_scheduler()
+    held = await hold_backend(backend, scheduler)
+    bulk = asyncio.create_task(scheduler.embed([f"bulk {i}" for i in range(5)], truncate=False, lane=BATCH))
+    await asyncio.sleep(0.02)
+    search = asyncio.create_task(scheduler.embed(["search"], truncate=False, lane=INTERACTIVE))
+    await asyncio.sleep(0.05)
+    assert scheduler.waiting(BATCH) == 1
+    assert scheduler.waiting(INTERACTIVE) == 1
+    backend.hold.set()
+    await asyncio.gather(held, bulk, search)
+    assert backend.calls[1] == ["search"]
+    assert all(text.startswith("bulk") for call in backend.calls[2:] for text in call)
+
+
+async def test_batch_work_is_cut_into_micro_batches_sized_by_measured_speed(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    backend.seconds_per_text = 0.004  # so a 20 ms micro-batch holds about 5 texts
+    scheduler = make_scheduler(batch_unit_ms=20)
+    texts = [f"message number {i}" for i in range(40)]
+    result = await scheduler.embed(texts, truncate=False, lane=BATCH)
+    np.testing.assert_array_equal(result.value.vectors, np.concatenate([alone(backend, t) for t in texts]))
+    sizes = [len(call) for call in backend.calls]
+    assert sizes[0] == 1, "until the model's speed is known, batch work goes one input at a time"
+    assert scheduler.tokens_per_second is not None
+    assert 2 <= max(sizes) <= 10, sizes
+    assert sum(sizes) == 40
+    # The same 40 texts as interactive work run merged, in one call.
+    backend.calls.clear()
+    await scheduler.embed(texts, truncate=False)
+    assert [len(call) for call in backend.calls] == [32, 8]
+
+
+async def test_interactive_work_waits_behind_at_most_one_micro_batch(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    backend.seconds_per_text = 0.004
+    scheduler = make_scheduler(batch_unit_ms=20)
+    bulk = asyncio.create_task(scheduler.embed([f"bulk {i}" for i in range(100)], truncate=False, lane=BATCH))
+    for _ in range(5000):
+        if len(backend.calls) >= 4:
+            break
+        await asyncio.sleep(0.001)
+    calls_when_asked = len(backend.calls)
+    searched = await scheduler.embed(["search"], truncate=False)
+    position = backend.calls.index(["search"])
+    # The micro-batch running when the search came may finish, and at most one more had been taken.
+    assert position <= calls_when_asked + 1
+    assert searched.queued_seconds < 0.2
+    await bulk
+    assert len(backend.calls) > position + 1, "the bulk request should still have been running"
+
+
+# -- backpressure and cancellation ------------------------------------------------------------
+
+
+async def test_a_full_lane_answers_resource_exhausted_and_recovers(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    scheduler = make_scheduler(queue_capacity=8)
+    held = await hold_backend(backend, scheduler)
+    queued = [asyncio.create_task(scheduler.embed([f"t{i}", f"u{i}"], truncate=False)) for i in range(4)]
+    await asyncio.sleep(0.02)
+    with pytest.raises(ResourceExhaustedError) as refused:
+        await scheduler.embed(["one too many"], truncate=False)
+    assert refused.value.retry_after_seconds is not None and refused.value.retry_after_seconds > 0
+    assert "8" in refused.value.message
+    # The other lane has its own room: a batch flood never refuses interactive work, and back.
+    batch = asyncio.create_task(scheduler.embed(["bulk"], truncate=False, lane=BATCH))
+    backend.hold.set()
+    await asyncio.gather(held, batch, *queued)
+    assert (await scheduler.embed(["room again"], truncate=False)).value.vectors.shape == (1, 8)
+
+
+async def test_cancelled_queued_requests_never_run_and_free_their_room(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    scheduler = make_scheduler(queue_capacity=4)
+    held = await hold_backend(backend, scheduler)
+    doomed = asyncio.create_task(scheduler.embed(["doomed 1", "doomed 2", "doomed 3"], truncate=False))
+    expired = asyncio.create_task(asyncio.wait_for(scheduler.embed(["expired"], truncate=False), 0.02))
+    await asyncio.sleep(0.05)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    with pytest.raises(TimeoutError):
+        await expired
+    assert scheduler.waiting(INTERACTIVE) == 0
+    # Their room is free again: four inputs fit.
+    kept = asyncio.create_task(scheduler.embed(["kept 1", "kept 2", "kept 3", "kept 4"], truncate=False))
+    await asyncio.sleep(0.02)
+    backend.hold.set()
+    await asyncio.gather(held, kept)
+    ran = {text for call in backend.calls for text in call}
+    assert not ran & {"doomed 1", "doomed 2", "doomed 3", "expired"}
+    assert {"kept 1", "kept 4"} <= ran
+
+
+async def test_a_call_abandoned_while_waiting_for_the_gate_does_not_run(
+    make_scheduler: Callable[..., ModelScheduler],
+) -> None:
+    gate = ComputeGate()
+    scheduler = make_scheduler(gate)
+    ran: list[str] = []
+    release = threading.Event()
+    holding = threading.Event()
+
+    def hold_the_gate() -> None:
+        with gate.turn():
+            holding.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_the_gate)
+    holder.start()
+    await asyncio.to_thread(holding.wait, 5)
+    queued = asyncio.create_task(scheduler.run(lambda: ran.append("ran")))
+    await asyncio.sleep(0.05)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    release.set()
+    holder.join(5)
+    await scheduler.run(lambda: ran.append("later"))
+    assert ran == ["later"]
+
+
+async def test_errors_reach_the_caller(make_scheduler: Callable[..., ModelScheduler]) -> None:
+    scheduler = make_scheduler()
+
+    def fail() -> None:
+        raise ValueError("boom")
+
+    def broken(cancelled: Callable[[], bool]) -> Iterator[int]:
+        yield 1
+        raise ValueError("mid-stream")
+
+    with pytest.raises(ValueError, match="boom"):
+        await scheduler.run(fail)
+    received = []
+    with pytest.raises(ValueError, match="mid-stream"):
+        async for item in scheduler.stream(broken):
+            received.append(item)
+    assert received == [1]
+
+
+# -- streams -----------------------------------------------------------------------------------
+
+
+async def test_a_consumer_that_stops_early_stops_the_producer(make_scheduler: Callable[..., ModelScheduler]) -> None:
+    scheduler = make_scheduler()
+    produced: list[int] = []
+
+    def steps(cancelled: Callable[[], bool]) -> Iterator[int]:
+        for i in range(1000):
+            if cancelled():
+                return
+            time.sleep(0.002)
+            produced.append(i)
+            yield i
+
+    stream = scheduler.stream(steps)
+    async for item in stream:
+        if item == 5:
+            break
+    await stream.aclose()
+    assert len(produced) < 100, "the producer should stop soon after the consumer"
+    # The model's thread is free again.
+    assert (await scheduler.run(lambda: 42)).value == 42
+
+
+async def test_streams_of_one_model_run_one_after_another_in_lane_order(
+    make_scheduler: Callable[..., ModelScheduler],
+) -> None:
+    scheduler = make_scheduler()
+    events: list[str] = []
+    release = threading.Event()
+
+    def steps(name: str, wait: bool = False) -> Callable[[Callable[[], bool]], Iterator[str]]:
+        def run(cancelled: Callable[[], bool]) -> Iterator[str]:
+            for i in range(3):
+                if wait and i == 0:
+                    release.wait(5)
+                events.append(f"{name}{i}")
+                yield name
+
+        return run
+
+    async def consume(name: str, lane: Priority, wait: bool = False) -> None:
+        async for _ in scheduler.stream(steps(name, wait), lane=lane):
+            pass
+
+    first = asyncio.create_task(consume("a", INTERACTIVE, wait=True))
+    await asyncio.sleep(0.05)
+    batch = asyncio.create_task(consume("b", BATCH))
+    await asyncio.sleep(0.01)
+    interactive = asyncio.create_task(consume("c", INTERACTIVE))
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.gather(first, batch, interactive)
+    assert events == ["a0", "a1", "a2", "c0", "c1", "c2", "b0", "b1", "b2"]
+
+
+# -- the compute gate --------------------------------------------------------------------------
+
+
+def test_gate_grants_interactive_turns_before_batch_turns_and_fifo_within_a_lane() -> None:
+    gate = ComputeGate()
+    order: list[str] = []
+    holding = threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with gate.turn():
+            holding.set()
+            release.wait(5)
+
+    def later(name: str, lane: Priority) -> None:
+        with gate.turn(lane):
+            order.append(name)
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    holding.wait(5)
+    for name, lane in [("b1", BATCH), ("i1", INTERACTIVE), ("b2", BATCH), ("i2", INTERACTIVE)]:
+        thread = threading.Thread(target=later, args=(name, lane))
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.02)  # let each one queue before the next
+    assert gate.waiting(BATCH) == 2 and gate.waiting(INTERACTIVE) == 2
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["i1", "i2", "b1", "b2"]
+
+
+async def test_a_short_call_runs_between_two_steps_of_a_long_stream(backend: RecordingBackend) -> None:
+    """Turns are one step long: another model's call does not wait for a whole generation."""
+    gate = ComputeGate()
+    generator = ModelScheduler("gen", backend, gate)
+    embedder = ModelScheduler("emb", backend, gate)
+    events: list[str] = []
+    first_step = threading.Event()
+
+    def steps(cancelled: Callable[[], bool]) -> Iterator[int]:
+        for i in range(20):
+            time.sleep(0.01)
+            events.append(f"step {i}")
+            first_step.set()
+            yield i
+
+    async def consume() -> list[int]:
+        return [item async for item in generator.stream(steps, lane=BATCH)]
+
+    streaming = asyncio.create_task(consume())
+    await asyncio.to_thread(first_step.wait, 5)
+    await embedder.run(lambda: events.append("embed"))
+    assert await streaming == list(range(20))
+    assert 0 < events.index("embed") < len(events) - 5
+    generator.close()
+    embedder.close()
+
+
+async def test_close_answers_queued_requests_with_unavailable(
+    backend: RecordingBackend, make_scheduler: Callable[..., ModelScheduler]
+) -> None:
+    from wafer.errors import UnavailableError
+
+    scheduler = make_scheduler()
+    held = await hold_backend(backend, scheduler)
+    queued = asyncio.create_task(scheduler.embed(["queued"], truncate=False))
+    await asyncio.sleep(0.02)
+    closing = asyncio.create_task(asyncio.to_thread(scheduler.close))
+    await asyncio.sleep(0.02)
+    backend.hold.set()
+    await held
+    with pytest.raises(UnavailableError):
+        await queued
+    await closing
+    with pytest.raises(UnavailableError):
+        await scheduler.embed(["after close"], truncate=False)
