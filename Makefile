@@ -74,6 +74,7 @@ e2e: install
 # sections of bench/RESULTS.md. Run on a quiet machine: they compare against in-process baselines.
 bench: install
 	$(BIN)/python -m bench.throughput --write
+	$(BIN)/python -m bench.ceiling --write
 	$(BIN)/python -m bench.latency --write
 	$(BIN)/python -m bench.contention --write
 
