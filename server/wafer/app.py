@@ -42,6 +42,8 @@ async def serve(settings: Settings) -> None:
         available_backends(),
         threads=settings.threads,
         drain_timeout_seconds=settings.unload_drain_timeout_seconds,
+        memory_budget_bytes=settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None,
+        keep_alive_check_seconds=settings.keep_alive_check_seconds,
     )
     metrics = Metrics(models=catalog.models)
     metrics.watch(registry)
