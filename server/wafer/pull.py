@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import os
 import re
 import time
@@ -145,7 +146,8 @@ class HubPuller:
         return _Metadata(meta.commit_hash, meta.etag, meta.location, meta.size)
 
     def _download(self, source: str, url: str, partial: Path, total: int, model: str) -> Iterator[PullProgress]:
-        from huggingface_hub import build_hf_headers
+        # Public (documented) but exported lazily, which mypy cannot see.
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
         have = partial.stat().st_size if partial.exists() else 0
         if total and have > total:  # not a prefix of this file: start over
@@ -172,7 +174,7 @@ class HubPuller:
                         if now - reported >= REPORT_EVERY_SECONDS:
                             reported = now
                             yield PullProgress(source, have, total, resumed_from_bytes=resumed)
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise UnavailableError(
                 f"model {model!r}: the download of {source} stopped at {have} of {total or '?'} bytes "
                 f"({type(exc).__name__}: {exc}); run the pull again to resume it"
