@@ -72,7 +72,8 @@ async def quantize_model(registry: ModelRegistry, source_model: str, name: str, 
             **spec.model_dump(exclude_unset=True),
             "name": name,
             "source": str(target),
-            "description": f"int8 dynamic quantization of {source_model}" + (" (per channel)" if per_channel else ""),
+            "description": f"int8 dynamic quantization of {source_model}, "
+            + ("per channel" if per_channel else "per tensor"),
             "load": LoadPolicy.ON_DEMAND,
             "pinned": False,
         }

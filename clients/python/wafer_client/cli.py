@@ -555,11 +555,13 @@ def models_quantize(
     *,
     source_model: Annotated[str, typer.Argument(help="An fp32 ONNX model of the server's catalog.")],
     name: Annotated[str, typer.Option("--name", help="Name of the new int8 model.")],
-    per_channel: Annotated[bool, typer.Option(help="Quantize weights per output channel.")] = False,
+    per_tensor: Annotated[
+        bool, typer.Option(help="One scale per weight tensor, not per output channel (less faithful).")
+    ] = False,
 ) -> None:
     """Have the server quantize an ONNX model to int8 and register it (loaded) under a new name."""
     with _reporting_errors(), _client(ctx) as client:
-        info = client.quantize_model(source_model, name, per_channel=per_channel)
+        info = client.quantize_model(source_model, name, per_tensor=per_tensor)
     _report_model(info, "quantized")
     Console().print(f"file on the server: {escape(info.source)}")
 

@@ -104,7 +104,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
         self, request: models_pb2.QuantizeModelRequest, context: Context
     ) -> models_pb2.ModelInfo:
         status = await quantize_model(
-            self._registry, _name(request.source_model), _name(request.name), per_channel=request.per_channel
+            self._registry, _name(request.source_model), _name(request.name), per_channel=not request.per_tensor
         )
         return convert.model_info(status)
 

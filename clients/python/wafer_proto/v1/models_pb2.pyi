@@ -317,23 +317,26 @@ class QuantizeModelRequest(_message.Message):
 
     SOURCE_MODEL_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
-    PER_CHANNEL_FIELD_NUMBER: _builtins.int
+    PER_TENSOR_FIELD_NUMBER: _builtins.int
     source_model: _builtins.str
     """The fp32 ONNX model of the catalog to quantize."""
     name: _builtins.str
     """Name of the new model; it must not exist yet."""
-    per_channel: _builtins.bool
-    """Quantize weights per output channel (more faithful, slightly larger)."""
+    per_tensor: _builtins.bool
+    """One scale per weight tensor instead of one per output channel. Per channel
+    (the default) is far more faithful for about the same size: on
+    paraphrase-MiniLM-L3 and SMS texts, min cosine to fp32 0.99 against 0.91.
+    """
     def __init__(
         self,
         *,
         source_model: _builtins.str = ...,
         name: _builtins.str = ...,
-        per_channel: _builtins.bool = ...,
+        per_tensor: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "per_channel", b"per_channel", "source_model", b"source_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "per_tensor", b"per_tensor", "source_model", b"source_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
