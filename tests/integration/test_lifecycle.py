@@ -63,7 +63,12 @@ def registry_of(engine: InferenceEngine) -> ModelRegistry:
 async def vectors(engine: InferenceEngine, model: str, texts: list[str]) -> np.ndarray:
     result = await engine.embed(EmbedRequest(inputs=texts, model=model))
     matrix = np.asarray(result.vectors, dtype=np.float64)
-    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    normalized: np.ndarray = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    return normalized
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size
 
 
 async def test_quantized_model_registers_loads_and_stays_faithful(engine: InferenceEngine) -> None:
@@ -73,7 +78,7 @@ async def test_quantized_model_registers_loads_and_stays_faithful(engine: Infere
     quantized = Path(status.spec.source)
     assert quantized.is_relative_to(registry.resolver.cache_dir)
     fp32 = registry.resolver.resolve(registry.spec("paraphrase-minilm-l3").source, model="x")
-    assert quantized.stat().st_size < 0.35 * fp32.stat().st_size
+    assert file_size(quantized) < 0.35 * file_size(fp32)
     assert status.spec.pooling == registry.spec("paraphrase-minilm-l3").pooling
     reference = await vectors(engine, "paraphrase-minilm-l3", SAMPLES)
     candidate = await vectors(engine, "paraphrase-int8", SAMPLES)
@@ -132,62 +137,69 @@ async def test_a_swap_under_16_concurrent_clients_fails_no_request(engine: Infer
     assert registry.status("minilm").active_requests == 0
 
 
-async def test_load_unload_cycles_with_requests_running_keep_memory_flat(engine: InferenceEngine) -> None:
-    registry = registry_of(engine)
-    process = psutil.Process()
-    failures: list[BaseException] = []
-    unavailable = 0
-    answered = 0
-    running = asyncio.Event()
+class Cycler:
+    """Load/unload cycles of one model while requesters embed with it."""
 
-    async def requester() -> None:
-        nonlocal unavailable, answered
+    def __init__(self, engine: InferenceEngine, model: str) -> None:
+        self.engine = engine
+        self.model = model
+        self.process = psutil.Process()
+        self.failures: list[BaseException] = []
+        self.unavailable = 0
+        self.answered = 0
+        self.running = asyncio.Event()
+
+    async def requester(self) -> None:
         while True:
-            await running.wait()
+            await self.running.wait()
             try:
-                await engine.embed(EmbedRequest(inputs=SAMPLES[:3], model="minilm"))
-                answered += 1
+                await self.engine.embed(EmbedRequest(inputs=SAMPLES[:3], model=self.model))
+                self.answered += 1
             except UnavailableError:
-                unavailable += 1  # the documented window: a request during an admin's unload
+                self.unavailable += 1  # the documented window: a request during an admin's unload
             except Exception as exc:
-                failures.append(exc)
+                self.failures.append(exc)
             await asyncio.sleep(0.005)
 
-    async def cycles(count: int) -> tuple[int, int]:
-        """`count` load/unload cycles under requests; then quiet and unloaded. RSS taken and given back."""
+    async def cycles(self, count: int) -> tuple[int, int]:
+        """`count` cycles under requests, then quiet and unloaded; the RSS loads took and unloads gave back."""
+        registry = self.engine.registry
         taken = freed = 0
-        running.set()
+        self.running.set()
         for _ in range(count):
-            before = process.memory_info().rss
-            await registry.load("minilm")
-            loaded = process.memory_info().rss
+            before = self.process.memory_info().rss
+            await registry.load(self.model)
+            loaded = self.process.memory_info().rss
             await asyncio.sleep(0.05)
-            await registry.unload("minilm")
-            after = process.memory_info().rss
+            await registry.unload(self.model)
+            after = self.process.memory_info().rss
             taken += max(0, loaded - before)
             freed += max(0, loaded - after)
-        running.clear()
+        self.running.clear()
         await asyncio.sleep(0.2)  # requests in flight end (one may have loaded the model again)
-        await registry.unload("minilm")
+        await registry.unload(self.model)
         return taken, freed
 
-    requesters = [asyncio.create_task(requester()) for _ in range(3)]
+
+async def test_load_unload_cycles_with_requests_running_keep_memory_flat(engine: InferenceEngine) -> None:
+    cycler = Cycler(engine, "minilm")
+    requesters = [asyncio.create_task(cycler.requester()) for _ in range(3)]
     try:
-        await cycles(3)  # warm-up: ONNX Runtime's one-time allocations happen here
-        baseline = process.memory_info().rss
-        taken, freed = await cycles(12)
-        growth = process.memory_info().rss - baseline
+        await cycler.cycles(3)  # warm-up: ONNX Runtime's one-time allocations happen here
+        baseline = cycler.process.memory_info().rss
+        taken, freed = await cycler.cycles(12)
+        growth = cycler.process.memory_info().rss - baseline
     finally:
         for task in requesters:
             task.cancel()
         for task in requesters:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    assert failures == []
-    assert answered > 0
-    one_load = registry.status("minilm").memory_bytes or taken / 12
+    assert cycler.failures == []
+    assert cycler.answered > 0
+    one_load = taken / 12
     # Flat: 12 cycles leave less than a third of one load's memory behind (a leak of a model per cycle
     # would be 12 loads), and unloads give back at least 90 % of what loads took.
     assert growth < one_load / 3, (growth, one_load)
     assert freed >= 0.9 * taken, (freed, taken)
-    assert registry.status("minilm").not_loaded_reason.startswith("unloaded by admin")
+    assert engine.registry.status("minilm").not_loaded_reason.startswith("unloaded by admin")
