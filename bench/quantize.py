@@ -32,7 +32,7 @@ async def embed_all(engine: InferenceEngine, model: str, texts: list[str]) -> tu
     rows = []
     started = time.perf_counter()
     for i in range(0, len(texts), BATCH):
-        result = await engine.embed(EmbedRequest(inputs=texts[i : i + BATCH], model=model))
+        result = await engine.embed(EmbedRequest(inputs=texts[i : i + BATCH], model=model, truncate=True))
         rows.append(np.asarray(result.vectors, dtype=np.float64))
     elapsed = time.perf_counter() - started
     matrix = np.concatenate(rows)

@@ -43,6 +43,7 @@ async def serve(settings: Settings) -> None:
         threads=settings.threads,
         drain_timeout_seconds=settings.unload_drain_timeout_seconds,
         memory_budget_bytes=settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None,
+        memory_wait_seconds=settings.memory_wait_seconds,
         keep_alive_check_seconds=settings.keep_alive_check_seconds,
     )
     metrics = Metrics(models=catalog.models)

@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         description="Memory loaded models may take together (RSS measured at load), in MiB. Over it, "
         "idle unpinned models are unloaded least recently used first, or the load is refused; default: off.",
     )
+    memory_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="How long a load waits for models busy with requests to become idle (and evictable) "
+        "before it is refused for lack of memory.",
+    )
     keep_alive_check_seconds: float = Field(
         default=1.0, gt=0, le=3600, description="How often models' keep_alive_seconds are checked."
     )

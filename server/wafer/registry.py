@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 import psutil
 import structlog
@@ -171,6 +172,7 @@ class ModelRegistry:
         drain_timeout_seconds: float,
         gate: ComputeGate | None = None,
         memory_budget_bytes: int | None = None,
+        memory_wait_seconds: float = 10.0,
         keep_alive_check_seconds: float = 1.0,
     ) -> None:
         self._catalog = catalog
@@ -183,6 +185,7 @@ class ModelRegistry:
         self._gate = gate or ComputeGate()
         self._listeners: list[Listener] = []
         self._budget = memory_budget_bytes
+        self._memory_wait = memory_wait_seconds
         self._keep_alive_check = keep_alive_check_seconds
         self._reaper: asyncio.Task[None] | None = None
 
@@ -405,9 +408,11 @@ class ModelRegistry:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        for entry in self._entries.values():
-            if entry.loading is not None:
-                entry.loading.cancel()
+        loading = [entry.loading for entry in self._entries.values() if entry.loading is not None]
+        for task in loading:
+            task.cancel()
+        # Settled before unloading: a cancelled swap leaves its model's old instance to unload.
+        await asyncio.gather(*loading, return_exceptions=True)
         for name in list(self._entries):
             with contextlib.suppress(WaferError, asyncio.CancelledError):
                 await self.unload(name)
@@ -562,9 +567,33 @@ class ModelRegistry:
 
     async def _make_room(self, needed: int, loading: _Entry, *, for_spec: ModelSpec, strict: bool = True) -> None:
         """Evict idle, unpinned models, least recently used first, until `needed` more bytes fit the
-        budget; refuse the load if they cannot. Runs under the load lock, so no other load races it."""
+        budget. Models busy with requests soon are idle: wait up to `memory_wait_seconds` for them
+        before refusing the load. Runs under the load lock, so no other load races it."""
         if self._budget is None:
             return
+        deadline = time.monotonic() + self._memory_wait
+        while True:
+            await self._evict_idle(needed, loading, for_spec)
+            if not strict or self.memory_in_use() + needed <= self._budget:
+                return
+            releases = self._pending_releases(loading)
+            remaining = deadline - time.monotonic()
+            if not releases or remaining <= 0:
+                break
+            # Also wakes on a timer: an admin's unload elsewhere frees memory without an event here.
+            await asyncio.wait(releases, timeout=min(remaining, 0.1), return_when=asyncio.FIRST_COMPLETED)
+            for waiter in releases:
+                waiter.cancel()
+        holders = [self._holder(e) for e in self._entries.values() if e.memory_bytes > 0]
+        raise ResourceExhaustedError(
+            f"loading model {for_spec.name!r} needs about {_mb(needed)} but the memory budget is "
+            f"{_mb(self._budget)} and {_mb(self.memory_in_use())} is held by models that cannot be "
+            f"evicted: {', '.join(holders) or 'none'}. Unload one, unpin one, or raise WAFER_MEMORY_BUDGET_MB",
+            retry_after_seconds=5.0,
+        )
+
+    async def _evict_idle(self, needed: int, loading: _Entry, for_spec: ModelSpec) -> None:
+        assert self._budget is not None
         candidates = sorted(
             (e for e in self._entries.values() if e is not loading and e.evictable()),
             key=lambda e: e.last_active,
@@ -577,14 +606,18 @@ class ModelRegistry:
             freed = victim.memory_bytes
             await self._evict(victim, f"evicted at {_now()} to make room for {for_spec.name!r}")
             log.info("model evicted", model=victim.spec.name, freed_mb=round(freed / 2**20, 1), for_model=for_spec.name)
-        if strict and self.memory_in_use() + needed > self._budget:
-            holders = [self._holder(e) for e in self._entries.values() if e.memory_bytes > 0]
-            raise ResourceExhaustedError(
-                f"loading model {for_spec.name!r} needs about {_mb(needed)} but the memory budget is "
-                f"{_mb(self._budget)} and {_mb(self.memory_in_use())} is held by models that cannot be "
-                f"evicted: {', '.join(holders) or 'none'}. Unload one, unpin one, or raise WAFER_MEMORY_BUDGET_MB",
-                retry_after_seconds=5.0,
-            )
+
+    def _pending_releases(self, loading: _Entry) -> list[asyncio.Future[Any]]:
+        """Waiters for memory that will become evictable or free by itself: unpinned models busy with
+        requests (idle soon), and swapped-out instances (freed once their requests end)."""
+        waiters: list[asyncio.Future[Any]] = []
+        for entry in self._entries.values():
+            # Shielded: the caller cancels its waiters, never the retirement itself.
+            waiters += [asyncio.shield(task) for task in entry.retire_tasks]
+            current = entry.current
+            if entry is not loading and not entry.pinned and current is not None and current.active:
+                waiters.append(asyncio.ensure_future(current.idle.wait()))
+        return waiters
 
     def _holder(self, entry: _Entry) -> str:
         why = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from wafer.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    UnavailableError,
 )
 from wafer.registry import NEVER_LOADED, ModelRegistry, ModelState
 from wafer.sources import SourceResolver
@@ -53,7 +55,9 @@ def budget_catalog(folder: Path) -> Catalog:
     )
 
 
-def make_registry(catalog: Catalog, tmp_path: Path, *, budget_mib: int | None = None) -> ModelRegistry:
+def make_registry(
+    catalog: Catalog, tmp_path: Path, *, budget_mib: int | None = None, memory_wait_seconds: float = 5.0
+) -> ModelRegistry:
     return ModelRegistry(
         catalog,
         SourceResolver(catalog.base_dir, tmp_path / "cache"),
@@ -61,6 +65,7 @@ def make_registry(catalog: Catalog, tmp_path: Path, *, budget_mib: int | None = 
         threads=1,
         drain_timeout_seconds=5,
         memory_budget_bytes=budget_mib * MIB if budget_mib else None,
+        memory_wait_seconds=memory_wait_seconds,
         keep_alive_check_seconds=0.02,
     )
 
@@ -68,7 +73,8 @@ def make_registry(catalog: Catalog, tmp_path: Path, *, budget_mib: int | None = 
 @pytest.fixture
 async def budgeted(tmp_path: Path, open_gate: None) -> AsyncIterator[ModelRegistry]:
     # Room for two models (two of 24 MiB plus slack for measurement noise), not three.
-    registry = make_registry(budget_catalog(tmp_path), tmp_path, budget_mib=2 * MODEL_MIB + 16)
+    # A short wait for busy models, so refusals come quickly.
+    registry = make_registry(budget_catalog(tmp_path), tmp_path, budget_mib=2 * MODEL_MIB + 16, memory_wait_seconds=0.3)
     yield registry
     await registry.close()
 
@@ -157,6 +163,24 @@ async def test_refusal_when_every_holder_is_busy(budgeted: ModelRegistry) -> Non
         release.set()
         await request
     await use(budgeted, "c")  # now a and b are idle: one gives way
+
+
+async def test_a_load_waits_for_a_busy_model_to_become_idle(budgeted: ModelRegistry) -> None:
+    await budgeted.load("a")
+    await budgeted.load("b")
+    holds = [await hold(budgeted, "a"), await hold(budgeted, "b")]
+    loading = asyncio.create_task(budgeted.load("c"))
+    await asyncio.sleep(0.1)
+    assert not loading.done()
+    request, release = holds[1]
+    release.set()  # b's request ends within the memory wait: b is evicted, c loads
+    await request
+    assert (await loading).state is ModelState.READY
+    assert budgeted.status("b").state is ModelState.UNLOADED
+    assert budgeted.status("a").state is ModelState.READY
+    request, release = holds[0]
+    release.set()
+    await request
 
 
 async def test_a_request_for_an_evicted_model_loads_it_again(budgeted: ModelRegistry) -> None:
@@ -347,3 +371,57 @@ async def test_unload_during_a_swap_waits_for_it(registry: ModelRegistry, tmp_pa
     assert status.spec.source == "other.bin"
     async with asyncio.timeout(5):
         await registry.wait_retired("lazy")
+
+
+async def test_chaos_of_requests_loads_unloads_swaps_and_evictions(tmp_path: Path, open_gate: None) -> None:
+    """16 clients on four models under a budget for two, while an admin unloads and swaps at random:
+    the only failure a request may see is an admin unload's UNAVAILABLE; every instance loaded is
+    closed exactly once; the budget holds whenever nothing is mid-load."""
+    catalog = budget_catalog(tmp_path)
+    registry = make_registry(catalog, tmp_path, budget_mib=2 * MODEL_MIB + 16)
+    engine = InferenceEngine(registry, Settings(data_dir=tmp_path / "data"))
+    names = ["a", "b", "c"]  # d is pinned: left out, or it would hold half the budget throughout
+    rng = random.Random(7)
+    loads, closed = FakeBackend.loads, FakeBackend.closed
+    stop = asyncio.Event()
+    answered = 0
+    unavailable = 0
+    failures: list[BaseException] = []
+
+    async def client(i: int) -> None:
+        nonlocal answered, unavailable
+        local = random.Random(i)
+        while not stop.is_set():
+            try:
+                await engine.embed(EmbedRequest(inputs=[f"text {i}"], model=local.choice(names)))
+                answered += 1
+            except UnavailableError as exc:
+                assert "being unloaded" in exc.message
+                unavailable += 1
+            except BaseException as exc:  # every other failure is a finding
+                failures.append(exc)
+                return
+            await asyncio.sleep(0)
+
+    clients = [asyncio.create_task(client(i)) for i in range(16)]
+    for _ in range(30):
+        await asyncio.sleep(0.01)
+        name = rng.choice(names)
+        action = rng.choice(["unload", "swap", "load"])
+        try:
+            if action == "unload":
+                await registry.unload(name)
+            elif action == "swap":
+                other = rng.choice(names)
+                await registry.load(name, spec=registry.spec_from_api(name, f"source: {other}.bin"))
+            else:
+                await registry.load(name)
+        except ResourceExhaustedError:
+            pass  # every other model was busy at that moment: a refusal, as documented
+        assert registry.memory_in_use() <= (registry.memory_budget_bytes or 0) + MODEL_MIB * MIB
+    stop.set()
+    await asyncio.gather(*clients)
+    await registry.close()
+    assert failures == []
+    assert answered > 100
+    assert FakeBackend.loads - loads == FakeBackend.closed - closed

@@ -325,7 +325,7 @@ class QuantizeModelRequest(_message.Message):
     per_tensor: _builtins.bool
     """One scale per weight tensor instead of one per output channel. Per channel
     (the default) is far more faithful for about the same size: on
-    paraphrase-MiniLM-L3 and SMS texts, min cosine to fp32 0.99 against 0.91.
+    paraphrase-MiniLM-L3 and 2000 SMS texts, min cosine to fp32 0.988 against 0.896.
     """
     def __init__(
         self,
