@@ -126,6 +126,8 @@ class _Entry:
         self.settled = asyncio.Event()
         self.settled.set()
         self.auto_unloading = False
+        # Unloaded by the registry (eviction, keep-alive) rather than by an admin or never loaded.
+        self.auto_unloaded = False
         self.pinned_override: bool | None = None
         self.keep_alive_override: float | None = None
 
@@ -146,6 +148,11 @@ class _Entry:
     @property
     def instances(self) -> list[_Instance]:
         return ([self.current] if self.current is not None else []) + self.retiring
+
+    def serviceable(self) -> bool:
+        if self.state is ModelState.READY:
+            return True
+        return self.auto_unloaded and self.state is not ModelState.FAILED
 
     def evictable(self) -> bool:
         current = self.current
@@ -264,9 +271,11 @@ class ModelRegistry:
         return sum(entry.memory_bytes for entry in self._entries.values())
 
     def defaults_ready(self) -> bool:
-        """True when every task's default model is READY."""
+        """True when every task's default model is READY, or was unloaded by the registry itself
+        (evicted, idle) and loads again on the next request: health must not drop a replica
+        because the budget or a keep-alive did its job."""
         names = {self._catalog.default_for(task) for task in Task} - {None}
-        return all(self._entries[n].state is ModelState.READY for n in names if n is not None)
+        return all(self._entries[n].serviceable() for n in names if n is not None)
 
     def spec_from_api(self, name: str, text: str) -> ModelSpec:
         """A spec sent with LoadModel: fields over the model's current spec (or a whole new entry),
@@ -398,6 +407,7 @@ class ModelRegistry:
             self._end_unloading(entry, ModelState.READY)
             raise
         entry.current = None
+        entry.auto_unloaded = False
         # Once out of the entry the model must be freed and marked so, even if the caller goes away.
         await asyncio.shield(self._free(entry, instance, f"unloaded by admin at {_now()}"))
         return self.status(name)
@@ -454,6 +464,10 @@ class ModelRegistry:
             log.warning("model failed to load", model=spec.name, error=error.message, swap=swap)
             if entry.current is not None:
                 self._notify()  # a failed swap: the old instance keeps serving, as it is
+            elif isinstance(error, ResourceExhaustedError) and not swap:
+                # Not a fault of the model: it stays loadable, and says why it is not loaded.
+                entry.not_loaded_reason = f"load refused at {_now()}: {error.message}"
+                self._set_state(entry, before)
             elif swap:
                 # All or nothing: the entry keeps its spec and its state from before the attempt.
                 self._set_state(entry, before)
@@ -473,6 +487,7 @@ class ModelRegistry:
         entry.measured_bytes = instance.memory_bytes
         entry.error = ""
         entry.not_loaded_reason = ""
+        entry.auto_unloaded = False
         entry.last_active = time.monotonic()
         self._set_state(entry, ModelState.READY)
         log.info(
@@ -638,6 +653,7 @@ class ModelRegistry:
         assert instance is not None and instance.active == 0
         self._begin_unloading(entry, automatic=True)
         entry.current = None
+        entry.auto_unloaded = True
         await asyncio.shield(self._free(entry, instance, reason))
 
     async def _unload_idle_models(self) -> None:

@@ -221,6 +221,35 @@ async def test_keep_alive_unloads_idle_models_and_says_so(budgeted: ModelRegistr
     assert budgeted.status("a").state is ModelState.READY
 
 
+async def test_health_stays_up_when_the_registry_unloads_a_default_model(tmp_path: Path, open_gate: None) -> None:
+    catalog = fake_catalog(tmp_path)
+    registry = make_registry(catalog, tmp_path)
+    await registry.start()
+    await registry.wait_startup()
+    assert registry.defaults_ready()
+    await registry.load("embedder", keep_alive_seconds=0.05)
+    for _ in range(100):
+        if registry.status("embedder").state is ModelState.UNLOADED:
+            break
+        await asyncio.sleep(0.02)
+    assert registry.status("embedder").state is ModelState.UNLOADED
+    assert registry.defaults_ready()  # the next request loads it again
+    await registry.load("embedder", keep_alive_seconds=0)
+    await registry.unload("embedder")
+    assert not registry.defaults_ready()  # an admin took it away: that is worth reporting
+    await registry.close()
+
+
+async def test_a_refused_load_leaves_the_model_loadable(budgeted: ModelRegistry) -> None:
+    await budgeted.load("d")
+    await budgeted.load("a", pinned=True)
+    with pytest.raises(ResourceExhaustedError):
+        await budgeted.load("c")
+    status = budgeted.status("c")
+    assert status.state is ModelState.UNLOADED
+    assert status.not_loaded_reason.startswith("load refused at ")
+
+
 async def test_not_loaded_reasons(registry: ModelRegistry) -> None:
     assert registry.status("lazy").not_loaded_reason == NEVER_LOADED
     await registry.load("lazy")

@@ -28,6 +28,8 @@ from wafer_proto.v1 import (
 
 # An hour: longer than any request should hold a model, short enough to be a typo if exceeded.
 MAX_DRAIN_TIMEOUT_SECONDS = 3600.0
+# A models.yaml entry is a few hundred characters; this is room for long prompts and descriptions.
+MAX_SPEC_CHARS = 64 * 1024
 # A month: a keep-alive longer than that is "forever", which 0 says.
 MAX_KEEP_ALIVE_SECONDS = 30 * 86400.0
 
@@ -81,6 +83,10 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
         self, request: models_pb2.LoadModelRequest, context: Context
     ) -> models_pb2.ModelInfo:
         name = _name(request.name)
+        if len(request.spec) > MAX_SPEC_CHARS:
+            raise InvalidArgumentError(
+                f"spec is {len(request.spec)} characters; a models.yaml entry fits in {MAX_SPEC_CHARS}"
+            )
         spec = self._registry.spec_from_api(name, request.spec) if request.spec else None
         keep_alive = request.keep_alive_seconds if request.HasField("keep_alive_seconds") else None
         if keep_alive is not None and not (math.isfinite(keep_alive) and 0 <= keep_alive <= MAX_KEEP_ALIVE_SECONDS):
