@@ -44,6 +44,9 @@ async def serve(settings: Settings) -> None:
         threads=settings.threads,
         drain_timeout_seconds=settings.unload_drain_timeout_seconds,
         batch_observer=metrics,
+        memory_budget_bytes=settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None,
+        memory_wait_seconds=settings.memory_wait_seconds,
+        keep_alive_check_seconds=settings.keep_alive_check_seconds,
     )
     metrics.watch(registry)
     engine = InferenceEngine(registry, settings, metrics)

@@ -65,6 +65,22 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(default=256, gt=0, description="Generate's max_tokens when unset.")
     max_new_tokens_limit: int = Field(default=4096, gt=0, description="Largest max_tokens a call may ask.")
     unload_drain_timeout_seconds: float = Field(default=30.0, gt=0)
+    memory_budget_mb: int | None = Field(
+        default=None,
+        gt=0,
+        description="Memory loaded models may take together (RSS measured at load), in MiB. Over it, "
+        "idle unpinned models are unloaded least recently used first, or the load is refused; default: off.",
+    )
+    memory_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="How long a load waits for models busy with requests to become idle (and evictable) "
+        "before it is refused for lack of memory.",
+    )
+    keep_alive_check_seconds: float = Field(
+        default=1.0, gt=0, le=3600, description="How often models' keep_alive_seconds are checked."
+    )
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="On SIGTERM, how long running calls may take to finish."
     )

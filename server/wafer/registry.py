@@ -5,19 +5,32 @@ States: UNLOADED → LOADING → READY → UNLOADING → UNLOADED, and FAILED wh
   leasing a loading model waits for it.
 - Unloading refuses new leases (UNAVAILABLE), waits for the held ones to end, then frees the model.
   Freeing a llama.cpp model under a running call would crash the process; this never does.
-- Loads run one at a time, so the memory a load adds is estimated as the change in RSS. Only an
-  estimate: other models keep computing meanwhile, and ONNX arenas grow after the first batches.
+- A swap (a load with a new spec) loads the new instance beside the old one, moves new leases to it
+  in one step, and frees the old one once the leases it holds end: a lease keeps the instance it was
+  given, so no request sees a model change under it. A new spec that fails to load changes nothing.
+- Under a memory budget a load first unloads idle, unpinned models, least recently used first, or is
+  refused (RESOURCE_EXHAUSTED) naming what holds the memory. Automatic unloads (eviction, keep-alive)
+  only take idle models, and a request arriving meanwhile waits and loads the model again rather
+  than failing; only an admin's unload answers UNAVAILABLE.
+- Loads run one at a time, so the memory a load adds is estimated as the change in RSS across the
+  load and its warm-up call (which is where ONNX Runtime sizes its arena). Only an estimate: other
+  models keep computing meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 import psutil
 import structlog
@@ -26,15 +39,21 @@ from wafer.backends.base import Backend, LoadOptions, ModelFiles
 from wafer.domain import Priority
 from wafer.errors import (
     FailedPreconditionError,
+    InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
     WaferError,
 )
 from wafer.scheduler import BatchObserver, ComputeGate, ModelScheduler
 from wafer.sources import SourceResolver
-from wafer.specs import Catalog, LoadPolicy, ModelSpec, Task
+from wafer.specs import Catalog, LoadPolicy, ModelSpec, Task, spec_from_text
 
 log = structlog.get_logger(__name__)
+
+NEVER_LOADED = "never loaded"
+# Names of models registered over the API: what a models.yaml key could reasonably be.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ModelState(StrEnum):
@@ -69,21 +88,83 @@ class ModelStatus:
     # Requests queued for the model, per lane, not yet handed to the backend.
     waiting_interactive: int = 0
     waiting_batch: int = 0
+    pinned: bool = False
+    keep_alive_seconds: float | None = None
+    # Why the model is not loaded; empty while it is.
+    not_loaded_reason: str = ""
+
+
+@dataclass(slots=True)
+class _Instance:
+    """One loaded copy of a model. During a swap a name has two: the current one and a retiring one."""
+
+    loaded: LoadedModel
+    memory_bytes: int
+    load_seconds: float
+    active: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 class _Entry:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.state = ModelState.UNLOADED
-        self.loaded: LoadedModel | None = None
+        self.current: _Instance | None = None
+        self.retiring: list[_Instance] = []
+        self.retire_tasks: set[asyncio.Task[None]] = set()
         self.error = spec.requires
-        self.active = 0
-        self.memory_bytes = 0
-        self.load_seconds = 0.0
+        self.not_loaded_reason = NEVER_LOADED
+        # What the last load of this spec measured; the estimate for its next load.
+        self.measured_bytes = 0
         self.last_used: datetime | None = None
-        self.loading: asyncio.Task[None] | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
+        # Monotonic time of the last lease's end (or of the load): the LRU and keep-alive clock.
+        self.last_active = time.monotonic()
+        self.loading: asyncio.Task[WaferError | None] | None = None
+        self.loading_spec: ModelSpec | None = None
+        # Set while the entry is not UNLOADING; automatic unloads make leases wait on it.
+        self.settled = asyncio.Event()
+        self.settled.set()
+        self.auto_unloading = False
+        # Unloaded by the registry (eviction, keep-alive) rather than by an admin or never loaded.
+        self.auto_unloaded = False
+        self.pinned_override: bool | None = None
+        self.keep_alive_override: float | None = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.spec.pinned if self.pinned_override is None else self.pinned_override
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        if self.keep_alive_override is None:
+            return self.spec.keep_alive_seconds
+        return self.keep_alive_override or None
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(i.memory_bytes for i in self.instances)
+
+    @property
+    def instances(self) -> list[_Instance]:
+        return ([self.current] if self.current is not None else []) + self.retiring
+
+    def serviceable(self) -> bool:
+        if self.state is ModelState.READY:
+            return True
+        return self.auto_unloaded and self.state is not ModelState.FAILED
+
+    def evictable(self) -> bool:
+        current = self.current
+        return (
+            self.state is ModelState.READY
+            and current is not None
+            and current.active == 0
+            and self.loading is None
+            and not self.pinned
+        )
 
 
 Listener = Callable[[], None]
@@ -100,6 +181,9 @@ class ModelRegistry:
         drain_timeout_seconds: float,
         gate: ComputeGate | None = None,
         batch_observer: BatchObserver | None = None,
+        memory_budget_bytes: int | None = None,
+        memory_wait_seconds: float = 10.0,
+        keep_alive_check_seconds: float = 1.0,
     ) -> None:
         self._catalog = catalog
         self._resolver = resolver
@@ -111,8 +195,20 @@ class ModelRegistry:
         self._gate = gate or ComputeGate()
         self._batch_observer = batch_observer
         self._listeners: list[Listener] = []
+        self._budget = memory_budget_bytes
+        self._memory_wait = memory_wait_seconds
+        self._keep_alive_check = keep_alive_check_seconds
+        self._reaper: asyncio.Task[None] | None = None
 
     # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return self._budget
+
+    @property
+    def resolver(self) -> SourceResolver:
+        return self._resolver
 
     def subscribe(self, listener: Listener) -> None:
         """Call `listener` after every state change (health reporting hangs off this)."""
@@ -138,30 +234,67 @@ class ModelRegistry:
             )
         return entry.spec
 
+    def spec(self, name: str) -> ModelSpec:
+        return self._entry(name).spec
+
+    def knows(self, name: str) -> bool:
+        return name in self._entries
+
+    @staticmethod
+    def check_new_name(name: str) -> None:
+        """Refuse a name for a model registered over the API that could not be a models.yaml key."""
+        if not _MODEL_NAME.fullmatch(name):
+            raise InvalidArgumentError(
+                f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+
     def status(self, name: str) -> ModelStatus:
         entry = self._entry(name)
         defaults = tuple(t for t in Task if self._catalog.default_for(t) == name)
-        loaded = entry.loaded  # read once: metrics scrapes call this from another thread
+        current = entry.current  # read once: metrics scrapes call this from another thread
         return ModelStatus(
             spec=entry.spec,
             state=entry.state,
             default_for=defaults,
             memory_bytes=entry.memory_bytes,
-            load_seconds=entry.load_seconds,
+            load_seconds=current.load_seconds if current is not None else 0.0,
             last_used=entry.last_used,
-            active_requests=entry.active,
+            active_requests=sum(i.active for i in entry.instances),
             error=entry.error,
-            waiting_interactive=loaded.scheduler.waiting(Priority.INTERACTIVE) if loaded is not None else 0,
-            waiting_batch=loaded.scheduler.waiting(Priority.BATCH) if loaded is not None else 0,
+            waiting_interactive=current.loaded.scheduler.waiting(Priority.INTERACTIVE) if current is not None else 0,
+            waiting_batch=current.loaded.scheduler.waiting(Priority.BATCH) if current is not None else 0,
+            pinned=entry.pinned,
+            keep_alive_seconds=entry.keep_alive_seconds,
+            not_loaded_reason="" if current is not None else entry.not_loaded_reason,
         )
 
     def statuses(self) -> list[ModelStatus]:
-        return [self.status(name) for name in self._entries]
+        return [self.status(name) for name in list(self._entries)]
+
+    def memory_in_use(self) -> int:
+        """Memory held by every loaded instance, retiring ones included, as measured at their load."""
+        return sum(entry.memory_bytes for entry in self._entries.values())
 
     def defaults_ready(self) -> bool:
-        """True when every task's default model is READY."""
+        """True when every task's default model is READY, or was unloaded by the registry itself
+        (evicted, idle) and loads again on the next request: health must not drop a replica
+        because the budget or a keep-alive did its job."""
         names = {self._catalog.default_for(task) for task in Task} - {None}
-        return all(self._entries[n].state is ModelState.READY for n in names if n is not None)
+        return all(self._entries[n].serviceable() for n in names if n is not None)
+
+    def spec_from_api(self, name: str, text: str) -> ModelSpec:
+        """A spec sent with LoadModel: fields over the model's current spec (or a whole new entry),
+        with local paths confined to the folders models may be read from."""
+        entry = self._entries.get(name)
+        if entry is None:
+            self.check_new_name(name)
+        base = entry.spec if entry is not None else None
+        spec = spec_from_text(name, text, base=base)
+        for field_name in ("source", "tokenizer"):
+            value = getattr(spec, field_name)
+            if value and (base is None or value != getattr(base, field_name)):
+                self._resolver.check_confined(value, model=name)
+        return spec
 
     # -- use -----------------------------------------------------------------------------------
 
@@ -172,86 +305,134 @@ class ModelRegistry:
         entry = self._entries[spec.name]
         while entry.state is not ModelState.READY:
             if entry.state is ModelState.UNLOADING:
-                raise UnavailableError(f"model {spec.name!r} is being unloaded; retry once it is loaded again")
+                if not entry.auto_unloading:
+                    raise UnavailableError(f"model {spec.name!r} is being unloaded; retry once it is loaded again")
+                await entry.settled.wait()
+                continue
             await self.load(spec.name)
-        assert entry.loaded is not None
-        entry.active += 1
-        entry.idle.clear()
+        instance = entry.current
+        assert instance is not None
+        instance.active += 1
+        instance.idle.clear()
         try:
-            yield entry.loaded
+            yield instance.loaded
         finally:
-            entry.active -= 1
+            instance.active -= 1
             entry.last_used = datetime.now(UTC)
-            if entry.active == 0:
-                entry.idle.set()
+            entry.last_active = time.monotonic()
+            if instance.active == 0:
+                instance.idle.set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Begin loading the startup models in the background; health follows their progress."""
+        """Begin loading the startup models in the background, and watch for idle models."""
         for entry in self._entries.values():
             if entry.spec.load is LoadPolicy.STARTUP:
-                self._start_loading(entry)
+                self._start_loading(entry, entry.spec)
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._unload_idle_models(), name="keep-alive")
 
     async def wait_startup(self) -> None:
         """Wait until every startup model has finished loading, successfully or not."""
         pending = [e.loading for e in self._entries.values() if e.loading is not None]
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def load(self, name: str) -> ModelStatus:
-        """Load a model and wait for it; a model that is already ready is left as it is."""
-        entry = self._entry(name)
-        if entry.state is ModelState.UNLOADING:
-            raise UnavailableError(f"model {name!r} is being unloaded; load it again once that ends")
-        if entry.state is not ModelState.READY:
-            task = entry.loading or self._start_loading(entry)
-            await asyncio.shield(task)
-            if entry.state is ModelState.FAILED:
-                raise FailedPreconditionError(f"model {name!r} failed to load: {entry.error}")
+    async def load(
+        self,
+        name: str,
+        *,
+        spec: ModelSpec | None = None,
+        pinned: bool | None = None,
+        keep_alive_seconds: float | None = None,
+    ) -> ModelStatus:
+        """Load a model and wait for it. With `spec`, swap to it (or register it, for a new name);
+        a model already ready with that spec is left as it is. `pinned` and `keep_alive_seconds`
+        (0: never) override the spec's until the server stops."""
+        if spec is not None and spec.name != name:
+            raise InvalidArgumentError(f"spec names {spec.name!r}, not {name!r}")
+        entry = self._entries.get(name)
+        registering = entry is None
+        if entry is None:
+            if spec is None:
+                raise NotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(self._entries))}")
+            entry = self._entries[name] = _Entry(spec)
+        while True:
+            if entry.state is ModelState.UNLOADING and entry.loading is None:
+                if not entry.auto_unloading:
+                    raise UnavailableError(f"model {name!r} is being unloaded; load it again once that ends")
+                await entry.settled.wait()
+                continue
+            task = entry.loading
+            if task is None:
+                wanted = spec or entry.spec
+                if entry.state is ModelState.READY and wanted == entry.spec:
+                    break
+                task = self._start_loading(entry, wanted)
+            joined = entry.loading_spec
+            error = await asyncio.shield(task)
+            if joined != (spec or entry.spec):
+                continue  # someone else's swap finished, or failed; now ours
+            if error is None:
+                break
+            if registering and entry.current is None and self._entries.get(name) is entry:
+                del self._entries[name]
+                self._notify()
+            if isinstance(error, ResourceExhaustedError | UnavailableError):
+                raise error
+            keeps = "; the previous spec keeps serving" if entry.current is not None else ""
+            raise FailedPreconditionError(f"model {name!r} failed to load: {error.message}{keeps}")
+        if pinned is not None:
+            entry.pinned_override = pinned
+        if keep_alive_seconds is not None:
+            entry.keep_alive_override = keep_alive_seconds
         return self.status(name)
 
     async def unload(self, name: str, drain_timeout_seconds: float | None = None) -> ModelStatus:
         """Stop new requests for the model, wait for the ones it holds, then free it."""
         entry = self._entry(name)
-        if entry.loading is not None:
+        while entry.loading is not None:
             await asyncio.shield(entry.loading)
         if entry.state is not ModelState.READY:
             return self.status(name)  # unloaded, failed, or another unload is under way
         timeout = drain_timeout_seconds or self._drain_timeout
-        self._set_state(entry, ModelState.UNLOADING)
+        self._begin_unloading(entry, automatic=False)
+        instance = entry.current
+        assert instance is not None
         try:
-            await asyncio.wait_for(entry.idle.wait(), timeout)
+            await asyncio.wait_for(instance.idle.wait(), timeout)
         except TimeoutError:
-            self._set_state(entry, ModelState.READY)
+            self._end_unloading(entry, ModelState.READY)
             raise FailedPreconditionError(
-                f"model {name!r} is still serving {entry.active} request(s) after {timeout:g} s; "
+                f"model {name!r} is still serving {instance.active} request(s) after {timeout:g} s; "
                 "it stays loaded. Try again later or with a longer drain_timeout_seconds"
             ) from None
         except BaseException:
             # The caller gave up (cancelled, deadline): the model goes on serving, never stuck.
-            self._set_state(entry, ModelState.READY)
+            self._end_unloading(entry, ModelState.READY)
             raise
-        loaded, entry.loaded = entry.loaded, None
-        assert loaded is not None
+        entry.current = None
+        entry.auto_unloaded = False
         # Once out of the entry the model must be freed and marked so, even if the caller goes away.
-        await asyncio.shield(self._free(entry, loaded))
+        await asyncio.shield(self._free(entry, instance, f"unloaded by admin at {_now()}"))
         return self.status(name)
-
-    async def _free(self, entry: _Entry, loaded: LoadedModel) -> None:
-        await asyncio.to_thread(_close, loaded)
-        entry.memory_bytes = 0
-        entry.error = ""
-        self._set_state(entry, ModelState.UNLOADED)
-        log.info("model unloaded", model=entry.spec.name)
 
     async def close(self) -> None:
         """Unload everything (used at shutdown, after requests have drained)."""
-        for entry in self._entries.values():
-            if entry.loading is not None:
-                entry.loading.cancel()
-        for name in self._entries:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        loading = [entry.loading for entry in self._entries.values() if entry.loading is not None]
+        for task in loading:
+            task.cancel()
+        # Settled before unloading: a cancelled swap leaves its model's old instance to unload.
+        await asyncio.gather(*loading, return_exceptions=True)
+        for name in list(self._entries):
             with contextlib.suppress(WaferError, asyncio.CancelledError):
                 await self.unload(name)
+        retiring = [task for entry in self._entries.values() for task in entry.retire_tasks]
+        await asyncio.gather(*retiring, return_exceptions=True)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -261,47 +442,118 @@ class ModelRegistry:
             raise NotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(self._entries))}")
         return entry
 
-    def _start_loading(self, entry: _Entry) -> asyncio.Task[None]:
-        self._set_state(entry, ModelState.LOADING)
-        entry.loading = asyncio.create_task(self._load(entry), name=f"load-{entry.spec.name}")
+    def _start_loading(self, entry: _Entry, spec: ModelSpec) -> asyncio.Task[WaferError | None]:
+        before = entry.state
+        if entry.current is None:
+            self._set_state(entry, ModelState.LOADING)
+        entry.loading_spec = spec
+        entry.loading = asyncio.create_task(self._load(entry, spec, before), name=f"load-{spec.name}")
         return entry.loading
 
-    async def _load(self, entry: _Entry) -> None:
-        spec = entry.spec
+    async def _load(self, entry: _Entry, spec: ModelSpec, before: ModelState) -> WaferError | None:
+        """Load `spec` for `entry` and put it in service; the error, if it fails, is returned to
+        whoever waits (a background load has no caller to raise to)."""
+        swap = spec != entry.spec
+        try:
+            instance = await self._load_instance(spec, entry)
+        except asyncio.CancelledError:
+            entry.loading = None
+            if entry.current is None:
+                entry.error = "the load was cancelled"
+                entry.not_loaded_reason = "failed: the load was cancelled"
+                self._set_state(entry, ModelState.FAILED)
+            raise
+        except Exception as exc:
+            entry.loading = None
+            error = exc if isinstance(exc, WaferError) else FailedPreconditionError(f"{type(exc).__name__}: {exc}")
+            log.warning("model failed to load", model=spec.name, error=error.message, swap=swap)
+            if entry.current is not None:
+                self._notify()  # a failed swap: the old instance keeps serving, as it is
+            elif isinstance(error, ResourceExhaustedError) and not swap:
+                # Not a fault of the model: it stays loadable, and says why it is not loaded.
+                entry.not_loaded_reason = f"load refused at {_now()}: {error.message}"
+                self._set_state(entry, before)
+            elif swap:
+                # All or nothing: the entry keeps its spec and its state from before the attempt.
+                self._set_state(entry, before)
+            else:
+                entry.error = error.message
+                entry.not_loaded_reason = f"failed: {error.message}"
+                self._set_state(entry, ModelState.FAILED)
+            return error
+        entry.loading = None
+        self._install(entry, spec, instance)
+        return None
+
+    def _install(self, entry: _Entry, spec: ModelSpec, instance: _Instance) -> None:
+        old = entry.current
+        entry.spec = spec
+        entry.current = instance
+        entry.measured_bytes = instance.memory_bytes
+        entry.error = ""
+        entry.not_loaded_reason = ""
+        entry.auto_unloaded = False
+        entry.last_active = time.monotonic()
+        self._set_state(entry, ModelState.READY)
+        log.info(
+            "model loaded",
+            model=spec.name,
+            backend=spec.backend,
+            load_seconds=round(instance.load_seconds, 3),
+            memory_mb=round(instance.memory_bytes / 2**20, 1),
+            swapped=old is not None,
+        )
+        if old is not None:
+            entry.retiring.append(old)
+            retire = asyncio.create_task(self._retire(entry, old), name=f"retire-{spec.name}")
+            entry.retire_tasks.add(retire)
+            retire.add_done_callback(entry.retire_tasks.discard)
+
+    async def _retire(self, entry: _Entry, old: _Instance) -> None:
+        """Free a swapped-out instance once the requests it still holds end."""
+        await old.idle.wait()
+        await asyncio.to_thread(_close, old.loaded)
+        entry.retiring.remove(old)
+        self._notify()
+        log.info("swapped-out model freed", model=entry.spec.name)
+
+    async def wait_retired(self, name: str) -> None:
+        """Wait until the instances a swap replaced are freed (bound it with asyncio.timeout)."""
+        entry = self._entry(name)
+        if entry.retire_tasks:
+            await asyncio.shield(asyncio.gather(*entry.retire_tasks))
+
+    async def _load_instance(self, spec: ModelSpec, entry: _Entry) -> _Instance:
         pending: asyncio.Future[LoadedModel] | None = None
         try:
             async with self._load_lock:
+                backend_cls = self._backend_for(spec)
+                files = await asyncio.to_thread(self._files, spec)
+                estimate = entry.measured_bytes if spec == entry.spec else 0
+                await self._make_room(max(estimate, _size(files)), entry, for_spec=spec)
                 started = time.perf_counter()
+                # Memory freed earlier but still mapped would be reused by this load and hide it.
+                await asyncio.to_thread(_trim_heap)
                 rss_before = _rss()
-                pending = asyncio.get_running_loop().run_in_executor(None, self._load_blocking, spec)
+                loop = asyncio.get_running_loop()
+                pending = loop.run_in_executor(None, self._load_blocking, backend_cls, spec, files)
                 loaded = await pending
-                entry.memory_bytes = max(0, _rss() - rss_before)
-                entry.load_seconds = time.perf_counter() - started
-            entry.loaded = loaded
-            entry.error = ""
-            self._set_state(entry, ModelState.READY)
-            log.info(
-                "model loaded",
-                model=spec.name,
-                backend=spec.backend,
-                load_seconds=round(entry.load_seconds, 3),
-                memory_mb=round(entry.memory_bytes / 2**20, 1),
-            )
-        except Exception as exc:
-            entry.error = exc.message if isinstance(exc, WaferError) else f"{type(exc).__name__}: {exc}"
-            self._set_state(entry, ModelState.FAILED)
-            log.warning("model failed to load", model=spec.name, error=entry.error)
+                instance = _Instance(
+                    loaded=loaded,
+                    memory_bytes=max(0, _rss() - rss_before),
+                    load_seconds=time.perf_counter() - started,
+                )
+                # The estimate may have been low (a first load): make room for what it really took,
+                # as far as idle models allow; the model is loaded by now either way.
+                await self._make_room(instance.memory_bytes, entry, for_spec=spec, strict=False)
         except asyncio.CancelledError:
             # Shutdown while loading: the load thread cannot be interrupted; free what it returns.
             if pending is not None:
                 pending.add_done_callback(_close_when_loaded)
-            entry.error = "the load was cancelled"
-            self._set_state(entry, ModelState.FAILED)
             raise
-        finally:
-            entry.loading = None
+        return instance
 
-    def _load_blocking(self, spec: ModelSpec) -> LoadedModel:
+    def _backend_for(self, spec: ModelSpec) -> type[Backend]:
         backend_cls = self._backends.get(spec.backend)
         if backend_cls is None:
             available = ", ".join(sorted(self._backends))
@@ -314,12 +566,19 @@ class ModelRegistry:
             raise FailedPreconditionError(
                 f"backend {spec.backend!r} cannot {', '.join(sorted(t.value for t in unsupported))}"
             )
-        files = ModelFiles(
+        return backend_cls
+
+    def _files(self, spec: ModelSpec) -> ModelFiles:
+        return ModelFiles(
             weights=self._resolver.resolve(spec.source, model=spec.name),
             tokenizer=self._resolver.resolve(spec.tokenizer, model=spec.name) if spec.tokenizer else None,
         )
+
+    def _load_blocking(self, backend_cls: type[Backend], spec: ModelSpec, files: ModelFiles) -> LoadedModel:
         backend = backend_cls.load(spec, files, LoadOptions(threads=spec.threads or self._threads))
         try:
+            # Also the warm-up: the first call sizes ONNX Runtime's arena, so the RSS measured
+            # around the load counts it.
             backend.health()
         except Exception:
             backend.close()
@@ -334,8 +593,127 @@ class ModelRegistry:
         )
         return LoadedModel(spec=spec, backend=backend, scheduler=scheduler)
 
+    async def _make_room(self, needed: int, loading: _Entry, *, for_spec: ModelSpec, strict: bool = True) -> None:
+        """Evict idle, unpinned models, least recently used first, until `needed` more bytes fit the
+        budget. Models busy with requests soon are idle: wait up to `memory_wait_seconds` for them
+        before refusing the load. Runs under the load lock, so no other load races it."""
+        if self._budget is None:
+            return
+        deadline = time.monotonic() + self._memory_wait
+        while True:
+            await self._evict_idle(needed, loading, for_spec)
+            if not strict or self.memory_in_use() + needed <= self._budget:
+                return
+            releases = self._pending_releases(loading)
+            remaining = deadline - time.monotonic()
+            if not releases or remaining <= 0:
+                break
+            # Also wakes on a timer: an admin's unload elsewhere frees memory without an event here.
+            await asyncio.wait(releases, timeout=min(remaining, 0.1), return_when=asyncio.FIRST_COMPLETED)
+            for waiter in releases:
+                waiter.cancel()
+        holders = [self._holder(e) for e in self._entries.values() if e.memory_bytes > 0]
+        raise ResourceExhaustedError(
+            f"loading model {for_spec.name!r} needs about {_mb(needed)} but the memory budget is "
+            f"{_mb(self._budget)} and {_mb(self.memory_in_use())} is held by models that cannot be "
+            f"evicted: {', '.join(holders) or 'none'}. Unload one, unpin one, or raise WAFER_MEMORY_BUDGET_MB",
+            retry_after_seconds=5.0,
+        )
+
+    async def _evict_idle(self, needed: int, loading: _Entry, for_spec: ModelSpec) -> None:
+        assert self._budget is not None
+        candidates = sorted(
+            (e for e in self._entries.values() if e is not loading and e.evictable()),
+            key=lambda e: e.last_active,
+        )
+        for victim in candidates:
+            if self.memory_in_use() + needed <= self._budget:
+                return
+            if not victim.evictable():  # it was leased while an earlier victim was being freed
+                continue
+            freed = victim.memory_bytes
+            await self._evict(victim, f"evicted at {_now()} to make room for {for_spec.name!r}")
+            log.info("model evicted", model=victim.spec.name, freed_mb=round(freed / 2**20, 1), for_model=for_spec.name)
+
+    def _pending_releases(self, loading: _Entry) -> list[asyncio.Future[Any]]:
+        """Waiters for memory that will become evictable or free by itself: unpinned models busy with
+        requests (idle soon), and swapped-out instances (freed once their requests end)."""
+        waiters: list[asyncio.Future[Any]] = []
+        for entry in self._entries.values():
+            # Shielded: the caller cancels its waiters, never the retirement itself.
+            waiters += [asyncio.shield(task) for task in entry.retire_tasks]
+            current = entry.current
+            if entry is not loading and not entry.pinned and current is not None and current.active:
+                waiters.append(asyncio.ensure_future(current.idle.wait()))
+        return waiters
+
+    def _holder(self, entry: _Entry) -> str:
+        why = []
+        if entry.pinned:
+            why.append("pinned")
+        if any(i.active for i in entry.instances):
+            why.append("busy")
+        if entry.retiring:
+            why.append("swapping")
+        if entry.state is not ModelState.READY:
+            why.append(entry.state.value)
+        return f"{entry.spec.name} ({_mb(entry.memory_bytes)}{', ' + ', '.join(why) if why else ''})"
+
+    async def _evict(self, entry: _Entry, reason: str) -> None:
+        """Unload a model that is idle now. The checks and the state change happen with no await
+        between them, so no lease can slip in; leases arriving later wait and load it again."""
+        instance = entry.current
+        assert instance is not None and instance.active == 0
+        self._begin_unloading(entry, automatic=True)
+        entry.current = None
+        entry.auto_unloaded = True
+        await asyncio.shield(self._free(entry, instance, reason))
+
+    async def _unload_idle_models(self) -> None:
+        """The keep-alive clock: unload models idle longer than their keep_alive_seconds."""
+        while True:
+            await asyncio.sleep(self._keep_alive_check)
+            now = time.monotonic()
+            for entry in list(self._entries.values()):
+                keep_alive = entry.keep_alive_seconds
+                if keep_alive is None or not entry.evictable():
+                    continue
+                idle = now - entry.last_active
+                if idle < keep_alive:
+                    continue
+                try:
+                    await self._evict(
+                        entry, f"unloaded at {_now()} after {idle:.0f} s idle (keep_alive {keep_alive:g} s)"
+                    )
+                except Exception as exc:  # one model failing to close must not stop the clock for the others
+                    log.warning("idle model failed to unload", model=entry.spec.name, error=repr(exc))
+                else:
+                    log.info("idle model unloaded", model=entry.spec.name, idle_seconds=round(idle, 1))
+
+    async def _free(self, entry: _Entry, instance: _Instance, reason: str) -> None:
+        try:
+            await asyncio.to_thread(_close, instance.loaded)
+        finally:
+            entry.error = ""
+            entry.not_loaded_reason = reason
+            self._end_unloading(entry, ModelState.UNLOADED)
+        log.info("model unloaded", model=entry.spec.name, reason=reason)
+
+    def _begin_unloading(self, entry: _Entry, *, automatic: bool) -> None:
+        entry.auto_unloading = automatic
+        entry.settled.clear()
+        self._set_state(entry, ModelState.UNLOADING)
+
+    def _end_unloading(self, entry: _Entry, state: ModelState) -> None:
+        entry.auto_unloading = False
+        self._set_state(entry, state)
+        entry.settled.set()
+
     def _set_state(self, entry: _Entry, state: ModelState) -> None:
         entry.state = state
+        self._notify()
+
+    def _notify(self) -> None:
         for listener in self._listeners:
             listener()
 
@@ -343,6 +721,7 @@ class ModelRegistry:
 def _close(loaded: LoadedModel) -> None:
     loaded.scheduler.close()
     loaded.backend.close()
+    _trim_heap()
 
 
 def _close_when_loaded(future: asyncio.Future[LoadedModel]) -> None:
@@ -350,5 +729,38 @@ def _close_when_loaded(future: asyncio.Future[LoadedModel]) -> None:
         _close(future.result())
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps a freed model's arenas mapped otherwise,
+    and RSS, the budget's measure, would not come down after an unload."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _size(files: ModelFiles) -> int:
+    """Bytes of the model's files: the first estimate of its memory, before a load has measured it."""
+    return sum(path.stat().st_size for path in (files.weights, files.tokenizer) if path is not None)
+
+
 def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _mb(value: int) -> str:
+    return f"{value / 2**20:.0f} MB"

@@ -14,7 +14,7 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-from wafer.errors import FailedPreconditionError, InvalidArgumentError
+from wafer.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 
 PKG_SCHEME = "pkg://"
 HF_SCHEME = "hf://"
@@ -43,6 +43,35 @@ class SourceResolver:
         self._base_dir = base_dir
         self._hub_cache_dir = hub_cache_dir
         self._hub_endpoint = hub_endpoint
+
+    @property
+    def hub_endpoint(self) -> str | None:
+        return self._hub_endpoint
+
+    @property
+    def cache_dir(self) -> Path:
+        """The model cache: hf:// downloads, and files the server writes (quantized models)."""
+        return self._hub_cache_dir
+
+    def check_confined(self, source: str, *, model: str) -> None:
+        """Refuse a source sent over the API that reads a local file outside the folders models live in.
+
+        The catalog (models.yaml) is trusted; an admin RPC is not handed the whole file system: a path
+        must lie in the folder of models.yaml or in the model cache, symlinks resolved.
+        """
+        if source.startswith((PKG_SCHEME, HF_SCHEME)):
+            return
+        if "://" in source:
+            raise InvalidArgumentError(f"model {model!r}: unknown source scheme in {source!r}")
+        path = Path(source).expanduser()
+        path = (path if path.is_absolute() else self._base_dir / path).resolve()
+        allowed = [self._base_dir.resolve(), self._hub_cache_dir.resolve()]
+        if not any(path.is_relative_to(folder) for folder in allowed):
+            raise PermissionDeniedError(
+                f"model {model!r}: {source!r} is outside the folders a model sent over the API may read "
+                f"({', '.join(str(f) for f in allowed)}); use a pkg:// or hf:// source, or put the file "
+                "in one of those folders"
+            )
 
     def resolve(self, source: str, *, model: str) -> Path:
         if source.startswith(PKG_SCHEME):

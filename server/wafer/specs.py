@@ -103,6 +103,12 @@ class ModelSpec(BaseModel):
     load: LoadPolicy = LoadPolicy.ON_DEMAND
     threads: int | None = Field(default=None, gt=0, description="CPU threads; default: the server's.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    pinned: bool = Field(
+        default=False, description="Never unloaded to make room under the memory budget, nor after idle time."
+    )
+    keep_alive_seconds: float | None = Field(
+        default=None, gt=0, description="Unload after this many seconds without requests; default: never."
+    )
     description: str = ""
     requires: str = Field(
         default="", description="What must be true before this model can load, told to whoever tries."
@@ -124,6 +130,24 @@ class ModelSpec(BaseModel):
         if self.rerank_method is not None:
             return self.rerank_method
         return RerankMethod.RELEVANCE if Task.GENERATE in self.tasks else RerankMethod.COSINE
+
+
+def spec_from_text(name: str, text: str, *, base: ModelSpec | None) -> ModelSpec:
+    """A spec sent over the API: a YAML or JSON mapping of models.yaml fields. With a `base` (the
+    model's current spec) the mapping only needs the fields that change."""
+    try:
+        fields = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgumentError(f"spec for model {name!r} is not YAML or JSON: {exc}") from exc
+    if not isinstance(fields, dict) or not fields:
+        raise InvalidArgumentError(f"spec for model {name!r} must be a non-empty mapping of models.yaml fields")
+    if fields.get("name", name) != name:
+        raise InvalidArgumentError(f"spec for model {name!r} names another model, {fields['name']!r}")
+    merged = {**(base.model_dump(exclude_unset=True) if base is not None else {}), **fields, "name": name}
+    try:
+        return ModelSpec.model_validate(merged)
+    except ValidationError as exc:
+        raise InvalidArgumentError(f"spec for model {name!r} is invalid:\n{exc}") from exc
 
 
 class Catalog(BaseModel):

@@ -7,6 +7,7 @@ Embeddings are a deterministic function of the text; generation echoes the promp
 from __future__ import annotations
 
 import hashlib
+import mmap
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
@@ -33,16 +34,24 @@ class FakeBackend(Backend):
     loads: ClassVar[int] = 0
     closed: ClassVar[int] = 0
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, weights: mmap.mmap) -> None:
         super().__init__(spec)
+        self.weights = weights
         self.is_closed = False
 
     @classmethod
     def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> FakeBackend:
-        if files.weights.read_bytes().startswith(b"broken"):
+        # The weights are read into anonymous memory of their own and held, as a real backend does,
+        # so the RSS a load adds follows the file's size; mmap rather than bytes because the heap
+        # would reuse freed blocks across loads and hide that from RSS.
+        weights = mmap.mmap(-1, max(1, files.weights.stat().st_size))
+        with files.weights.open("rb") as file:
+            file.readinto(weights)
+        if weights[:6] == b"broken":
+            weights.close()
             raise FailedPreconditionError(f"model {spec.name!r}: weights are broken")
         cls.loads += 1
-        return cls(spec)
+        return cls(spec, weights)
 
     def count_tokens(self, text: str) -> int:
         return len(text.split()) + 2
@@ -101,3 +110,4 @@ class FakeBackend(Backend):
     def close(self) -> None:
         type(self).closed += 1
         self.is_closed = True
+        self.weights.close()

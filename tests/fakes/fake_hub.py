@@ -8,7 +8,8 @@ It answers the requests huggingface_hub 2.x makes, with the headers it reads:
     `X-Linked-Size` and `X-Repo-Commit`. The CDN listens on another port on purpose: huggingface_hub
     follows redirects that stay on the Hub's origin and stops at the first one that leaves it, reading the
     metadata from that redirect, which is the path real LFS downloads take.
-- `GET {cdn}/{sha256}`: the bytes, honouring `Range: bytes=N-` (resumed downloads).
+- `GET {cdn}/{sha256}`: the bytes, honouring `Range: bytes=N-` (resumed downloads); on request, a
+  download cut short (`cut_next_download_at`) or corrupted (`corrupt_downloads`).
 - errors as the Hub sends them: 404 with `X-Error-Code: RepoNotFound`, `RevisionNotFound` or
   `EntryNotFound` (the last with `X-Repo-Commit`, so the client can cache the file's absence).
 
@@ -64,6 +65,11 @@ class FakeHub:
         self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, cdn=True))
         self._threads: list[threading.Thread] = []
         self._running = False
+        # Fault injection for downloads from the CDN: the next one stops after this many bytes of its
+        # body (the connection closes early, as a dropped network does) ...
+        self.cut_next_download_at: int | None = None
+        # ... and while set, every one sends bytes that do not match the file's sha256.
+        self.corrupt_downloads = False
 
     @property
     def url(self) -> str:
@@ -215,14 +221,21 @@ def _handler(hub: FakeHub, *, cdn: bool) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_response(200)
             self.send_header("ETag", f'"{sha256}"')
-            self._send_content(content, body=body, start=start)
+            if body and hub.corrupt_downloads:
+                content = bytes([content[0] ^ 0xFF]) + content[1:]
+            cut = None
+            if body:
+                with hub._lock:
+                    cut, hub.cut_next_download_at = hub.cut_next_download_at, None
+            self._send_content(content, body=body, start=start, stop=cut)
 
-        def _send_content(self, content: bytes, *, body: bool, start: int) -> None:
+        def _send_content(self, content: bytes, *, body: bool, start: int, stop: int | None = None) -> None:
+            # Content-Length is always the whole remainder: a `stop` short of it is a dropped connection.
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(content) - start))
             self.end_headers()
             if body:
-                self.wfile.write(content[start:])
+                self.wfile.write(content[start:stop])
 
         def _error(self, status: int, code: str, message: str, *, commit: str | None = None) -> None:
             payload = f'{{"error": "{message}"}}'.encode()

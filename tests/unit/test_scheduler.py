@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ class RecordingBackend(FakeBackend):
     """The fake backend, with a record of every embed call and a gate of its own."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
+        super().__init__(spec, mmap.mmap(-1, 1))
         self.calls: list[list[str]] = []
         self.hold = threading.Event()
         self.hold.set()

@@ -25,6 +25,7 @@ from wafer_client.types import (
     InputType,
     ModelInfo,
     Priority,
+    PullProgress,
     RerankResult,
     SearchResult,
     StoredDocument,
@@ -305,10 +306,36 @@ class AsyncWaferClient(BaseClient):
         request = models_pb2.GetModelRequest(name=name)
         return _convert.model_info(await self._unary(self._models.GetModel, request, timeout))
 
-    async def load_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
-        """Loads a model and returns once it is ready (or failed: see ``.state`` and ``.error``)."""
-        request = models_pb2.LoadModelRequest(name=name)
+    async def load_model(
+        self,
+        name: str,
+        *,
+        spec: str | Mapping[str, Any] | None = None,
+        pinned: bool | None = None,
+        keep_alive_seconds: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> ModelInfo:
+        """Loads a model and returns once it is ready. ``spec`` (a mapping of models.yaml fields, or
+        that as YAML/JSON text) swaps a serving model to it without failing a request, or registers a
+        new model under ``name``; a spec that fails to load changes nothing and raises
+        FailedPreconditionError. ``pinned`` and ``keep_alive_seconds`` (0: kept loaded) override
+        models.yaml's until the server stops."""
+        request = _convert.load_model_request(name, spec=spec, pinned=pinned, keep_alive_seconds=keep_alive_seconds)
         return _convert.model_info(await self._unary(self._models.LoadModel, request, timeout))
+
+    async def quantize_model(
+        self, source_model: str, name: str, *, per_tensor: bool = False, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> ModelInfo:
+        """Has the server quantize the fp32 ONNX model ``source_model`` to int8 and register it as
+        ``name`` (loaded). Weights get one scale per output channel unless ``per_tensor``."""
+        request = models_pb2.QuantizeModelRequest(source_model=source_model, name=name, per_tensor=per_tensor)
+        return _convert.model_info(await self._unary(self._models.QuantizeModel, request, timeout, retry=False))
+
+    def pull_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> AsyncGenerator[PullProgress, None]:
+        """Has the server download the model's hf:// files into its cache, streaming progress. An
+        interrupted pull resumes where it stopped when called again."""
+        request = models_pb2.PullModelRequest(name=name)
+        return self._stream(self._models.PullModel, request, timeout, _convert.pull_progress)
 
     async def unload_model(
         self, name: str, drain_timeout_seconds: float = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT

@@ -3,6 +3,7 @@ bad argument fails at the call site rather than inside a stream or a retry loop.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC
 from typing import Any
@@ -21,6 +22,7 @@ from wafer_client.types import (
     FinishReason,
     GenerationChunk,
     ModelInfo,
+    PullProgress,
     RerankHit,
     RerankResult,
     SearchHit,
@@ -289,6 +291,39 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
         normalize=message.normalize,
         query_prompt=message.query_prompt,
         document_prompt=message.document_prompt,
+        pinned=message.pinned,
+        keep_alive_seconds=message.keep_alive_seconds or None,
+        not_loaded_reason=message.not_loaded_reason,
+        tokenizer=message.tokenizer,
+    )
+
+
+def load_model_request(
+    name: str,
+    *,
+    spec: str | Mapping[str, Any] | None,
+    pinned: bool | None,
+    keep_alive_seconds: float | None,
+) -> models_pb2.LoadModelRequest:
+    request = models_pb2.LoadModelRequest(name=name)
+    if spec is not None:
+        request.spec = spec if isinstance(spec, str) else json.dumps(dict(spec))
+    if pinned is not None:
+        request.pinned = pinned
+    if keep_alive_seconds is not None:
+        request.keep_alive_seconds = keep_alive_seconds
+    return request
+
+
+def pull_progress(message: models_pb2.PullProgress) -> PullProgress:
+    return PullProgress(
+        source=message.source,
+        downloaded_bytes=message.downloaded_bytes,
+        total_bytes=message.total_bytes,
+        resumed_from_bytes=message.resumed_from_bytes,
+        file_done=message.file_done,
+        path=message.path,
+        done=message.done,
     )
 
 

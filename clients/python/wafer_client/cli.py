@@ -39,7 +39,9 @@ app = typer.Typer(
     # Locals in a crash report would include the client and its metadata: authorization headers.
     pretty_exceptions_show_locals=False,
 )
-models_app = typer.Typer(help="List, inspect, load and unload models.", no_args_is_help=True, rich_markup_mode=None)
+models_app = typer.Typer(
+    help="List, inspect, load, swap, unload, quantize and pull models.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(models_app, name="models")
 
 _PREVIEW = 6
@@ -475,6 +477,8 @@ def models_list(
         defaults += [f"{task} → {escape(m.name)}" for task in m.default_for]
         if m.error:
             notes.append(f"[bold]{escape(m.name)}[/bold]: {escape(m.error)}")
+        elif m.not_loaded_reason and m.not_loaded_reason != "never loaded":
+            notes.append(f"[bold]{escape(m.name)}[/bold]: {escape(m.not_loaded_reason)}")
     console = Console()
     console.print(table)
     if defaults:
@@ -518,11 +522,70 @@ def _report_model(info: ModelInfo, verb: str) -> None:
 
 
 @models_app.command("load")
-def models_load(ctx: typer.Context, *, name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
-    """Load a model and wait until it is ready."""
+def models_load(
+    ctx: typer.Context,
+    *,
+    name: Annotated[str, typer.Argument(help="Model name (a new one needs --spec).")],
+    spec: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML or JSON file of models.yaml fields: swap the model to them (only the fields that "
+            "change), or register a new model (a whole entry). '-' reads standard input."
+        ),
+    ] = None,
+    pin: Annotated[
+        bool | None, typer.Option("--pin/--unpin", help="Never unload it on its own (budget, idle time).")
+    ] = None,
+    keep_alive: Annotated[
+        float | None, typer.Option(min=0, help="Unload after this many idle seconds; 0: keep it loaded.")
+    ] = None,
+) -> None:
+    """Load a model and wait until it is ready; with --spec, swap it without failing a request."""
+    text = None
+    if spec is not None:
+        text = sys.stdin.read() if str(spec) == "-" else _read(spec, "the spec file").decode("utf-8")
     with _reporting_errors(), _client(ctx) as client:
-        info = client.load_model(name)
+        info = client.load_model(name, spec=text, pinned=pin, keep_alive_seconds=keep_alive)
     _report_model(info, "loaded")
+
+
+@models_app.command("quantize")
+def models_quantize(
+    ctx: typer.Context,
+    *,
+    source_model: Annotated[str, typer.Argument(help="An fp32 ONNX model of the server's catalog.")],
+    name: Annotated[str, typer.Option("--name", help="Name of the new int8 model.")],
+    per_tensor: Annotated[
+        bool, typer.Option(help="One scale per weight tensor, not per output channel (less faithful).")
+    ] = False,
+) -> None:
+    """Have the server quantize an ONNX model to int8 and register it (loaded) under a new name."""
+    with _reporting_errors(), _client(ctx) as client:
+        info = client.quantize_model(source_model, name, per_tensor=per_tensor)
+    _report_model(info, "quantized")
+    Console().print(f"file on the server: {escape(info.source)}")
+
+
+@models_app.command("pull")
+def models_pull(ctx: typer.Context, *, name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
+    """Have the server download a model's hf:// files into its model cache (resumes, verifies)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with _reporting_errors(), _client(ctx) as client, Progress(*columns, console=Console(stderr=True)) as bars:
+        tasks: dict[str, Any] = {}
+        for report in client.pull_model(name):
+            if report.done:
+                break
+            if report.source not in tasks:
+                tasks[report.source] = bars.add_task(_short(report.source, 40), total=report.total_bytes or None)
+            task = tasks[report.source]
+            bars.update(task, completed=report.downloaded_bytes, total=report.total_bytes or None)
+            if report.resumed_from_bytes and report.downloaded_bytes == report.resumed_from_bytes:
+                bars.console.print(f"{escape(report.source)}: resuming at {report.resumed_from_bytes} bytes")
+            if report.file_done:
+                bars.console.print(f"{escape(report.source)}: verified, {escape(report.path)}")
+    Console().print(f"{escape(name)}: every file is in the server's model cache")
 
 
 @models_app.command("unload")

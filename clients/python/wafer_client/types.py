@@ -150,10 +150,33 @@ class ModelInfo:
     normalize: bool = False
     query_prompt: str = ""
     document_prompt: str = ""
+    pinned: bool = False
+    # None: kept loaded however long it is idle.
+    keep_alive_seconds: float | None = None
+    # Why it is not loaded ("never loaded", "evicted at ...", "unloaded at ... after N s idle",
+    # "unloaded by admin at ...", "failed: ..."); empty while loaded.
+    not_loaded_reason: str = ""
+    tokenizer: str = ""
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One report of :meth:`WaferClient.pull_model`. ``total_bytes`` is 0 while unknown;
+    ``resumed_from_bytes`` is what an earlier, interrupted pull had already fetched; ``file_done``
+    marks a file complete and verified (``path`` is where it is on the server); ``done``, the last
+    report, marks every file of the model in the cache."""
+
+    source: str = ""
+    downloaded_bytes: int = 0
+    total_bytes: int = 0
+    resumed_from_bytes: int = 0
+    file_done: bool = False
+    path: str = ""
+    done: bool = False
 
 
 @dataclass(frozen=True)

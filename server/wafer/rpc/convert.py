@@ -29,6 +29,7 @@ from wafer.domain import (
 )
 from wafer.errors import InvalidArgumentError
 from wafer.indexing import SearchResult, UpsertResult
+from wafer.pull import PullProgress
 from wafer.registry import ModelState, ModelStatus
 from wafer.specs import LoadPolicy, Task
 from wafer.store.base import CollectionInfo
@@ -190,12 +191,28 @@ def model_info(status: ModelStatus) -> models_pb2.ModelInfo:
         normalize=spec.normalize,
         query_prompt=spec.query_prompt,
         document_prompt=spec.document_prompt,
+        pinned=status.pinned,
+        keep_alive_seconds=status.keep_alive_seconds or 0.0,
+        not_loaded_reason=status.not_loaded_reason,
+        tokenizer=spec.tokenizer or "",
     )
     if status.last_used is not None:
         stamp = Timestamp()
         stamp.FromDatetime(status.last_used)
         info.last_used.CopyFrom(stamp)
     return info
+
+
+def pull_progress(progress: PullProgress) -> models_pb2.PullProgress:
+    return models_pb2.PullProgress(
+        source=progress.source,
+        downloaded_bytes=progress.downloaded_bytes,
+        total_bytes=progress.total_bytes,
+        file_done=progress.file_done,
+        path=progress.path,
+        resumed_from_bytes=progress.resumed_from_bytes,
+        done=progress.done,
+    )
 
 
 # -- Index -----------------------------------------------------------------------------------------

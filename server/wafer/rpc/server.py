@@ -127,7 +127,7 @@ def create_server(
         ],
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, settings), server)
-    models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(registry), server)
+    models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(registry, settings), server)
     index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(index), server)
     health = HealthReporter(registry)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

@@ -3,6 +3,8 @@ WaferErrors and mapped in one place (rpc.interceptor)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +13,8 @@ from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.errors import InvalidArgumentError
 from wafer.indexing import IndexService
+from wafer.pull import HubPuller, hub_sources, in_thread
+from wafer.quantize import quantize_model
 from wafer.registry import ModelRegistry
 from wafer.rpc import convert
 from wafer_proto.v1 import (
@@ -24,6 +28,10 @@ from wafer_proto.v1 import (
 
 # An hour: longer than any request should hold a model, short enough to be a typo if exceeded.
 MAX_DRAIN_TIMEOUT_SECONDS = 3600.0
+# A models.yaml entry is a few hundred characters; this is room for long prompts and descriptions.
+MAX_SPEC_CHARS = 64 * 1024
+# A month: a keep-alive longer than that is "forever", which 0 says.
+MAX_KEEP_ALIVE_SECONDS = 30 * 86400.0
 
 Context = Any  # grpc.aio.ServicerContext; the servicers never touch it
 
@@ -57,8 +65,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self._registry = registry
+        self._drain_timeout = settings.unload_drain_timeout_seconds
 
     async def ListModels(  # noqa: N802
         self, request: models_pb2.ListModelsRequest, context: Context
@@ -73,7 +82,48 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
     async def LoadModel(  # noqa: N802
         self, request: models_pb2.LoadModelRequest, context: Context
     ) -> models_pb2.ModelInfo:
-        return convert.model_info(await self._registry.load(_name(request.name)))
+        name = _name(request.name)
+        if len(request.spec) > MAX_SPEC_CHARS:
+            raise InvalidArgumentError(
+                f"spec is {len(request.spec)} characters; a models.yaml entry fits in {MAX_SPEC_CHARS}"
+            )
+        spec = self._registry.spec_from_api(name, request.spec) if request.spec else None
+        keep_alive = request.keep_alive_seconds if request.HasField("keep_alive_seconds") else None
+        if keep_alive is not None and not (math.isfinite(keep_alive) and 0 <= keep_alive <= MAX_KEEP_ALIVE_SECONDS):
+            raise InvalidArgumentError(
+                f"keep_alive_seconds must be between 0 (kept loaded) and {MAX_KEEP_ALIVE_SECONDS:g}, not {keep_alive!r}"
+            )
+        await self._registry.load(
+            name,
+            spec=spec,
+            pinned=request.pinned if request.HasField("pinned") else None,
+            keep_alive_seconds=keep_alive,
+        )
+        # A swap answers once the old instance is freed, so the memory shown is the new one's; a
+        # request still holding the old one past the drain timeout leaves it to be freed later.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._drain_timeout):
+                await self._registry.wait_retired(name)
+        return convert.model_info(self._registry.status(name))
+
+    async def QuantizeModel(  # noqa: N802
+        self, request: models_pb2.QuantizeModelRequest, context: Context
+    ) -> models_pb2.ModelInfo:
+        status = await quantize_model(
+            self._registry, _name(request.source_model), _name(request.name), per_channel=not request.per_tensor
+        )
+        return convert.model_info(status)
+
+    async def PullModel(  # noqa: N802
+        self, request: models_pb2.PullModelRequest, context: Context
+    ) -> AsyncIterator[models_pb2.PullProgress]:
+        spec = self._registry.spec(_name(request.name))
+        resolver = self._registry.resolver
+        puller = HubPuller(resolver.cache_dir, endpoint=resolver.hub_endpoint)
+        for source in hub_sources(spec):
+            async for progress in in_thread(puller.pull(source, model=spec.name)):
+                yield convert.pull_progress(progress)
+        yield models_pb2.PullProgress(done=True)
 
     async def UnloadModel(  # noqa: N802
         self, request: models_pb2.UnloadModelRequest, context: Context

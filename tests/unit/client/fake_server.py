@@ -229,6 +229,20 @@ class FakeModels(models_pb2_grpc.ModelsServicer):
         info.memory_bytes = 0
         return info
 
+    def QuantizeModel(self, request: models_pb2.QuantizeModelRequest, context: grpc.ServicerContext) -> Any:
+        self.script.enter("QuantizeModel", request, context)
+        info = self._find(request.source_model, context)
+        info.name = request.name
+        info.state = models_pb2.MODEL_STATE_READY
+        return info
+
+    def PullModel(self, request: models_pb2.PullModelRequest, context: grpc.ServicerContext) -> Any:
+        self.script.enter("PullModel", request, context)
+        info = self._find(request.name, context)
+        yield models_pb2.PullProgress(source=info.source, downloaded_bytes=0, total_bytes=10)
+        yield models_pb2.PullProgress(source=info.source, downloaded_bytes=10, total_bytes=10, file_done=True)
+        yield models_pb2.PullProgress(done=True)
+
 
 class FakeIndex(index_pb2_grpc.IndexServicer):
     def __init__(self, script: Script) -> None:

@@ -71,6 +71,32 @@ def test_models_load_unload_get(fake_server: FakeServer, script: Script) -> None
     assert code == 1 and "weights not found" in err
 
 
+def test_models_load_with_a_spec_pin_and_keep_alive(fake_server: FakeServer, script: Script, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("source: models/other.onnx\nthreads: 1\n")
+    code, out, _ = wafer(
+        fake_server, "models", "load", "fake-embed", "--spec", str(spec), "--pin", "--keep-alive", "90"
+    )
+    assert code == 0 and "fake-embed: loaded" in out
+    request = script.requests["LoadModel"][0]
+    assert request.spec == "source: models/other.onnx\nthreads: 1\n"
+    assert request.HasField("pinned") and request.pinned
+    assert request.keep_alive_seconds == 90
+    code, _, _ = wafer(fake_server, "models", "load", "fake-embed")
+    plain = script.requests["LoadModel"][1]
+    assert not plain.spec and not plain.HasField("pinned") and not plain.HasField("keep_alive_seconds")
+
+
+def test_models_quantize_and_pull(fake_server: FakeServer, script: Script) -> None:
+    code, out, _ = wafer(fake_server, "models", "quantize", "fake-embed", "--name", "fake-int8", "--per-tensor")
+    assert code == 0 and "fake-int8: quantized, now ready" in out
+    request = script.requests["QuantizeModel"][0]
+    assert (request.source_model, request.name, request.per_tensor) == ("fake-embed", "fake-int8", True)
+    code, out, err = wafer(fake_server, "models", "pull", "fake-embed")
+    assert code == 0, err
+    assert "verified" in err and "every file is in the server's model cache" in out
+
+
 def test_generate_streams_to_stdout_and_usage_to_stderr(fake_server: FakeServer, script: Script) -> None:
     code, out, err = wafer(
         fake_server, "generate", "Say hi", "--raw", "--max-tokens", "5", "--seed", "1", "--stop", "\n", "--stop", "."

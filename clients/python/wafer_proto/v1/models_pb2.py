@@ -27,29 +27,35 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from wafer_proto.v1 import common_pb2 as wafer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15wafer/v1/models.proto\x12\x08wafer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15wafer/v1/common.proto\"\xe1\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x1d\n\x05tasks\x18\x03 \x03(\x0e\x32\x0e.wafer.v1.Task\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.wafer.v1.ModelState\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12#\n\x0b\x64\x65\x66\x61ult_for\x18\t \x03(\x0e\x32\x0e.wafer.v1.Task\x12)\n\x0bload_policy\x18\n \x01(\x0e\x32\x14.wafer.v1.LoadPolicy\x12\x14\n\x0cmemory_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cload_seconds\x18\x0c \x01(\x01\x12-\n\tlast_used\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x61\x63tive_requests\x18\x0e \x01(\r\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x0f\n\x07pooling\x18\x10 \x01(\t\x12\x11\n\tnormalize\x18\x11 \x01(\x08\x12\x14\n\x0cquery_prompt\x18\x12 \x01(\t\x12\x17\n\x0f\x64ocument_prompt\x18\x13 \x01(\t\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.wafer.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15\x64rain_timeout_seconds\x18\x02 \x01(\x01*\xa6\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05*]\n\nLoadPolicy\x12\x1b\n\x17LOAD_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13LOAD_POLICY_STARTUP\x10\x01\x12\x19\n\x15LOAD_POLICY_ON_DEMAND\x10\x02\x32\x8d\x02\n\x06Models\x12G\n\nListModels\x12\x1b.wafer.v1.ListModelsRequest\x1a\x1c.wafer.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x19.wafer.v1.GetModelRequest\x1a\x13.wafer.v1.ModelInfo\x12<\n\tLoadModel\x12\x1a.wafer.v1.LoadModelRequest\x1a\x13.wafer.v1.ModelInfo\x12@\n\x0bUnloadModel\x12\x1c.wafer.v1.UnloadModelRequest\x1a\x13.wafer.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15wafer/v1/models.proto\x12\x08wafer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15wafer/v1/common.proto\"\xbb\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x1d\n\x05tasks\x18\x03 \x03(\x0e\x32\x0e.wafer.v1.Task\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.wafer.v1.ModelState\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12#\n\x0b\x64\x65\x66\x61ult_for\x18\t \x03(\x0e\x32\x0e.wafer.v1.Task\x12)\n\x0bload_policy\x18\n \x01(\x0e\x32\x14.wafer.v1.LoadPolicy\x12\x14\n\x0cmemory_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cload_seconds\x18\x0c \x01(\x01\x12-\n\tlast_used\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x61\x63tive_requests\x18\x0e \x01(\r\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x0f\n\x07pooling\x18\x10 \x01(\t\x12\x11\n\tnormalize\x18\x11 \x01(\x08\x12\x14\n\x0cquery_prompt\x18\x12 \x01(\t\x12\x17\n\x0f\x64ocument_prompt\x18\x13 \x01(\t\x12\x0e\n\x06pinned\x18\x14 \x01(\x08\x12\x1a\n\x12keep_alive_seconds\x18\x15 \x01(\x01\x12\x19\n\x11not_loaded_reason\x18\x16 \x01(\t\x12\x11\n\ttokenizer\x18\x17 \x01(\t\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.wafer.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x86\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x13\n\x06pinned\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1f\n\x12keep_alive_seconds\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_pinnedB\x15\n\x13_keep_alive_seconds\"A\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15\x64rain_timeout_seconds\x18\x02 \x01(\x01\"N\n\x14QuantizeModelRequest\x12\x14\n\x0csource_model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nper_tensor\x18\x03 \x01(\x08\" \n\x10PullModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x98\x01\n\x0cPullProgress\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x18\n\x10\x64ownloaded_bytes\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x11\n\tfile_done\x18\x04 \x01(\x08\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x1a\n\x12resumed_from_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x64one\x18\x07 \x01(\x08*\xa6\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05*]\n\nLoadPolicy\x12\x1b\n\x17LOAD_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13LOAD_POLICY_STARTUP\x10\x01\x12\x19\n\x15LOAD_POLICY_ON_DEMAND\x10\x02\x32\x96\x03\n\x06Models\x12G\n\nListModels\x12\x1b.wafer.v1.ListModelsRequest\x1a\x1c.wafer.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x19.wafer.v1.GetModelRequest\x1a\x13.wafer.v1.ModelInfo\x12<\n\tLoadModel\x12\x1a.wafer.v1.LoadModelRequest\x1a\x13.wafer.v1.ModelInfo\x12@\n\x0bUnloadModel\x12\x1c.wafer.v1.UnloadModelRequest\x1a\x13.wafer.v1.ModelInfo\x12\x44\n\rQuantizeModel\x12\x1e.wafer.v1.QuantizeModelRequest\x1a\x13.wafer.v1.ModelInfo\x12\x41\n\tPullModel\x12\x1a.wafer.v1.PullModelRequest\x1a\x16.wafer.v1.PullProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wafer.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=790
-  _globals['_MODELSTATE']._serialized_end=956
-  _globals['_LOADPOLICY']._serialized_start=958
-  _globals['_LOADPOLICY']._serialized_end=1051
+  _globals['_MODELSTATE']._serialized_start=1252
+  _globals['_MODELSTATE']._serialized_end=1418
+  _globals['_LOADPOLICY']._serialized_start=1420
+  _globals['_LOADPOLICY']._serialized_end=1513
   _globals['_MODELINFO']._serialized_start=92
-  _globals['_MODELINFO']._serialized_end=573
-  _globals['_LISTMODELSREQUEST']._serialized_start=575
-  _globals['_LISTMODELSREQUEST']._serialized_end=594
-  _globals['_LISTMODELSRESPONSE']._serialized_start=596
-  _globals['_LISTMODELSRESPONSE']._serialized_end=653
-  _globals['_GETMODELREQUEST']._serialized_start=655
-  _globals['_GETMODELREQUEST']._serialized_end=686
-  _globals['_LOADMODELREQUEST']._serialized_start=688
-  _globals['_LOADMODELREQUEST']._serialized_end=720
-  _globals['_UNLOADMODELREQUEST']._serialized_start=722
-  _globals['_UNLOADMODELREQUEST']._serialized_end=787
-  _globals['_MODELS']._serialized_start=1054
-  _globals['_MODELS']._serialized_end=1323
+  _globals['_MODELINFO']._serialized_end=663
+  _globals['_LISTMODELSREQUEST']._serialized_start=665
+  _globals['_LISTMODELSREQUEST']._serialized_end=684
+  _globals['_LISTMODELSRESPONSE']._serialized_start=686
+  _globals['_LISTMODELSRESPONSE']._serialized_end=743
+  _globals['_GETMODELREQUEST']._serialized_start=745
+  _globals['_GETMODELREQUEST']._serialized_end=776
+  _globals['_LOADMODELREQUEST']._serialized_start=779
+  _globals['_LOADMODELREQUEST']._serialized_end=913
+  _globals['_UNLOADMODELREQUEST']._serialized_start=915
+  _globals['_UNLOADMODELREQUEST']._serialized_end=980
+  _globals['_QUANTIZEMODELREQUEST']._serialized_start=982
+  _globals['_QUANTIZEMODELREQUEST']._serialized_end=1060
+  _globals['_PULLMODELREQUEST']._serialized_start=1062
+  _globals['_PULLMODELREQUEST']._serialized_end=1094
+  _globals['_PULLPROGRESS']._serialized_start=1097
+  _globals['_PULLPROGRESS']._serialized_end=1249
+  _globals['_MODELS']._serialized_start=1516
+  _globals['_MODELS']._serialized_end=1922
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,16 @@ class ModelsStub:
                 request_serializer=wafer_dot_v1_dot_models__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=wafer_dot_v1_dot_models__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.QuantizeModel = channel.unary_unary(
+                '/wafer.v1.Models/QuantizeModel',
+                request_serializer=wafer_dot_v1_dot_models__pb2.QuantizeModelRequest.SerializeToString,
+                response_deserializer=wafer_dot_v1_dot_models__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/wafer.v1.Models/PullModel',
+                request_serializer=wafer_dot_v1_dot_models__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=wafer_dot_v1_dot_models__pb2.PullProgress.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -81,6 +91,15 @@ class ModelsServicer:
     def LoadModel(self, request, context):
         """Loads a model and returns once it is ready. A load that fails answers
         FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
+
+        With a `spec`, it also swaps: for a model that is serving, the new spec loads
+        beside the old one, new requests then go to the new one, and the old one is
+        freed once the requests it holds end; no request fails. A new spec that fails
+        to load changes nothing (the old one keeps serving) and answers
+        FAILED_PRECONDITION with the reason. Under a memory budget, idle models that
+        are neither pinned nor the one loading are unloaded, least recently used first,
+        to make room; when that is not enough the load answers RESOURCE_EXHAUSTED
+        naming the models that hold the memory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,6 +108,28 @@ class ModelsServicer:
     def UnloadModel(self, request, context):
         """Refuses new requests for the model (UNAVAILABLE), lets the ones it holds
         finish, then frees it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QuantizeModel(self, request, context):
+        """Turns an fp32 ONNX model of the catalog into an int8 one (onnxruntime's
+        dynamic quantization) on the server, writes it into the server's model cache
+        and registers it under a new name, loaded and ready. The server does this,
+        not the client, because the weights and the cache live on the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullModel(self, request, context):
+        """Downloads a model's hf:// files into the server's model cache, streaming
+        progress. Partial downloads resume (HTTP Range); each file is checked
+        against the Hub's checksum (sha256 for LFS files, the git blob id for the
+        others); a file that does not match is deleted and the call answers
+        FAILED_PRECONDITION. A server that cannot reach the Hub answers UNAVAILABLE
+        with what to do instead. Files already in the cache are not fetched again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +157,16 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=wafer_dot_v1_dot_models__pb2.UnloadModelRequest.FromString,
                     response_serializer=wafer_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
+            ),
+            'QuantizeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuantizeModel,
+                    request_deserializer=wafer_dot_v1_dot_models__pb2.QuantizeModelRequest.FromString,
+                    response_serializer=wafer_dot_v1_dot_models__pb2.ModelInfo.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=wafer_dot_v1_dot_models__pb2.PullModelRequest.FromString,
+                    response_serializer=wafer_dot_v1_dot_models__pb2.PullProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +279,60 @@ class Models:
             '/wafer.v1.Models/UnloadModel',
             wafer_dot_v1_dot_models__pb2.UnloadModelRequest.SerializeToString,
             wafer_dot_v1_dot_models__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuantizeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wafer.v1.Models/QuantizeModel',
+            wafer_dot_v1_dot_models__pb2.QuantizeModelRequest.SerializeToString,
+            wafer_dot_v1_dot_models__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/wafer.v1.Models/PullModel',
+            wafer_dot_v1_dot_models__pb2.PullModelRequest.SerializeToString,
+            wafer_dot_v1_dot_models__pb2.PullProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,10 +43,33 @@ class ModelsStub:
     LoadModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.LoadModelRequest, _models_pb2.ModelInfo]
     """Loads a model and returns once it is ready. A load that fails answers
     FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
+
+    With a `spec`, it also swaps: for a model that is serving, the new spec loads
+    beside the old one, new requests then go to the new one, and the old one is
+    freed once the requests it holds end; no request fails. A new spec that fails
+    to load changes nothing (the old one keeps serving) and answers
+    FAILED_PRECONDITION with the reason. Under a memory budget, idle models that
+    are neither pinned nor the one loading are unloaded, least recently used first,
+    to make room; when that is not enough the load answers RESOURCE_EXHAUSTED
+    naming the models that hold the memory.
     """
     UnloadModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.UnloadModelRequest, _models_pb2.ModelInfo]
     """Refuses new requests for the model (UNAVAILABLE), lets the ones it holds
     finish, then frees it.
+    """
+    QuantizeModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.QuantizeModelRequest, _models_pb2.ModelInfo]
+    """Turns an fp32 ONNX model of the catalog into an int8 one (onnxruntime's
+    dynamic quantization) on the server, writes it into the server's model cache
+    and registers it under a new name, loaded and ready. The server does this,
+    not the client, because the weights and the cache live on the server.
+    """
+    PullModel: _grpc.UnaryStreamMultiCallable[_models_pb2.PullModelRequest, _models_pb2.PullProgress]
+    """Downloads a model's hf:// files into the server's model cache, streaming
+    progress. Partial downloads resume (HTTP Range); each file is checked
+    against the Hub's checksum (sha256 for LFS files, the git blob id for the
+    others); a file that does not match is deleted and the call answers
+    FAILED_PRECONDITION. A server that cannot reach the Hub answers UNAVAILABLE
+    with what to do instead. Files already in the cache are not fetched again.
     """
 
 @_typing.type_check_only
@@ -63,10 +86,33 @@ class ModelsAsyncStub(ModelsStub):
     LoadModel: _aio.UnaryUnaryMultiCallable[_models_pb2.LoadModelRequest, _models_pb2.ModelInfo]  # type: ignore[assignment]
     """Loads a model and returns once it is ready. A load that fails answers
     FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
+
+    With a `spec`, it also swaps: for a model that is serving, the new spec loads
+    beside the old one, new requests then go to the new one, and the old one is
+    freed once the requests it holds end; no request fails. A new spec that fails
+    to load changes nothing (the old one keeps serving) and answers
+    FAILED_PRECONDITION with the reason. Under a memory budget, idle models that
+    are neither pinned nor the one loading are unloaded, least recently used first,
+    to make room; when that is not enough the load answers RESOURCE_EXHAUSTED
+    naming the models that hold the memory.
     """
     UnloadModel: _aio.UnaryUnaryMultiCallable[_models_pb2.UnloadModelRequest, _models_pb2.ModelInfo]  # type: ignore[assignment]
     """Refuses new requests for the model (UNAVAILABLE), lets the ones it holds
     finish, then frees it.
+    """
+    QuantizeModel: _aio.UnaryUnaryMultiCallable[_models_pb2.QuantizeModelRequest, _models_pb2.ModelInfo]  # type: ignore[assignment]
+    """Turns an fp32 ONNX model of the catalog into an int8 one (onnxruntime's
+    dynamic quantization) on the server, writes it into the server's model cache
+    and registers it under a new name, loaded and ready. The server does this,
+    not the client, because the weights and the cache live on the server.
+    """
+    PullModel: _aio.UnaryStreamMultiCallable[_models_pb2.PullModelRequest, _models_pb2.PullProgress]  # type: ignore[assignment]
+    """Downloads a model's hf:// files into the server's model cache, streaming
+    progress. Partial downloads resume (HTTP Range); each file is checked
+    against the Hub's checksum (sha256 for LFS files, the git blob id for the
+    others); a file that does not match is deleted and the call answers
+    FAILED_PRECONDITION. A server that cannot reach the Hub answers UNAVAILABLE
+    with what to do instead. Files already in the cache are not fetched again.
     """
 
 class ModelsServicer(metaclass=_abc_1.ABCMeta):
@@ -98,6 +144,15 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_models_pb2.ModelInfo, _abc.Awaitable[_models_pb2.ModelInfo]]:
         """Loads a model and returns once it is ready. A load that fails answers
         FAILED_PRECONDITION with the reason (also kept in ModelInfo.error).
+
+        With a `spec`, it also swaps: for a model that is serving, the new spec loads
+        beside the old one, new requests then go to the new one, and the old one is
+        freed once the requests it holds end; no request fails. A new spec that fails
+        to load changes nothing (the old one keeps serving) and answers
+        FAILED_PRECONDITION with the reason. Under a memory budget, idle models that
+        are neither pinned nor the one loading are unloaded, least recently used first,
+        to make room; when that is not enough the load answers RESOURCE_EXHAUSTED
+        naming the models that hold the memory.
         """
 
     @_abc_1.abstractmethod
@@ -108,6 +163,32 @@ class ModelsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_models_pb2.ModelInfo, _abc.Awaitable[_models_pb2.ModelInfo]]:
         """Refuses new requests for the model (UNAVAILABLE), lets the ones it holds
         finish, then frees it.
+        """
+
+    @_abc_1.abstractmethod
+    def QuantizeModel(
+        self,
+        request: _models_pb2.QuantizeModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.ModelInfo, _abc.Awaitable[_models_pb2.ModelInfo]]:
+        """Turns an fp32 ONNX model of the catalog into an int8 one (onnxruntime's
+        dynamic quantization) on the server, writes it into the server's model cache
+        and registers it under a new name, loaded and ready. The server does this,
+        not the client, because the weights and the cache live on the server.
+        """
+
+    @_abc_1.abstractmethod
+    def PullModel(
+        self,
+        request: _models_pb2.PullModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_models_pb2.PullProgress], _abc.AsyncIterator[_models_pb2.PullProgress]]:
+        """Downloads a model's hf:// files into the server's model cache, streaming
+        progress. Partial downloads resume (HTTP Range); each file is checked
+        against the Hub's checksum (sha256 for LFS files, the git blob id for the
+        others); a file that does not match is deleted and the call answers
+        FAILED_PRECONDITION. A server that cannot reach the Hub answers UNAVAILABLE
+        with what to do instead. Files already in the cache are not fetched again.
         """
 
 def add_ModelsServicer_to_server(servicer: ModelsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

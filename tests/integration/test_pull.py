@@ -1,0 +1,119 @@
+"""`wafer models pull` (wafer.pull.HubPuller) against the local fake Hub: whole pulls, a pull cut short and
+resumed with an HTTP Range request, a corrupted download caught by its checksum, and no network."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.fake_hub import FakeHub, running_fake_hub
+from tests.integration.test_hub_source import closed_port_url
+from wafer.errors import FailedPreconditionError, UnavailableError
+from wafer.pull import HubPuller, PullProgress, hub_sources
+from wafer.sources import SourceResolver
+from wafer.specs import ModelSpec, Task
+
+REPO = "org/model"
+# Several pull chunks (1 MiB) and well over the fake's LFS threshold: served by the CDN, sha256 ETag.
+WEIGHTS = hashlib.sha256(b"seed").digest() * (3 * 2**20 // 32 + 7)
+TOKENIZER = b'{"model": {"type": "WordPiece"}}'  # small: kept in git, git blob sha1 ETag
+SOURCE = f"hf://{REPO}/model.onnx"
+TOKENIZER_SOURCE = f"hf://{REPO}/tokenizer.json"
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    with running_fake_hub() as hub:
+        hub.add_file(REPO, "model.onnx", WEIGHTS)
+        hub.add_file(REPO, "tokenizer.json", TOKENIZER)
+        yield hub
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def puller(cache: Path, hub: FakeHub) -> HubPuller:
+    return HubPuller(cache, endpoint=hub.url)
+
+
+def pull_all(puller: HubPuller, source: str) -> list[PullProgress]:
+    return list(puller.pull(source, model="m"))
+
+
+def downloads(hub: FakeHub) -> list[str]:
+    """Range headers (or "" for whole-file requests) of the GETs that fetched bytes from the CDN."""
+    return [r.headers.get("Range", "") for r in hub.requests if r.method == "GET" and "/resolve/" not in r.path]
+
+
+def test_pull_fetches_verifies_and_caches_where_the_resolver_finds_it(
+    puller: HubPuller, hub: FakeHub, cache: Path, tmp_path: Path
+) -> None:
+    reports = pull_all(puller, SOURCE)
+    last = reports[-1]
+    assert last.file_done and last.downloaded_bytes == last.total_bytes == len(WEIGHTS)
+    assert Path(last.path).read_bytes() == WEIGHTS
+    assert [r.downloaded_bytes for r in reports] == sorted(r.downloaded_bytes for r in reports)
+    tokenizer = pull_all(puller, TOKENIZER_SOURCE)[-1]
+    assert Path(tokenizer.path).read_bytes() == TOKENIZER
+    assert not list(cache.rglob("*.incomplete"))
+    # The resolver loads both from the cache, offline: its endpoint has nothing listening.
+    seen = len(hub.requests)
+    offline = SourceResolver(tmp_path, cache, hub_endpoint=closed_port_url())
+    assert offline.resolve(SOURCE, model="m").read_bytes() == WEIGHTS
+    assert offline.resolve(TOKENIZER_SOURCE, model="m").read_bytes() == TOKENIZER
+    # A second pull finds the file cached and asks the Hub nothing.
+    again = pull_all(puller, SOURCE)
+    assert len(again) == 1 and again[0].file_done
+    assert len(hub.requests) == seen
+
+
+def test_an_interrupted_pull_resumes_with_a_range_request(puller: HubPuller, hub: FakeHub, cache: Path) -> None:
+    cut = 2**20 + 12345
+    hub.cut_next_download_at = cut
+    with pytest.raises(UnavailableError, match="run the pull again to resume it"):
+        pull_all(puller, SOURCE)
+    (partial,) = cache.rglob("*.incomplete")
+    assert partial.stat().st_size == cut
+    reports = pull_all(puller, SOURCE)
+    assert downloads(hub) == ["", f"bytes={cut}-"]
+    assert reports[0].resumed_from_bytes == cut
+    assert Path(reports[-1].path).read_bytes() == WEIGHTS
+    assert not list(cache.rglob("*.incomplete"))
+
+
+def test_a_corrupted_download_is_detected_and_deleted(puller: HubPuller, hub: FakeHub, cache: Path) -> None:
+    hub.corrupt_downloads = True
+    with pytest.raises(FailedPreconditionError, match=r"arrived corrupted \(checksum .* instead of the Hub's"):
+        pull_all(puller, SOURCE)
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # nothing unverified stays in the cache
+    hub.corrupt_downloads = False
+    assert Path(pull_all(puller, SOURCE)[-1].path).read_bytes() == WEIGHTS
+
+
+def test_offline_says_what_to_do(cache: Path) -> None:
+    puller = HubPuller(cache, endpoint=closed_port_url())
+    with pytest.raises(
+        UnavailableError, match=r"cannot reach the Hub.*hf download org/model model.onnx.*wafer models pull m"
+    ):
+        pull_all(puller, SOURCE)
+
+
+def test_what_the_hub_does_not_have_is_a_failed_precondition(puller: HubPuller) -> None:
+    with pytest.raises(FailedPreconditionError, match=r"the Hub has no org/model/nope\.onnx"):
+        pull_all(puller, f"hf://{REPO}/nope.onnx")
+
+
+def test_only_hub_sources_are_pulled() -> None:
+    spec = ModelSpec(
+        name="m", backend="onnx", source=SOURCE, tokenizer=TOKENIZER_SOURCE, tasks=[Task.EMBED], dimensions=4
+    )
+    assert hub_sources(spec) == [SOURCE, TOKENIZER_SOURCE]
+    local = spec.model_copy(update={"source": "pkg://dist/model.onnx", "tokenizer": None})
+    with pytest.raises(FailedPreconditionError, match="nothing to pull"):
+        hub_sources(local)
