@@ -64,6 +64,8 @@ class EmbedResult:
     vectors: FloatMatrix
     usage: Usage
     timings: Timings
+    # How many of the vectors came from the embedding cache instead of the model.
+    cached: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,14 @@ ranking). The RPC layer only translates to and from these calls.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import numpy as np
 
-from wafer.backends.base import InputTooLongError
+from wafer import chunking
+from wafer.backends.base import Embeddings, InputTooLongError
+from wafer.cache import CachedEmbeddings, EmbeddingCache, Recipe, cached_embed
+from wafer.chunking import Span
 from wafer.config import Settings
 from wafer.domain import (
     EmbedRequest,
@@ -42,6 +45,12 @@ def _ms(seconds: float) -> float:
     return seconds * 1000.0
 
 
+def _finish(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:
+    """A backend's pooled vectors as Embed returns them: cut to `dimensions`, then normalized."""
+    cut = vectors[:, :dimensions]
+    return np.ascontiguousarray(l2_normalize(cut) if normalize else cut, dtype=np.float32)
+
+
 def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     normalized: FloatMatrix = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
@@ -49,14 +58,29 @@ def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
 
 
 class InferenceEngine:
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        cache: EmbeddingCache | None = None,
+    ) -> None:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
+        self._cache = cache
 
     @property
     def registry(self) -> ModelRegistry:
         return self._registry
+
+    @property
+    def max_inputs_per_request(self) -> int:
+        return self._settings.max_inputs_per_request
+
+    def check_texts(self, texts: Sequence[str], *, what: str) -> None:
+        """Refuses empty, too many or oversized texts, as Embed does."""
+        self._check_texts(texts, what=what)
 
     # -- Embed ---------------------------------------------------------------------------------
 
@@ -66,27 +90,53 @@ class InferenceEngine:
         async with self._registry.lease(request.model, Task.EMBED) as model:
             spec = model.spec
             dimensions = self._check_dimensions(spec, request.dimensions)
+            normalize = spec.normalize if request.normalize is None else request.normalize
             prompt = spec.query_prompt if request.input_type is InputType.QUERY else spec.document_prompt
             texts = [prompt + text for text in request.inputs]
             started = time.perf_counter()
-            output = await model.worker.run(lambda: model.backend.embed(texts, truncate=request.truncate))
+
+            def compute(batch: list[str]) -> Awaitable[Embeddings]:
+                return model.worker.run(lambda: model.backend.embed(batch, truncate=request.truncate))
+
+            if self._cache is None:
+                output = await compute(texts)
+                result = CachedEmbeddings(
+                    vectors=_finish(output.vectors, dimensions, normalize),
+                    token_counts=output.token_counts,
+                    cached=0,
+                    computed_tokens=sum(output.token_counts),
+                )
+            else:
+                recipe = Recipe.of(spec, dimensions=dimensions, normalize=normalize, truncate=request.truncate)
+                result = await cached_embed(
+                    self._cache, recipe, texts, compute, lambda v: _finish(v, dimensions, normalize)
+                )
             finished = time.perf_counter()
-        if self._metrics is not None:
-            self._metrics.record_batch(spec.name, Task.EMBED, len(texts), sum(output.token_counts))
-        vectors = output.vectors[:, :dimensions]
-        normalize = spec.normalize if request.normalize is None else request.normalize
-        if normalize:
-            vectors = l2_normalize(vectors)
+        vectors, token_counts, cached = result.vectors, result.token_counts, result.cached
+        if self._metrics is not None and cached < len(texts):
+            self._metrics.record_batch(spec.name, Task.EMBED, len(texts) - cached, result.computed_tokens)
         return EmbedResult(
             model=spec.name,
-            vectors=np.ascontiguousarray(vectors, dtype=np.float32),
-            usage=Usage(prompt_tokens=sum(output.token_counts)),
+            vectors=vectors,
+            usage=Usage(prompt_tokens=sum(token_counts)),
             timings=Timings(
                 queue_ms=_ms(started - arrived),
                 inference_ms=_ms(finished - started),
-                batch_size=len(texts),
+                batch_size=len(texts) - cached,
             ),
+            cached=cached,
         )
+
+    async def split(
+        self, model_name: str, texts: Sequence[str], *, input_type: InputType
+    ) -> tuple[str, list[list[Span]]]:
+        """The model that embeds `texts` (empty: the default) and each text's chunks for it
+        (`wafer.chunking`): one span for a text that fits the model's window."""
+        async with self._registry.lease(model_name, Task.EMBED) as model:
+            spec = model.spec
+            prompt = spec.query_prompt if input_type is InputType.QUERY else spec.document_prompt
+            spans = await model.worker.run(lambda: chunking.split(model.backend, texts, prompt=prompt))
+        return spec.name, spans
 
     # -- Rerank --------------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ folder fails instead of corrupting it; `close()` releases every shard.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import threading
@@ -217,7 +216,7 @@ class EdgeStore(VectorStore):
         tmp.write_text(
             json.dumps({MODEL_KEY: meta.model, DIMENSIONS_KEY: meta.dimensions, FORMAT_KEY: FORMAT}), encoding="utf-8"
         )
-        os.replace(tmp, folder / META_FILE)
+        tmp.replace(folder / META_FILE)
         self._shards[name] = (meta, shard)
 
     def _shard(self, name: str) -> tuple[_Meta, edge.EdgeShard]:

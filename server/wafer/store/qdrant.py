@@ -22,7 +22,6 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
@@ -52,6 +51,7 @@ from wafer.store.base import (
     point_id,
     stale_point_ids,
 )
+
 # Points per upsert request: a server refuses requests over 32 MB by default, and 512 x 1536-d
 # float vectors as JSON stay well under it.
 UPSERT_BATCH = 512
@@ -170,9 +170,7 @@ class QdrantStore(VectorStore):
         with self._open() as client:
             dimensions = self._dimensions(client, name)
             if matrix.shape[1] != dimensions:
-                raise InvalidArgumentError(
-                    f"collection {name!r} holds {dimensions}-d vectors, not {matrix.shape[1]}-d"
-                )
+                raise InvalidArgumentError(f"collection {name!r} holds {dimensions}-d vectors, not {matrix.shape[1]}-d")
             previous = self._chunk_counts(client, name, list(dict.fromkeys(p.id for p in points)))
             for start in range(0, len(structs), UPSERT_BATCH):
                 batch = structs[start : start + UPSERT_BATCH]

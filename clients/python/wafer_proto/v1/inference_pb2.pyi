@@ -143,16 +143,28 @@ class EmbedResponse(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that answered."""
+    cached: _builtins.int
+    """How many of the embeddings came from the server's embedding cache
+    instead of the model: same model, prompt, dimensions, normalize,
+    truncate and text. 0 when the cache is disabled (WAFER_EMBEDDING_CACHE=false).
+    """
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
         """One embedding per input, in input order."""
 
     @_builtins.property
-    def usage(self) -> _common_pb2.Usage: ...
+    def usage(self) -> _common_pb2.Usage:
+        """Usage counts every input, cached ones included (with the token count
+        stored with them).
+        """
+
     @_builtins.property
-    def timings(self) -> _common_pb2.Timings: ...
+    def timings(self) -> _common_pb2.Timings:
+        """timings.batch_size is the number of inputs the model actually ran."""
+
     def __init__(
         self,
         *,
@@ -160,10 +172,11 @@ class EmbedResponse(_message.Message):
         embeddings: _abc.Iterable[Global___Embedding] | None = ...,
         usage: _common_pb2.Usage | None = ...,
         timings: _common_pb2.Timings | None = ...,
+        cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "embeddings", b"embeddings", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
