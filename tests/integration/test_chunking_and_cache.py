@@ -3,6 +3,7 @@ embedding cache in front of real MiniLM."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -85,10 +86,9 @@ def _merged(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Tokens that split one character share it; keep each character once."""
     merged: list[tuple[int, int]] = []
     for start, end in offsets:
-        if merged and start < merged[-1][1]:
-            start = merged[-1][1]
-        if start < end:
-            merged.append((start, end))
+        begin = max(start, merged[-1][1]) if merged else start
+        if begin < end:
+            merged.append((begin, end))
     return merged
 
 
@@ -98,7 +98,7 @@ def test_a_long_text_is_chunked_within_the_window(name: str, request: pytest.Fix
     spans = split(backend, [LONG_TEXT], prompt=backend.spec.document_prompt)[0]
     assert len(spans) > 1
     assert spans[0][0] == 0 and spans[-1][1] == len(LONG_TEXT)
-    for (start, end), (next_start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (next_start, _) in itertools.pairwise(spans):
         assert next_start < end  # windows overlap
     for start, end in spans:
         assert backend.count_tokens(backend.spec.document_prompt + LONG_TEXT[start:end]) <= backend.spec.max_tokens
