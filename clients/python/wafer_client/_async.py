@@ -343,10 +343,24 @@ class AsyncWaferClient(BaseClient):
         top_k: int = 10,
         filter: Mapping[str, Any] | None = None,
         with_vectors: bool = False,
+        rerank_model: str = "",
+        rerank_top_n: int = 0,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> SearchResult:
-        """The ``top_k`` documents nearest the query; ``filter`` holds exact-match payload conditions."""
-        request = _convert.search_request(collection, query, top_k=top_k, filter=filter, with_vectors=with_vectors)
+        """The ``top_k`` documents nearest the query, one hit per document (its best chunk).
+
+        ``filter`` holds exact-match payload conditions. ``rerank_model`` reranks the nearest
+        ``rerank_top_n`` chunks (0: max(top_k, 20)) with that model; hits then come in rerank order.
+        """
+        request = _convert.search_request(
+            collection,
+            query,
+            top_k=top_k,
+            filter=filter,
+            with_vectors=with_vectors,
+            rerank_model=rerank_model,
+            rerank_top_n=rerank_top_n,
+        )
         return _convert.search_result(await self._unary(self._index.Search, request, timeout))
 
     async def get_documents(
