@@ -149,6 +149,7 @@ class EdgeStore(VectorStore):
                 raise InvalidArgumentError(
                     f"collection {name!r} holds {meta.dimensions}-d vectors; the query is {query.shape[0]}-d"
                 )
+            _index_filtered_fields(shard, conditions)
             found = shard.query(
                 edge.QueryRequest(
                     limit=top_k,
@@ -260,6 +261,28 @@ def _filter(conditions: list[tuple[str, str | int | bool]]) -> edge.Filter | Non
         edge.FieldCondition(key=key, match=edge.MatchValue(_match_value(value))) for key, value in conditions
     ]
     return edge.Filter(must=list(must))
+
+
+def _index_filtered_fields(shard: edge.EdgeShard, conditions: list[tuple[str, str | int | bool]]) -> None:
+    """Gives every payload field a filter names an index, the first time one does.
+
+    Without one, a filtered search reads every point's payload: 120 ms at 100k points here, against
+    0.5 ms with a keyword index, which took 1 s to build (bench/RESULTS.md). The index is kept in the
+    shard, so it is built once per field. Its type follows the first value filtered on; a later
+    filter with a value of another type still answers correctly, by reading payloads.
+    """
+    indexed = shard.info().payload_schema
+    for key, value in conditions:
+        if key in indexed:
+            continue
+        schema = (
+            edge.PayloadSchemaType.Bool
+            if isinstance(value, bool)
+            else edge.PayloadSchemaType.Integer
+            if isinstance(value, int)
+            else edge.PayloadSchemaType.Keyword
+        )
+        shard.update(edge.UpdateOperation.create_field_index(key, schema))
 
 
 def _match_value(value: str | int | bool) -> str | int | bool:
