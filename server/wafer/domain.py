@@ -56,6 +56,8 @@ class EmbedRequest:
     truncate: bool = False
     normalize: bool | None = None
     priority: Priority = Priority.INTERACTIVE
+    # Long inputs: embed overlapping windows and average them instead of refusing or cutting.
+    pool_chunks: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -86,6 +87,8 @@ class InferenceEngine:
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_texts(request.inputs, what="inputs")
+        if request.pool_chunks:
+            return await self._embed_pooled(request)
         arrived = time.perf_counter()
         async with self._registry.lease(request.model, Task.EMBED) as model:
             spec = model.spec
@@ -125,6 +128,40 @@ class InferenceEngine:
                 batch_size=len(texts) - cached,
             ),
             cached=cached,
+        )
+
+    async def _embed_pooled(self, request: EmbedRequest) -> EmbedResult:
+        """One vector per input from the mean of its windows' vectors (`EmbedRequest.pool_chunks`)."""
+        model_name, spans = await self.split(request.model, request.inputs, input_type=request.input_type)
+        pieces = [
+            text[start:end] for text, text_spans in zip(request.inputs, spans, strict=True) for start, end in text_spans
+        ]
+        owners = np.array([i for i, text_spans in enumerate(spans) for _ in text_spans])
+        parts: list[EmbedResult] = []
+        limit = self._settings.max_inputs_per_request
+        for first in range(0, len(pieces), limit):
+            # Windows fit the model by construction; truncate only absorbs a token of rounding.
+            part = replace(
+                request, inputs=pieces[first : first + limit], model=model_name, truncate=True, pool_chunks=False
+            )
+            parts.append(await self.embed(part))
+        vectors = np.concatenate([p.vectors for p in parts])
+        pooled = np.zeros((len(request.inputs), vectors.shape[1]), dtype=np.float32)
+        np.add.at(pooled, owners, vectors)
+        pooled /= np.bincount(owners, minlength=len(request.inputs))[:, None].astype(np.float32)
+        spec = self._registry.resolve(model_name, Task.EMBED)
+        if spec.normalize if request.normalize is None else request.normalize:
+            pooled = l2_normalize(pooled)
+        return EmbedResult(
+            model=parts[0].model,
+            vectors=np.ascontiguousarray(pooled, dtype=np.float32),
+            usage=Usage(prompt_tokens=sum(p.usage.prompt_tokens for p in parts)),
+            timings=Timings(
+                queue_ms=sum(p.timings.queue_ms for p in parts),
+                inference_ms=sum(p.timings.inference_ms for p in parts),
+                batch_size=sum(p.timings.batch_size for p in parts),
+            ),
+            cached=sum(p.cached for p in parts),
         )
 
     async def split(

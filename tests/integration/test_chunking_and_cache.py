@@ -135,3 +135,19 @@ async def test_minilm_vectors_from_the_cache_equal_the_models(
     np.testing.assert_array_equal(second.vectors, first.vectors)
     np.testing.assert_allclose(second.vectors, reference.vectors, atol=1e-6)
     assert cache.stats().hits == 2
+
+
+async def test_minilm_pooled_embedding_of_a_long_text_reads_all_of_it(
+    engines: tuple[InferenceEngine, InferenceEngine, EmbeddingCache],
+) -> None:
+    _, engine, _ = engines
+    needle = "The secret recipe for the lemon cake needs three eggs and a spoon of honey."
+    filler = " ".join(f"Paragraph {i} is about the weather and the rivers of the north." for i in range(40))
+    text = f"{filler} {needle}"  # the needle lies past the first window
+    pooled = await engine.embed(EmbedRequest(inputs=[text], model="minilm", pool_chunks=True))
+    cut = await engine.embed(EmbedRequest(inputs=[text], model="minilm", truncate=True))
+    query = await engine.embed(EmbedRequest(inputs=["lemon cake recipe with eggs"], model="minilm"))
+    assert pooled.vectors.shape == (1, 384)
+    assert pooled.timings.batch_size > 1  # several windows ran
+    # Only the pooled vector has read the needle at the end.
+    assert float(pooled.vectors[0] @ query.vectors[0]) > float(cut.vectors[0] @ query.vectors[0]) + 0.05

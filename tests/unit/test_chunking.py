@@ -1,14 +1,18 @@
-"""Token windows over a text, and splitting with a model's own tokenizer (the fake's: one token
+"""Token windows over a text, splitting with a model's own tokenizer, and Embed's pooled windows (the fake's: one token
 per word, plus two special tokens around every text)."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend
 from wafer.chunking import OVERLAP_FRACTION, split, token_windows
+from wafer.domain import EmbedRequest, InputType
+from wafer.engine import InferenceEngine
+from wafer.errors import InvalidArgumentError
 from wafer.specs import ModelSpec
 
 
@@ -62,3 +66,22 @@ def test_split_uses_the_models_window_less_its_special_tokens_and_prompt() -> No
     prompted = split(backend, [long_text], prompt="search document: ")[0]
     assert all(backend.count_tokens("search document: " + long_text[a:b]) <= 12 for a, b in prompted)
     assert len(prompted) > len(long)
+
+
+async def test_embed_pools_the_windows_of_a_long_input(engine: InferenceEngine) -> None:
+    long_text = " ".join(f"word{i}" for i in range(30))  # three windows of the fake "embedder"
+    pooled = await engine.embed(EmbedRequest(inputs=["short", long_text], pool_chunks=True))
+    assert pooled.vectors.shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(pooled.vectors, axis=1), 1.0, rtol=1e-5)
+    # A short input is embedded as it is.
+    alone = await engine.embed(EmbedRequest(inputs=["short"]))
+    np.testing.assert_allclose(pooled.vectors[0], alone.vectors[0], rtol=1e-5)
+    # A long one is the normalized mean of its windows' vectors.
+    _, [spans] = await engine.split("embedder", [long_text], input_type=InputType.DOCUMENT)
+    windows = await engine.embed(EmbedRequest(inputs=[long_text[a:b] for a, b in spans]))
+    mean = windows.vectors.mean(axis=0)
+    np.testing.assert_allclose(pooled.vectors[1], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+    assert pooled.timings.batch_size == 1 + len(spans)
+    # Without pooling the same input is refused as too long.
+    with pytest.raises(InvalidArgumentError, match="input 1 has"):
+        await engine.embed(EmbedRequest(inputs=["short", long_text]))

@@ -193,9 +193,14 @@ class AsyncWaferClient(BaseClient):
         truncate: bool = False,
         normalize: bool | None = None,
         priority: Priority = "interactive",
+        pool_chunks: bool = False,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> EmbedResult:
-        """Embeds each input into one vector: ``result.vectors`` is float32 [len(inputs), dimensions]."""
+        """Embeds each input into one vector: ``result.vectors`` is float32 [len(inputs), dimensions].
+
+        ``pool_chunks``: an input longer than the model's window is read whole, as the mean of its
+        overlapping windows' vectors, instead of being refused (or cut, with ``truncate``).
+        """
         request = _convert.embed_request(
             inputs,
             model=model,
@@ -204,6 +209,7 @@ class AsyncWaferClient(BaseClient):
             truncate=truncate,
             normalize=normalize,
             priority=priority,
+            pool_chunks=pool_chunks,
         )
         return _convert.embed_result(await self._unary(self._inference.Embed, request, timeout))
 

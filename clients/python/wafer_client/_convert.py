@@ -91,6 +91,7 @@ def embed_request(
     truncate: bool,
     normalize: bool | None,
     priority: str,
+    pool_chunks: bool = False,
 ) -> inference_pb2.EmbedRequest:
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
     request = inference_pb2.EmbedRequest(
@@ -100,6 +101,7 @@ def embed_request(
         dimensions=dimensions,
         truncate=truncate,
         priority=_choice(_PRIORITY, priority, "priority"),
+        pool_chunks=pool_chunks,
     )
     if normalize is not None:
         request.normalize = normalize

@@ -294,6 +294,9 @@ def embed(
     query: Annotated[bool, typer.Option("--query", help="Embed as search queries, not documents.")] = False,
     dimensions: Annotated[int, typer.Option(min=0, help="Keep the first N dimensions.")] = 0,
     truncate: Annotated[bool, typer.Option(help="Cut texts longer than the model's window.")] = False,
+    pool_chunks: Annotated[
+        bool, typer.Option(help="Read long texts whole: average the vectors of their overlapping windows.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with the full vectors.")] = False,
 ) -> None:
     """Embed texts and show the vectors."""
@@ -304,6 +307,7 @@ def embed(
             input_type="query" if query else "document",
             dimensions=dimensions,
             truncate=truncate,
+            pool_chunks=pool_chunks,
         )
     if as_json:
         _echo_json(

@@ -101,6 +101,7 @@ def embed_request(message: inference_pb2.EmbedRequest) -> EmbedRequest:
         truncate=message.truncate,
         normalize=message.normalize if message.HasField("normalize") else None,
         priority=priority(message.priority),
+        pool_chunks=message.pool_chunks,
     )
 
 
