@@ -155,8 +155,9 @@ class IndexService:
                     inputs=chunk_texts[first : first + limit],
                     model=model,
                     input_type=InputType.DOCUMENT,
-                    # Chunks fit the window; a document not chunked is cut only when asked to.
-                    truncate=truncate or any(len(s) > 1 for s in spans),
+                    # Every chunk fits the window (the split counted its tokens, prompt included);
+                    # truncation only absorbs a token of rounding where pieces join differently.
+                    truncate=True,
                     normalize=True,
                     priority=priority,
                 )
