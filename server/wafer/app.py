@@ -11,6 +11,7 @@ import structlog
 from pydantic import ValidationError
 
 from wafer.backends import available_backends
+from wafer.cache import EmbeddingCache
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.errors import WaferError
@@ -21,7 +22,7 @@ from wafer.registry import ModelRegistry
 from wafer.rpc.server import create_server
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog
-from wafer.store.qdrant import QdrantStore
+from wafer.store import open_store
 
 log = structlog.get_logger("wafer")
 
@@ -49,8 +50,13 @@ async def serve(settings: Settings) -> None:
         keep_alive_check_seconds=settings.keep_alive_check_seconds,
     )
     metrics.watch(registry)
-    engine = InferenceEngine(registry, settings, metrics)
-    index = IndexService(engine, QdrantStore(path=settings.store_dir))
+    cache = (
+        EmbeddingCache(settings.embedding_cache_file, max_entries=settings.embedding_cache_max_entries, metrics=metrics)
+        if settings.embedding_cache
+        else None
+    )
+    engine = InferenceEngine(registry, settings, metrics, cache)
+    index = IndexService(engine, open_store(settings))
     wafer = create_server(settings, registry, engine, index, metrics=metrics)
     # Started before the gRPC server so it can be scraped from the first call on; its thread is a
     # daemon, so a failed start below does not keep the process alive.
@@ -81,6 +87,8 @@ async def serve(settings: Settings) -> None:
     await wafer.server.stop(0)
     await registry.close()
     await index.close()
+    if cache is not None:
+        cache.close()
     if exporter is not None:
         exporter.stop()
     log.info("stopped")

@@ -88,6 +88,25 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="Deadline of a call whose client set none."
     )
 
+    # The vector store and the embedding cache.
+    store: Literal["edge", "local", "url"] = Field(
+        default="edge",
+        description=(
+            "Vector store engine: edge (qdrant-edge, embedded, in <data_dir>/edge; the fastest), local "
+            "(qdrant-client's embedded local mode, in <data_dir>/qdrant) or url (a Qdrant server at qdrant_url)."
+        ),
+    )
+    qdrant_url: str | None = Field(default=None, description="The Qdrant server when store=url.")
+    qdrant_api_key: SecretStr | None = Field(default=None, description="API key of the Qdrant server, if it wants one.")
+    embedding_cache: bool = Field(
+        default=True, description="Keep computed embeddings in <data_dir>/embedding-cache.sqlite and reuse them."
+    )
+    embedding_cache_max_entries: int = Field(
+        default=500_000,
+        gt=0,
+        description="Embeddings the cache keeps; the least recently used go first (about 1.6 kB each at 384-d).",
+    )
+
     # Observability.
     metrics_address: str | None = Field(
         default=None, description="host:port of the Prometheus endpoint (/metrics); off when unset."
@@ -143,6 +162,8 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file go together: set both to enable TLS, or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs TLS: set tls_cert_file and tls_key_file too")
+        if self.store == "url" and not self.qdrant_url:
+            raise ValueError("store=url needs qdrant_url (WAFER_QDRANT_URL), e.g. http://127.0.0.1:6333")
         if self.auth_all_rpcs and self.auth_token is None and self.auth_token_file is None:
             raise ValueError("auth_all_rpcs needs a token: set auth_token_file (or auth_token / WAFER_AUTH_TOKEN)")
         return self
@@ -153,4 +174,8 @@ class Settings(BaseSettings):
 
     @property
     def store_dir(self) -> Path:
-        return self.data_dir / "qdrant"
+        return self.data_dir / ("edge" if self.store == "edge" else "qdrant")
+
+    @property
+    def embedding_cache_file(self) -> Path:
+        return self.data_dir / "embedding-cache.sqlite"

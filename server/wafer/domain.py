@@ -56,6 +56,8 @@ class EmbedRequest:
     truncate: bool = False
     normalize: bool | None = None
     priority: Priority = Priority.INTERACTIVE
+    # Long inputs: embed overlapping windows and average them instead of refusing or cutting.
+    pool_chunks: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ class EmbedResult:
     vectors: FloatMatrix
     usage: Usage
     timings: Timings
+    # How many of the vectors came from the embedding cache instead of the model.
+    cached: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from wafer.backends.base import InputTooLongError
+from wafer import chunking
+from wafer.backends.base import Embeddings, InputTooLongError
+from wafer.cache import CachedEmbeddings, EmbeddingCache, Recipe, cached_embed
+from wafer.chunking import Span
 from wafer.config import Settings
 from wafer.domain import (
     EmbedRequest,
@@ -55,6 +59,12 @@ def _timings(scheduled: Scheduled[Any], *, waited: float, batch_size: int | None
     )
 
 
+def _finish(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:
+    """A backend's pooled vectors as Embed returns them: cut to `dimensions`, then normalized."""
+    cut = vectors[:, :dimensions]
+    return np.ascontiguousarray(l2_normalize(cut) if normalize else cut, dtype=np.float32)
+
+
 def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     normalized: FloatMatrix = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
@@ -62,42 +72,122 @@ def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
 
 
 class InferenceEngine:
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        cache: EmbeddingCache | None = None,
+    ) -> None:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
         self._interactive_running = 0
         self._interactive_seen = time.monotonic()
+        self._cache = cache
 
     @property
     def registry(self) -> ModelRegistry:
         return self._registry
 
+    @property
+    def max_inputs_per_request(self) -> int:
+        return self._settings.max_inputs_per_request
+
+    def check_texts(self, texts: Sequence[str], *, what: str) -> None:
+        """Refuses empty, too many or oversized texts, as Embed does."""
+        self._check_texts(texts, what=what)
+
     # -- Embed ---------------------------------------------------------------------------------
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_texts(request.inputs, what="inputs")
+        if request.pool_chunks:
+            return await self._embed_pooled(request)
         arrived = time.perf_counter()
         with self._activity(request.priority):
             async with self._registry.lease(request.model, Task.EMBED) as model:
                 spec = model.spec
                 dimensions = self._check_dimensions(spec, request.dimensions)
+                normalize = spec.normalize if request.normalize is None else request.normalize
                 prompt = spec.query_prompt if request.input_type is InputType.QUERY else spec.document_prompt
+                texts = [prompt + text for text in request.inputs]
                 leased = time.perf_counter()
-                scheduled = await model.scheduler.embed(
-                    [prompt + text for text in request.inputs], truncate=request.truncate, lane=request.priority
-                )
-        output = scheduled.value
-        vectors = output.vectors[:, :dimensions]
-        normalize = spec.normalize if request.normalize is None else request.normalize
-        if normalize:
-            vectors = l2_normalize(vectors)
+                # The scheduler's account of the call that computed the misses, for the timings.
+                scheduled: Scheduled[Embeddings] | None = None
+
+                async def compute(batch: list[str]) -> Embeddings:
+                    nonlocal scheduled
+                    scheduled = await model.scheduler.embed(batch, truncate=request.truncate, lane=request.priority)
+                    return scheduled.value
+
+                if self._cache is None:
+                    output = await compute(texts)
+                    result = CachedEmbeddings(
+                        vectors=_finish(output.vectors, dimensions, normalize),
+                        token_counts=output.token_counts,
+                        cached=0,
+                        computed_tokens=sum(output.token_counts),
+                    )
+                else:
+                    recipe = Recipe.of(spec, dimensions=dimensions, normalize=normalize, truncate=request.truncate)
+                    result = await cached_embed(
+                        self._cache, recipe, texts, compute, lambda v: _finish(v, dimensions, normalize)
+                    )
+        waited = leased - arrived
         return EmbedResult(
             model=spec.name,
-            vectors=np.ascontiguousarray(vectors, dtype=np.float32),
-            usage=Usage(prompt_tokens=sum(output.token_counts)),
-            timings=_timings(scheduled, waited=leased - arrived),
+            vectors=result.vectors,
+            usage=Usage(prompt_tokens=sum(result.token_counts)),
+            timings=_timings(scheduled, waited=waited) if scheduled is not None else Timings(queue_ms=_ms(waited)),
+            cached=result.cached,
         )
+
+    async def _embed_pooled(self, request: EmbedRequest) -> EmbedResult:
+        """One vector per input from the mean of its windows' vectors (`EmbedRequest.pool_chunks`)."""
+        model_name, spans = await self.split(request.model, request.inputs, input_type=request.input_type)
+        pieces = [
+            text[start:end] for text, text_spans in zip(request.inputs, spans, strict=True) for start, end in text_spans
+        ]
+        owners = np.array([i for i, text_spans in enumerate(spans) for _ in text_spans])
+        parts: list[EmbedResult] = []
+        limit = self._settings.max_inputs_per_request
+        for first in range(0, len(pieces), limit):
+            # Windows fit the model by construction; truncate only absorbs a token of rounding.
+            part = replace(
+                request, inputs=pieces[first : first + limit], model=model_name, truncate=True, pool_chunks=False
+            )
+            parts.append(await self.embed(part))
+        vectors = np.concatenate([p.vectors for p in parts])
+        pooled = np.zeros((len(request.inputs), vectors.shape[1]), dtype=np.float32)
+        np.add.at(pooled, owners, vectors)
+        pooled /= np.bincount(owners, minlength=len(request.inputs))[:, None].astype(np.float32)
+        spec = self._registry.resolve(model_name, Task.EMBED)
+        if spec.normalize if request.normalize is None else request.normalize:
+            pooled = l2_normalize(pooled)
+        return EmbedResult(
+            model=parts[0].model,
+            vectors=np.ascontiguousarray(pooled, dtype=np.float32),
+            usage=Usage(prompt_tokens=sum(p.usage.prompt_tokens for p in parts)),
+            timings=Timings(
+                queue_ms=sum(p.timings.queue_ms for p in parts),
+                inference_ms=sum(p.timings.inference_ms for p in parts),
+                batch_size=sum(p.timings.batch_size for p in parts),
+            ),
+            cached=sum(p.cached for p in parts),
+        )
+
+    async def split(
+        self, model_name: str, texts: Sequence[str], *, input_type: InputType
+    ) -> tuple[str, list[list[Span]]]:
+        """The model that embeds `texts` (empty: the default) and each text's chunks for it
+        (`wafer.chunking`): one span for a text that fits the model's window."""
+        async with self._registry.lease(model_name, Task.EMBED) as model:
+            spec = model.spec
+            prompt = spec.query_prompt if input_type is InputType.QUERY else spec.document_prompt
+            planned = await model.scheduler.run(lambda: chunking.split(model.backend, texts, prompt=prompt))
+            spans = planned.value
+        return spec.name, spans
 
     # -- Rerank --------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The Index service's logic: embed documents into a collection, and search it.
+"""The Index service's logic: chunk and embed documents into a collection, and search it.
 
 A collection is bound to the embedding model that created it: vectors of two models are not
 comparable, so writing with another model is refused and searches embed the query with the
@@ -15,27 +15,34 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
 
 from wafer.domain import (
     EmbedRequest,
+    FloatMatrix,
     InputType,
     Priority,
+    RerankRequest,
     StoredDocument,
     Timings,
     Usage,
 )
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from wafer.store.base import CollectionInfo, VectorStore
+from wafer.specs import Task
+from wafer.store.base import CollectionInfo, FloatVector, StoredPoint, VectorStore
 
 T = TypeVar("T")
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 1000
+DEFAULT_RERANK_TOP_N = 20
+# Chunks one search may read while looking for top_k distinct documents.
+MAX_CHUNKS_SEARCHED = 4 * MAX_TOP_K
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +51,33 @@ class UpsertResult:
     ids: list[str]
     usage: Usage
     timings: Timings
+    # Vectors written (one per chunk) and how many of them the embedding cache supplied.
+    chunks: int = 0
+    cached: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """One document found: its whole text and payload, and the chunk that matched best."""
+
+    document: StoredDocument
+    # Cosine similarity of the query to the best chunk.
+    score: float
+    rerank_score: float | None
+    chunk: int
+    chunks: int
+    start: int
+    end: int
+    vector: list[float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
     model: str
-    documents: list[StoredDocument]
+    hits: list[SearchHit]
     usage: Usage
     timings: Timings
+    rerank_model: str = ""
 
 
 def derived_id(text: str) -> str:
@@ -73,6 +99,9 @@ class IndexService:
         self._store = store
         # One thread, in order: the embedded Qdrant client is not meant to be entered concurrently.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wafer-store")
+        # Collection -> model. A collection's model never changes, so searches need not ask the
+        # store (which counts documents to describe a collection) every time.
+        self._models: dict[str, str] = {}
 
     async def upsert(
         self,
@@ -83,6 +112,8 @@ class IndexService:
         truncate: bool = False,
         priority: Priority = Priority.INTERACTIVE,
     ) -> UpsertResult:
+        """Chunks, embeds and writes documents. `truncate`: embed only the first window of a long
+        document instead of chunking it."""
         _check_collection_name(collection)
         if not documents:
             raise InvalidArgumentError("documents must not be empty")
@@ -98,27 +129,65 @@ class IndexService:
         ids = [d.id for d in documents]
         if len(set(ids)) != len(ids):
             raise InvalidArgumentError("document ids must be unique within one request")
-        embedded = await self._engine.embed(
-            EmbedRequest(
-                inputs=[d.text for d in documents],
-                model=model,
-                input_type=InputType.DOCUMENT,
-                truncate=truncate,
-                normalize=True,
-                priority=priority,
+        texts = [d.text for d in documents]
+        # Documents, not chunks, count against the request limit: chunks are embedded in batches.
+        self._engine.check_texts(texts, what="documents")
+        started = time.perf_counter()
+        if truncate:
+            model = model or self._engine.registry.resolve("", Task.EMBED).name
+            spans = [[(0, len(t))] for t in texts]
+        else:
+            model, spans = await self._engine.split(model, texts, input_type=InputType.DOCUMENT)
+        points: list[StoredPoint] = []
+        chunk_texts: list[str] = []
+        for document, doc_spans in zip(documents, spans, strict=True):
+            for i, (start, end) in enumerate(doc_spans):
+                text = document.text if i == 0 else ""
+                points.append(StoredPoint(document.id, text, document.payload, i, len(doc_spans), start, end))
+                chunk_texts.append(document.text[start:end])
+        vectors: list[FloatMatrix] = []
+        prompt_tokens = cached = 0
+        queue_ms = 0.0
+        limit = self._engine.max_inputs_per_request
+        for first in range(0, len(chunk_texts), limit):
+            embedded = await self._engine.embed(
+                EmbedRequest(
+                    inputs=chunk_texts[first : first + limit],
+                    model=model,
+                    input_type=InputType.DOCUMENT,
+                    # Every chunk fits the window (the split counted its tokens, prompt included);
+                    # truncation only absorbs a token of rounding where pieces join differently.
+                    truncate=True,
+                    normalize=True,
+                    priority=priority,
+                )
             )
-        )
-        dimensions = int(embedded.vectors.shape[1])
-        written = time.perf_counter()
+            vectors.append(embedded.vectors)
+            prompt_tokens += embedded.usage.prompt_tokens
+            cached += embedded.cached
+            queue_ms += embedded.timings.queue_ms
+        matrix = np.concatenate(vectors)
+        dimensions = int(matrix.shape[1])
 
         def write() -> None:
-            self._store.ensure_collection(collection, dimensions=dimensions, model=embedded.model)
-            self._store.upsert(collection, documents, embedded.vectors)
+            self._store.ensure_collection(collection, dimensions=dimensions, model=model)
+            self._store.upsert(collection, points, matrix)
 
         await self._in_store_thread(write)
-        timings = embedded.timings
-        timings.inference_ms += (time.perf_counter() - written) * 1000.0
-        return UpsertResult(model=embedded.model, ids=ids, usage=embedded.usage, timings=timings)
+        self._models[collection] = model
+        timings = Timings(
+            queue_ms=queue_ms,
+            inference_ms=(time.perf_counter() - started) * 1000.0 - queue_ms,
+            batch_size=len(points) - cached,
+        )
+        return UpsertResult(
+            model=model,
+            ids=ids,
+            usage=Usage(prompt_tokens=prompt_tokens),
+            timings=timings,
+            chunks=len(points),
+            cached=cached,
+        )
 
     async def search(
         self,
@@ -128,27 +197,105 @@ class IndexService:
         top_k: int = 0,
         filter: dict[str, Any] | None = None,
         with_vectors: bool = False,
+        rerank_model: str = "",
+        rerank_top_n: int = 0,
     ) -> SearchResult:
         _check_collection_name(collection)
         top_k = top_k or DEFAULT_TOP_K
         if top_k > MAX_TOP_K:
             raise InvalidArgumentError(f"top_k must be at most {MAX_TOP_K}")
-        info = await self._in_store_thread(lambda: self._store.collection(collection))
+        if rerank_top_n > MAX_TOP_K:
+            raise InvalidArgumentError(f"rerank_top_n must be at most {MAX_TOP_K}")
+        if rerank_top_n and not rerank_model:
+            raise InvalidArgumentError("rerank_top_n needs rerank_model")
+        if rerank_model:
+            # Refused before any work: FAILED_PRECONDITION for a model that cannot rerank.
+            rerank_model = self._engine.registry.resolve(rerank_model, Task.RERANK).name
+            rerank_top_n = rerank_top_n or max(top_k, DEFAULT_RERANK_TOP_N)
+        started = time.perf_counter()
+        model = self._models.get(collection)
+        if model is None:
+            model = (await self._in_store_thread(lambda: self._store.collection(collection))).model
+            self._models[collection] = model
         embedded = await self._engine.embed(
-            EmbedRequest(inputs=[query], model=info.model, input_type=InputType.QUERY, truncate=True, normalize=True)
+            EmbedRequest(inputs=[query], model=model, input_type=InputType.QUERY, truncate=True, normalize=True)
         )
         vector = np.asarray(embedded.vectors[0], dtype=np.float32)
-        started = time.perf_counter()
-        found = await self._in_store_thread(
-            lambda: self._store.search(collection, vector, top_k=top_k, filter=filter, with_vectors=with_vectors)
+        wanted = max(top_k, rerank_top_n)
+        chunks = await self._nearest(collection, vector, wanted, filter=filter, with_vectors=with_vectors)
+        texts = await self._texts(collection, chunks)
+        usage_tokens = embedded.usage.prompt_tokens
+        rerank_scores: dict[tuple[str, int], float] = {}
+        if rerank_model and chunks:
+            candidates = chunks[:rerank_top_n]
+            reranked = await self._engine.rerank(
+                RerankRequest(
+                    query=query,
+                    documents=[texts[c.id][c.start : c.end] for c in candidates],
+                    model=rerank_model,
+                    truncate=True,
+                )
+            )
+            usage_tokens += reranked.usage.prompt_tokens
+            rerank_scores = {(candidates[r.index].id, candidates[r.index].chunk): r.score for r in reranked.results}
+            chunks = sorted(candidates, key=lambda c: rerank_scores[(c.id, c.chunk)], reverse=True)
+        hits: dict[str, SearchHit] = {}
+        for c in chunks:
+            if c.id in hits:
+                continue  # a better chunk of this document came first
+            hits[c.id] = SearchHit(
+                document=StoredDocument(id=c.id, text=texts[c.id], payload=c.payload),
+                score=c.score,
+                rerank_score=rerank_scores.get((c.id, c.chunk)),
+                chunk=c.chunk,
+                chunks=c.chunks,
+                start=c.start,
+                end=c.end,
+                vector=c.vector,
+            )
+        timings = Timings(
+            queue_ms=embedded.timings.queue_ms,
+            inference_ms=(time.perf_counter() - started) * 1000.0 - embedded.timings.queue_ms,
+            batch_size=1,
         )
-        timings = embedded.timings
-        timings.inference_ms += (time.perf_counter() - started) * 1000.0
-        return SearchResult(model=embedded.model, documents=found, usage=embedded.usage, timings=timings)
+        return SearchResult(
+            model=embedded.model,
+            hits=list(hits.values())[:top_k],
+            usage=Usage(prompt_tokens=usage_tokens),
+            timings=timings,
+            rerank_model=rerank_model,
+        )
+
+    async def _nearest(
+        self, collection: str, vector: FloatVector, wanted: int, *, filter: dict[str, Any] | None, with_vectors: bool
+    ) -> list[StoredPoint]:
+        """The nearest chunks, enough of them to hold `wanted` distinct documents where the
+        collection has that many: chunks of one document can fill a page, so ask again for more."""
+        limit = wanted
+        while True:
+            search = partial(
+                self._store.search, collection, vector, top_k=limit, filter=filter, with_vectors=with_vectors
+            )
+            found = await self._in_store_thread(search)
+            documents = len({c.id for c in found})
+            if documents >= wanted or len(found) < limit or limit >= MAX_CHUNKS_SEARCHED:
+                return found
+            limit = min(limit * 4, MAX_CHUNKS_SEARCHED)
+
+    async def _texts(self, collection: str, chunks: Sequence[StoredPoint]) -> dict[str, str]:
+        """The whole text of each document found (chunk 0 holds it; other chunks are looked up)."""
+        texts = {c.id: c.text for c in chunks if c.chunk == 0}
+        missing = list(dict.fromkeys(c.id for c in chunks if c.id not in texts))
+        if missing:
+            for point in await self._in_store_thread(lambda: self._store.retrieve(collection, missing)):
+                texts[point.id] = point.text
+        for c in chunks:
+            texts.setdefault(c.id, "")  # deleted between the search and the lookup
+        return texts
 
     async def get_documents(
         self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
-    ) -> list[StoredDocument]:
+    ) -> list[StoredPoint]:
         _check_collection_name(collection)
         if not ids:
             raise InvalidArgumentError("ids must not be empty")

@@ -120,6 +120,20 @@ class Metrics:
             registry=registry,
         )
 
+        self.cache_lookups = Counter(
+            "wafer_embedding_cache_lookups",
+            "Embedding cache lookups per model, by result: hit (served from the cache) or miss (computed).",
+            ["model", "result"],
+            registry=registry,
+        )
+
+    def record_cache(self, model: str, *, hits: int, misses: int) -> None:
+        label = self.model_label(model)
+        if hits:
+            self.cache_lookups.labels(label, "hit").inc(hits)
+        if misses:
+            self.cache_lookups.labels(label, "miss").inc(misses)
+
     def model_label(self, name: str) -> str:
         if self._models is None or name in self._models:
             return name

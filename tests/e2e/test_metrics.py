@@ -64,7 +64,11 @@ def test_metrics_listen_on_the_port_the_log_names(measured_server: ServerProcess
 def test_counters_and_histograms_move_with_calls(measured_server: ServerProcess) -> None:
     before = scrape(measured_server)
     with WaferClient(measured_server.address, timeout=60, retries=0) as client:
-        embedded = client.embed(["Are we still on for lunch?", "Running late, sorry"])
+        # Texts no earlier test embedded, so the embedding cache misses them once, then hits.
+        texts = [f"Are we still on for lunch? ({time.time_ns()})", "Running late, sorry (metrics test)"]
+        embedded = client.embed(texts)
+        again = client.embed(texts)
+        assert again.cached == 2
         completion = client.complete("Say hello.", max_tokens=8, temperature=0)
         with pytest.raises(InvalidArgumentError):
             client.embed(["fine", ""])
@@ -84,18 +88,21 @@ def test_counters_and_histograms_move_with_calls(measured_server: ServerProcess)
         return get(after, name, **labels) - get(before, name, **labels)
 
     generator = completion.model
-    assert moved("wafer_requests_total", method=EMBED, model="minilm", code="OK") == 1
+    assert moved("wafer_requests_total", method=EMBED, model="minilm", code="OK") == 2
     assert moved("wafer_requests_total", method=GENERATE, model=generator, code="OK") == 1
     assert moved("wafer_requests_total", method=EMBED, model="", code="INVALID_ARGUMENT") == 1
     assert moved("wafer_requests_total", method=EMBED, model="", code="NOT_FOUND") == 1
 
     for name in ("wafer_request_duration_seconds", "wafer_request_queue_seconds", "wafer_request_inference_seconds"):
-        assert moved(f"{name}_count", method=EMBED, model="minilm") == 1, name
+        assert moved(f"{name}_count", method=EMBED, model="minilm") == 2, name
         assert moved(f"{name}_count", method=GENERATE, model=generator) == 1, name
     assert moved("wafer_request_inference_seconds_sum", method=GENERATE, model=generator) > 0
-    assert moved("wafer_request_duration_seconds_bucket", method=EMBED, model="minilm", le="+Inf") == 1
+    assert moved("wafer_request_duration_seconds_bucket", method=EMBED, model="minilm", le="+Inf") == 2
 
+    # The second call was served from the cache: the model ran once, for two texts.
     assert moved("wafer_batch_size_sum", model="minilm", task="embed") == 2
+    assert moved("wafer_embedding_cache_lookups_total", model="minilm", result="miss") == 2
+    assert moved("wafer_embedding_cache_lookups_total", model="minilm", result="hit") == 2
     assert moved("wafer_prompt_tokens_total", model="minilm", task="embed") == embedded.usage.prompt_tokens
     assert moved("wafer_batch_tokens_sum", model="minilm", task="embed") == embedded.usage.prompt_tokens
     usage = completion.usage

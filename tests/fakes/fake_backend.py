@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
@@ -33,6 +34,8 @@ class FakeBackend(Backend):
     gate: ClassVar[threading.Event] = threading.Event()
     loads: ClassVar[int] = 0
     closed: ClassVar[int] = 0
+    # Texts embedded so far, by every instance: cache tests check what reached the model.
+    embedded: ClassVar[list[str]] = []
 
     def __init__(self, spec: ModelSpec, weights: mmap.mmap) -> None:
         super().__init__(spec)
@@ -56,6 +59,10 @@ class FakeBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(text.split()) + 2
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        # One token per word, as count_tokens has it (less the two it adds around every text).
+        return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+
     def _wait(self) -> None:
         if not self.gate.wait(timeout=30):
             raise TimeoutError("fake backend gate stayed closed")
@@ -63,6 +70,10 @@ class FakeBackend(Backend):
     def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
         assert not self.is_closed, "embed on a closed backend"
         self._wait()
+        type(self).embedded.extend(texts)
+        return self._embed(texts, truncate=truncate)
+
+    def _embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
         counts = []
         for i, text in enumerate(texts):
             tokens = self.count_tokens(text)
@@ -105,7 +116,8 @@ class FakeBackend(Backend):
         yield GenerationDelta(text="", finish_reason=reason, prompt_tokens=len(words), completion_tokens=produced)
 
     def health(self) -> None:
-        assert self.embed(["ok"], truncate=True).vectors.shape[0] == 1
+        self._wait()
+        assert self._embed(["ok"], truncate=True).vectors.shape[0] == 1
 
     def close(self) -> None:
         type(self).closed += 1

@@ -194,9 +194,14 @@ class AsyncWaferClient(BaseClient):
         truncate: bool = False,
         normalize: bool | None = None,
         priority: Priority = "interactive",
+        pool_chunks: bool = False,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> EmbedResult:
-        """Embeds each input into one vector: ``result.vectors`` is float32 [len(inputs), dimensions]."""
+        """Embeds each input into one vector: ``result.vectors`` is float32 [len(inputs), dimensions].
+
+        ``pool_chunks``: an input longer than the model's window is read whole, as the mean of its
+        overlapping windows' vectors, instead of being refused (or cut, with ``truncate``).
+        """
         request = _convert.embed_request(
             inputs,
             model=model,
@@ -205,6 +210,7 @@ class AsyncWaferClient(BaseClient):
             truncate=truncate,
             normalize=normalize,
             priority=priority,
+            pool_chunks=pool_chunks,
         )
         return _convert.embed_result(await self._unary(self._inference.Embed, request, timeout))
 
@@ -370,10 +376,24 @@ class AsyncWaferClient(BaseClient):
         top_k: int = 10,
         filter: Mapping[str, Any] | None = None,
         with_vectors: bool = False,
+        rerank_model: str = "",
+        rerank_top_n: int = 0,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> SearchResult:
-        """The ``top_k`` documents nearest the query; ``filter`` holds exact-match payload conditions."""
-        request = _convert.search_request(collection, query, top_k=top_k, filter=filter, with_vectors=with_vectors)
+        """The ``top_k`` documents nearest the query, one hit per document (its best chunk).
+
+        ``filter`` holds exact-match payload conditions. ``rerank_model`` reranks the nearest
+        ``rerank_top_n`` chunks (0: max(top_k, 20)) with that model; hits then come in rerank order.
+        """
+        request = _convert.search_request(
+            collection,
+            query,
+            top_k=top_k,
+            filter=filter,
+            with_vectors=with_vectors,
+            rerank_model=rerank_model,
+            rerank_top_n=rerank_top_n,
+        )
         return _convert.search_result(await self._unary(self._index.Search, request, timeout))
 
     async def get_documents(

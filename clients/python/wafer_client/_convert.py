@@ -93,6 +93,7 @@ def embed_request(
     truncate: bool,
     normalize: bool | None,
     priority: str,
+    pool_chunks: bool = False,
 ) -> inference_pb2.EmbedRequest:
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
     request = inference_pb2.EmbedRequest(
@@ -102,6 +103,7 @@ def embed_request(
         dimensions=dimensions,
         truncate=truncate,
         priority=_choice(_PRIORITY, priority, "priority"),
+        pool_chunks=pool_chunks,
     )
     if normalize is not None:
         request.normalize = normalize
@@ -204,10 +206,23 @@ def upsert_request(
 
 
 def search_request(
-    collection: str, query: str, *, top_k: int, filter: Mapping[str, Any] | None, with_vectors: bool
+    collection: str,
+    query: str,
+    *,
+    top_k: int,
+    filter: Mapping[str, Any] | None,
+    with_vectors: bool,
+    rerank_model: str = "",
+    rerank_top_n: int = 0,
 ) -> index_pb2.SearchRequest:
     return index_pb2.SearchRequest(
-        collection=collection, query=query, top_k=top_k, filter=_struct(filter), with_vectors=with_vectors
+        collection=collection,
+        query=query,
+        top_k=top_k,
+        filter=_struct(filter),
+        with_vectors=with_vectors,
+        rerank_model=rerank_model,
+        rerank_top_n=rerank_top_n,
     )
 
 
@@ -244,7 +259,11 @@ def embed_result(response: inference_pb2.EmbedResponse) -> EmbedResult:
     else:
         vectors = np.stack(rows)
     return EmbedResult(
-        model=response.model, vectors=vectors, usage=usage(response.usage), timings=timings(response.timings)
+        model=response.model,
+        vectors=vectors,
+        usage=usage(response.usage),
+        timings=timings(response.timings),
+        cached=response.cached,
     )
 
 
@@ -337,6 +356,8 @@ def upsert_result(response: index_pb2.UpsertResponse) -> UpsertResult:
         ids=list(response.ids),
         usage=usage(response.usage),
         timings=timings(response.timings),
+        chunks=response.chunks,
+        cached=response.cached,
     )
 
 
@@ -348,10 +369,21 @@ def search_result(response: index_pb2.SearchResponse) -> SearchResult:
             score=r.score,
             payload=_payload(r.document),
             vector=_vector(r.vector) if r.vector else None,
+            rerank_score=r.rerank_score if r.HasField("rerank_score") else None,
+            chunk=r.matched.chunk,
+            chunks=r.matched.chunks or 1,
+            start=r.matched.start,
+            end=r.matched.end if r.HasField("matched") else len(r.document.text),
         )
         for r in response.results
     ]
-    return SearchResult(model=response.model, hits=hits, usage=usage(response.usage), timings=timings(response.timings))
+    return SearchResult(
+        model=response.model,
+        hits=hits,
+        usage=usage(response.usage),
+        timings=timings(response.timings),
+        rerank_model=response.rerank_model,
+    )
 
 
 def stored_documents(response: index_pb2.GetDocumentsResponse) -> list[StoredDocument]:

@@ -296,6 +296,9 @@ def embed(
     query: Annotated[bool, typer.Option("--query", help="Embed as search queries, not documents.")] = False,
     dimensions: Annotated[int, typer.Option(min=0, help="Keep the first N dimensions.")] = 0,
     truncate: Annotated[bool, typer.Option(help="Cut texts longer than the model's window.")] = False,
+    pool_chunks: Annotated[
+        bool, typer.Option(help="Read long texts whole: average the vectors of their overlapping windows.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with the full vectors.")] = False,
 ) -> None:
     """Embed texts and show the vectors."""
@@ -306,6 +309,7 @@ def embed(
             input_type="query" if query else "document",
             dimensions=dimensions,
             truncate=truncate,
+            pool_chunks=pool_chunks,
         )
     if as_json:
         _echo_json(
@@ -313,6 +317,7 @@ def embed(
                 "model": result.model,
                 "dimensions": result.dimensions,
                 "embeddings": result.vectors.tolist(),
+                "cached": result.cached,
                 "usage": asdict(result.usage),
                 "timings": asdict(result.timings),
             }
@@ -322,6 +327,7 @@ def embed(
     console.print(
         f"[bold]{escape(result.model)}[/]: {len(result)} x {result.dimensions}, "
         f"{result.usage.prompt_tokens} tokens, {result.timings.inference_ms:.1f} ms"
+        + (f", {result.cached} from the cache" if result.cached else "")
     )
     table = Table(show_edge=False)
     table.add_column("#", justify="right")
@@ -606,39 +612,100 @@ def models_unload(
 # Index
 
 
+def _filter_value(text: str) -> str | int | bool:
+    """A --filter value as the payload most likely holds it: true/false, a whole number, else text."""
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _parse_filters(items: list[str]) -> dict[str, str | int | bool]:
+    conditions: dict[str, str | int | bool] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--filter")
+        conditions[key] = _filter_value(value)
+    return conditions
+
+
 @app.command()
 def search(
     ctx: typer.Context,
     *,
-    collection: Annotated[str, typer.Argument(help="Collection to search.")],
     query: Annotated[str, typer.Argument(help="The query.")],
+    collection: Annotated[str, typer.Option("--collection", "-c", help="Collection to search.")],
     top_k: Annotated[int, typer.Option(min=1, help="How many documents to return.")] = 10,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            metavar="KEY=VALUE",
+            help="Only documents whose payload field KEY equals VALUE (true/false and whole numbers "
+            "are typed); repeat to require several.",
+        ),
+    ] = None,
+    rerank_model: Annotated[str, typer.Option(help="Rerank the nearest chunks with this model.")] = "",
+    rerank_top_n: Annotated[int, typer.Option(min=0, help="How many chunks to rerank [default: max(top-k, 20)].")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Search a collection for the documents nearest a query."""
+    """Search a collection for the documents nearest a query, optionally reranked."""
+    conditions = _parse_filters(filters or [])
     with _reporting_errors(), _client(ctx) as client:
-        result = client.search(collection, query, top_k=top_k)
+        result = client.search(
+            collection,
+            query,
+            top_k=top_k,
+            filter=conditions or None,
+            rerank_model=rerank_model,
+            rerank_top_n=rerank_top_n,
+        )
     if as_json:
         _echo_json(
             {
                 "model": result.model,
-                "hits": [{"id": h.id, "score": h.score, "text": h.text, "payload": h.payload} for h in result.hits],
+                "rerank_model": result.rerank_model,
+                "hits": [
+                    {
+                        "id": h.id,
+                        "score": h.score,
+                        "rerank_score": h.rerank_score,
+                        "text": h.text,
+                        "payload": h.payload,
+                        "chunk": h.chunk,
+                        "chunks": h.chunks,
+                        "start": h.start,
+                        "end": h.end,
+                    }
+                    for h in result.hits
+                ],
             }
         )
         return
-    table = Table(title=f"{escape(collection)} ({escape(result.model)})", show_edge=False)
+    models = escape(result.model) + (f", reranked by {escape(result.rerank_model)}" if result.rerank_model else "")
+    table = Table(title=f"{escape(collection)} ({models})", show_edge=False)
     table.add_column("rank", justify="right")
     table.add_column("id")
     table.add_column("score", justify="right")
+    if result.rerank_model:
+        table.add_column("rerank", justify="right")
     table.add_column("text")
     table.add_column("payload")
     for rank, hit in enumerate(result.hits, start=1):
         payload = json.dumps(hit.payload, ensure_ascii=False) if hit.payload else ""
+        # A long document shows the chunk that matched, marked with its number.
+        text = hit.matched_text if hit.chunks > 1 else hit.text
+        label = f"[{hit.chunk + 1}/{hit.chunks}] " if hit.chunks > 1 else ""
+        rerank = [f"{hit.rerank_score:.4f}" if hit.rerank_score is not None else ""] if result.rerank_model else []
         table.add_row(
             str(rank),
             escape(hit.id),
             f"{hit.score:.4f}",
-            escape(_short(hit.text)),
+            *rerank,
+            escape(label + _short(text)),
             escape(_short(payload, 40)),
         )
     Console().print(table)

@@ -65,6 +65,8 @@ class EmbedResult:
     vectors: Vector
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    # How many vectors the server's embedding cache supplied instead of the model.
+    cached: int = 0
 
     @property
     def dimensions(self) -> int:
@@ -197,17 +199,31 @@ class UpsertResult:
     ids: list[str]
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    # Vectors written (one per chunk of a long document) and how many came from the embedding cache.
+    chunks: int = 0
+    cached: int = 0
 
 
 @dataclass(frozen=True, eq=False)
 class SearchHit:
-    """A document near the query; ``score`` is the cosine similarity; ``vector`` only if asked for."""
+    """A document near the query: ``score`` is the cosine similarity of its best chunk,
+    ``rerank_score`` that chunk's rerank score (when the search reranked). ``chunk`` of ``chunks``
+    is the chunk that matched, ``text[start:end]``; ``vector`` only if asked for."""
 
     id: str
     text: str
     score: float
     payload: dict[str, Any] = field(default_factory=dict)
     vector: Vector | None = None
+    rerank_score: float | None = None
+    chunk: int = 0
+    chunks: int = 1
+    start: int = 0
+    end: int = 0
+
+    @property
+    def matched_text(self) -> str:
+        return self.text[self.start : self.end]
 
 
 @dataclass(frozen=True)
@@ -216,6 +232,8 @@ class SearchResult:
     hits: list[SearchHit]
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    # The model that reranked ("" when the search did not).
+    rerank_model: str = ""
 
 
 @dataclass(frozen=True, eq=False)

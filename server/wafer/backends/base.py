@@ -103,6 +103,11 @@ class Backend(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens `text` takes with this model's tokenizer, special tokens included."""
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Where each token of `text` lies in it: (start, end) character offsets (Unicode code points,
+        i.e. Python string indices), special tokens left out. Used to chunk long texts."""
+        raise FailedPreconditionError(f"model {self.spec.name!r} ({self.spec.backend}) cannot split texts into tokens")
+
     @abc.abstractmethod
     def health(self) -> None:
         """Raise if the model cannot serve (a tiny real inference, not a flag)."""

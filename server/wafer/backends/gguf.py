@@ -294,6 +294,40 @@ class GgufBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self._tokenize(text, special=True, parse=False))
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Token spans from the byte length of each token's piece.
+
+        Tokenizers that add a leading space (SentencePiece's "add prefix space") make the pieces one
+        byte longer than the text; that byte is taken off the first token. Tokens that split a
+        character's UTF-8 bytes get the whole character.
+        """
+        data = text.encode("utf-8")
+        ends: list[int] = []
+        total = 0
+        for token in self._tokenize(text, special=False, parse=False):
+            total += len(self._piece(token))
+            ends.append(total)
+        shift = max(0, total - len(data))
+        # char_of[b]: the character that byte b belongs to; char_of[len] = len(text).
+        char_of = [0] * (len(data) + 1)
+        position = 0
+        for index, char in enumerate(text):
+            width = len(char.encode("utf-8"))
+            char_of[position : position + width] = [index] * width
+            position += width
+        char_of[len(data)] = len(text)
+        spans: list[tuple[int, int]] = []
+        begin = 0
+        for end in ends:
+            end_byte = min(len(data), max(0, end - shift))
+            start_char = char_of[begin]
+            # An end inside a character extends to that character's end.
+            inside = end_byte < len(data) and not _starts_char(data, end_byte)
+            end_char = char_of[end_byte] + 1 if inside else char_of[end_byte]
+            spans.append((start_char, max(start_char, end_char)))
+            begin = end_byte
+        return spans
+
     def health(self) -> None:
         if self._gen is not None:
             ctx = self._gen
@@ -719,3 +753,8 @@ def _sampler(sampling: SamplingParams) -> Any:
     seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % llama_cpp.LLAMA_DEFAULT_SEED
     add(chain, llama_cpp.llama_sampler_init_dist(seed))
     return chain
+
+
+def _starts_char(data: bytes, index: int) -> bool:
+    """Whether byte `index` of UTF-8 `data` begins a character (is not a continuation byte)."""
+    return (data[index] & 0xC0) != 0x80

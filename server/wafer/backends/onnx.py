@@ -160,6 +160,11 @@ class OnnxBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self._counting.encode(text).ids)
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        # tokenizers reports offsets into the original string (before lowercasing or accent
+        # stripping), in characters.
+        return [(int(a), int(b)) for a, b in self._counting.encode(text, add_special_tokens=False).offsets]
+
     def health(self) -> None:
         vectors = self.embed([_PROBE_TEXT], truncate=True).vectors
         if vectors.shape != (1, self._dimensions) or not bool(np.isfinite(vectors).all()):

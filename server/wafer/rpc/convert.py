@@ -28,11 +28,11 @@ from wafer.domain import (
     Usage,
 )
 from wafer.errors import InvalidArgumentError
-from wafer.indexing import SearchResult, UpsertResult
+from wafer.indexing import SearchHit, SearchResult, UpsertResult
 from wafer.pull import PullProgress
 from wafer.registry import ModelState, ModelStatus
 from wafer.specs import LoadPolicy, Task
-from wafer.store.base import CollectionInfo
+from wafer.store.base import CollectionInfo, StoredPoint
 from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, models_pb2
 
 _TASK_TO_PROTO = {
@@ -102,6 +102,7 @@ def embed_request(message: inference_pb2.EmbedRequest) -> EmbedRequest:
         truncate=message.truncate,
         normalize=message.normalize if message.HasField("normalize") else None,
         priority=priority(message.priority),
+        pool_chunks=message.pool_chunks,
     )
 
 
@@ -111,6 +112,7 @@ def embed_response(result: EmbedResult) -> inference_pb2.EmbedResponse:
         embeddings=[inference_pb2.Embedding(values=row) for row in result.vectors.tolist()],
         usage=usage_to_proto(result.usage),
         timings=timings_to_proto(result.timings),
+        cached=result.cached,
     )
 
 
@@ -238,11 +240,22 @@ def filter_from_proto(message: index_pb2.SearchRequest) -> dict[str, Any] | None
     return _struct_to_dict(message.filter) or None
 
 
-def scored_document(document: StoredDocument) -> index_pb2.ScoredDocument:
+def stored_document(point: StoredPoint) -> index_pb2.ScoredDocument:
+    """A document read back by id (its chunk 0: the whole text)."""
+    return index_pb2.ScoredDocument(
+        document=index_pb2.Document(id=point.id, text=point.text, payload=_dict_to_struct(point.payload)),
+        vector=point.vector or [],
+    )
+
+
+def search_hit(hit: SearchHit) -> index_pb2.ScoredDocument:
+    document = hit.document
     return index_pb2.ScoredDocument(
         document=index_pb2.Document(id=document.id, text=document.text, payload=_dict_to_struct(document.payload)),
-        score=document.score,
-        vector=document.vector or [],
+        score=hit.score,
+        vector=hit.vector or [],
+        rerank_score=hit.rerank_score,
+        matched=index_pb2.ChunkSpan(chunk=hit.chunk, chunks=hit.chunks, start=hit.start, end=hit.end),
     )
 
 
@@ -252,15 +265,18 @@ def upsert_response(result: UpsertResult) -> index_pb2.UpsertResponse:
         ids=result.ids,
         usage=usage_to_proto(result.usage),
         timings=timings_to_proto(result.timings),
+        chunks=result.chunks,
+        cached=result.cached,
     )
 
 
 def search_response(result: SearchResult) -> index_pb2.SearchResponse:
     return index_pb2.SearchResponse(
         model=result.model,
-        results=[scored_document(d) for d in result.documents],
+        results=[search_hit(h) for h in result.hits],
         usage=usage_to_proto(result.usage),
         timings=timings_to_proto(result.timings),
+        rerank_model=result.rerank_model,
     )
 
 

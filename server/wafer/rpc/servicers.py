@@ -164,6 +164,8 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             top_k=request.top_k,
             filter=convert.filter_from_proto(request),
             with_vectors=request.with_vectors,
+            rerank_model=request.rerank_model,
+            rerank_top_n=request.rerank_top_n,
         )
         return convert.search_response(result)
 
@@ -173,7 +175,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         found = await self._index.get_documents(
             request.collection, list(request.ids), with_vectors=request.with_vectors
         )
-        return index_pb2.GetDocumentsResponse(documents=[convert.scored_document(d) for d in found])
+        return index_pb2.GetDocumentsResponse(documents=[convert.stored_document(d) for d in found])
 
     async def DeleteDocuments(  # noqa: N802
         self, request: index_pb2.DeleteDocumentsRequest, context: Context

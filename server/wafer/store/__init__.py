@@ -1,9 +1,31 @@
-"""Vector stores behind one interface (Qdrant: embedded local mode or a server).
+"""Vector stores behind one interface: qdrant-edge (embedded), qdrant-client local mode, a Qdrant server.
 
-`QdrantStore` is not re-exported here: importing it loads qdrant-client (about a second), which
-code that only needs the interface should not pay for. Import it from `wafer.store.qdrant`.
+The implementations are not re-exported here: importing one loads its engine (qdrant-client takes
+about a second), which code that only needs the interface should not pay for. `open_store` imports
+only the one the settings pick.
 """
 
-from wafer.store.base import CollectionInfo, VectorStore, point_id
+from __future__ import annotations
 
-__all__ = ["CollectionInfo", "VectorStore", "point_id"]
+from typing import TYPE_CHECKING
+
+from wafer.store.base import CollectionInfo, StoredPoint, VectorStore, point_id
+
+if TYPE_CHECKING:
+    from wafer.config import Settings
+
+__all__ = ["CollectionInfo", "StoredPoint", "VectorStore", "open_store", "point_id"]
+
+
+def open_store(settings: Settings) -> VectorStore:
+    """The store `settings.store` names."""
+    if settings.store == "edge":
+        from wafer.store.edge import EdgeStore
+
+        return EdgeStore(path=settings.store_dir)
+    from wafer.store.qdrant import QdrantStore
+
+    if settings.store == "url":
+        key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+        return QdrantStore(url=settings.qdrant_url, api_key=key)
+    return QdrantStore(path=settings.store_dir)

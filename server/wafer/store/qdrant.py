@@ -1,9 +1,8 @@
 """The vector store on Qdrant: qdrant-client's embedded local mode (a folder) or a Qdrant server (a URL).
 
-Layout of a point: id = `point_id(collection, document id)`; vector = the document's (Qdrant keeps
-cosine vectors unit-length); payload = the user's payload at the top level, so filters address its
-fields by their own names, plus the reserved `_id` (the document's id) and `_text`. User keys may not
-start with `_`, which keeps the two apart.
+Layout of a point: id = `point_id(collection, document id, chunk)`; vector = the chunk's (Qdrant
+keeps cosine vectors unit-length); payload = the user's payload at the top level, so filters address
+its fields by their own names, plus Wafer's reserved keys (`wafer.store.base.payload_of`).
 
 Which model a collection belongs to is kept in Qdrant's collection metadata (`create_collection(
 metadata=...)`, qdrant-client >= 1.16 and Qdrant server >= 1.16). Checked on qdrant-client 1.20: local
@@ -16,19 +15,16 @@ keep metadata is detected when the collection is created (the read-back lacks it
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from wafer.domain import StoredDocument
 from wafer.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -36,22 +32,26 @@ from wafer.errors import (
     UnavailableError,
 )
 from wafer.store.base import (
+    CHUNK_KEY,
+    FORMAT,
+    FORMAT_KEY,
+    MODEL_KEY,
     CollectionInfo,
     FloatMatrix,
     FloatVector,
     PayloadFilter,
+    StoredPoint,
     VectorStore,
+    all_point_ids,
+    check_points,
+    check_query,
+    filter_conditions,
+    payload_of,
+    point_from,
     point_id,
+    stale_point_ids,
 )
 
-ID_KEY = "_id"
-TEXT_KEY = "_text"
-RESERVED_PREFIX = "_"
-# Keys in the collection metadata. The format number lets a later release recognise (and migrate)
-# collections written by this one, e.g. once documents are split into chunks.
-MODEL_KEY = "wafer_model"
-FORMAT_KEY = "wafer_format"
-FORMAT = 1
 # Points per upsert request: a server refuses requests over 32 MB by default, and 512 x 1536-d
 # float vectors as JSON stay well under it.
 UPSERT_BATCH = 512
@@ -159,36 +159,26 @@ class QdrantStore(VectorStore):
 
     # -- documents ---------------------------------------------------------------------------------
 
-    def upsert(self, name: str, documents: Sequence[StoredDocument], vectors: FloatMatrix) -> None:
-        matrix = np.asarray(vectors, dtype=np.float32)
-        if matrix.ndim != 2 or matrix.shape[0] != len(documents):
-            raise InvalidArgumentError(
-                f"expected one vector per document ({len(documents)}), got an array of shape {matrix.shape}"
-            )
-        if not documents:
+    def upsert(self, name: str, points: Sequence[StoredPoint], vectors: FloatMatrix) -> None:
+        matrix = check_points(points, vectors)
+        if not points:
             return
-        if not np.isfinite(matrix).all():
-            raise InvalidArgumentError("vectors must be finite (no NaN or infinity)")
-        points = []
-        for document, vector in zip(documents, matrix, strict=True):
-            if not document.id:
-                raise InvalidArgumentError("every document needs a non-empty id")
-            points.append(
-                models.PointStruct(
-                    id=point_id(name, document.id),
-                    vector=vector.tolist(),
-                    payload={**_user_payload(document), ID_KEY: document.id, TEXT_KEY: document.text},
-                )
-            )
+        structs = [
+            models.PointStruct(id=point_id(name, p.id, p.chunk), vector=vector.tolist(), payload=payload_of(p))
+            for p, vector in zip(points, matrix, strict=True)
+        ]
         with self._open() as client:
-            info = self._describe(client, name)
-            if matrix.shape[1] != info.dimensions:
-                raise InvalidArgumentError(
-                    f"collection {name!r} holds {info.dimensions}-d vectors, not {matrix.shape[1]}-d"
-                )
-            for start in range(0, len(points), UPSERT_BATCH):
-                batch = points[start : start + UPSERT_BATCH]
+            dimensions = self._dimensions(client, name)
+            if matrix.shape[1] != dimensions:
+                raise InvalidArgumentError(f"collection {name!r} holds {dimensions}-d vectors, not {matrix.shape[1]}-d")
+            previous = self._chunk_counts(client, name, list(dict.fromkeys(p.id for p in points)))
+            for start in range(0, len(structs), UPSERT_BATCH):
+                batch = structs[start : start + UPSERT_BATCH]
                 self._call(client, name, partial(client.upsert, name, points=batch, wait=True))
+            stale = stale_point_ids(name, points, previous)
+            if stale:
+                selector = models.PointIdsList(points=list(stale))
+                self._call(client, name, partial(client.delete, name, points_selector=selector, wait=True))
 
     def search(
         self,
@@ -198,18 +188,14 @@ class QdrantStore(VectorStore):
         top_k: int,
         filter: PayloadFilter | None = None,
         with_vectors: bool = False,
-    ) -> list[StoredDocument]:
-        if top_k <= 0:
-            raise InvalidArgumentError(f"top_k must be positive, not {top_k}")
-        query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if not np.isfinite(query).all():
-            raise InvalidArgumentError("the query vector must be finite (no NaN or infinity)")
+    ) -> list[StoredPoint]:
+        query = check_query(vector, top_k)
         conditions = _conditions(filter)
         with self._open() as client:
-            info = self._describe(client, name)
-            if query.shape[0] != info.dimensions:
+            dimensions = self._dimensions(client, name)
+            if query.shape[0] != dimensions:
                 raise InvalidArgumentError(
-                    f"collection {name!r} holds {info.dimensions}-d vectors; the query is {query.shape[0]}-d"
+                    f"collection {name!r} holds {dimensions}-d vectors; the query is {query.shape[0]}-d"
                 )
             response = self._call(
                 client,
@@ -223,32 +209,24 @@ class QdrantStore(VectorStore):
                     with_vectors=with_vectors,
                 ),
             )
-        return [_document(p.payload, p.vector, score=p.score) for p in response.points]
+        return [point_from(p.payload, p.vector, score=p.score) for p in response.points]
 
-    def retrieve(self, name: str, ids: Sequence[str], *, with_vectors: bool = False) -> list[StoredDocument]:
+    def retrieve(self, name: str, ids: Sequence[str], *, with_vectors: bool = False) -> list[StoredPoint]:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return []
         with self._open() as client:
-            records = self._call(
-                client,
-                name,
-                lambda: client.retrieve(
-                    name,
-                    ids=[point_id(name, i) for i in wanted],
-                    with_payload=True,
-                    with_vectors=with_vectors,
-                ),
-            )
-        found = {d.id: d for d in (_document(r.payload, r.vector) for r in records)}
+            found = {p.id: p for p in self._first_chunks(client, name, wanted, with_vectors=with_vectors)}
         return [found[i] for i in wanted if i in found]
 
     def delete(self, name: str, ids: Sequence[str]) -> None:
         if not ids:
             return
-        selector = models.PointIdsList(points=[point_id(name, i) for i in dict.fromkeys(ids)])
         with self._open() as client:
-            self._call(client, name, lambda: client.delete(name, points_selector=selector, wait=True))
+            counts = self._chunk_counts(client, name, list(dict.fromkeys(ids)))
+            if counts:
+                selector = models.PointIdsList(points=list(all_point_ids(name, counts)))
+                self._call(client, name, lambda: client.delete(name, points_selector=selector, wait=True))
 
     def close(self) -> None:
         with self._lock:
@@ -285,9 +263,31 @@ class QdrantStore(VectorStore):
                 raise _not_found(name) from None
             raise
 
+    def _dimensions(self, client: QdrantClient, name: str) -> int:
+        params = self._call(client, name, lambda: client.get_collection(name)).config.params.vectors
+        return params.size if isinstance(params, models.VectorParams) else 0
+
+    def _first_chunks(
+        self, client: QdrantClient, name: str, ids: list[str], *, with_vectors: bool = False
+    ) -> list[StoredPoint]:
+        records = self._call(
+            client,
+            name,
+            lambda: client.retrieve(
+                name, ids=[point_id(name, i) for i in ids], with_payload=True, with_vectors=with_vectors
+            ),
+        )
+        return [point_from(r.payload, r.vector) for r in records]
+
+    def _chunk_counts(self, client: QdrantClient, name: str, ids: list[str]) -> dict[str, int]:
+        """How many chunks each stored document of `ids` has (documents not stored are left out)."""
+        return {p.id: p.chunks for p in self._first_chunks(client, name, ids)}
+
     def _describe(self, client: QdrantClient, name: str) -> CollectionInfo:
         info = self._call(client, name, lambda: client.get_collection(name))
-        count = self._call(client, name, lambda: client.count(name, exact=True).count)
+        # Documents are their chunk 0s; "not chunk >= 1" also counts points written before chunking.
+        first_chunks = models.Filter(must_not=[models.FieldCondition(key=CHUNK_KEY, range=models.Range(gte=1))])
+        count = self._call(client, name, lambda: client.count(name, count_filter=first_chunks, exact=True).count)
         params = info.config.params.vectors
         # A collection made elsewhere may use named vectors; it has no single dimension for Wafer.
         dimensions = params.size if isinstance(params, models.VectorParams) else 0
@@ -305,67 +305,11 @@ def _not_found(name: str) -> NotFoundError:
     return NotFoundError(f"collection {name!r} does not exist")
 
 
-def _user_payload(document: StoredDocument) -> dict[str, Any]:
-    for key in document.payload:
-        if not isinstance(key, str) or not key:
-            raise InvalidArgumentError(f"document {document.id!r}: payload keys must be non-empty strings")
-        if key.startswith(RESERVED_PREFIX):
-            raise InvalidArgumentError(
-                f"document {document.id!r}: payload key {key!r} is reserved (keys starting with "
-                f"{RESERVED_PREFIX!r} are Wafer's own); rename it"
-            )
-    return {
-        key: _json_value(value, f"document {document.id!r}: payload[{key!r}]")
-        for key, value in document.payload.items()
-    }
-
-
-def _json_value(value: object, where: str) -> Any:
-    """A payload value as JSON holds it; whole floats become ints.
-
-    Every number that arrives through protobuf's Struct is a float (2020 comes as 2020.0). Stored as a
-    float, an integer exact-match filter would match it in local mode but not on a Qdrant server,
-    which matches integers only against integer values; storing whole numbers as ints makes both agree.
-    """
-    if value is None or isinstance(value, str | bool | int):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidArgumentError(f"{where}: numbers must be finite")
-        return int(value) if value.is_integer() else value
-    if isinstance(value, Mapping):
-        return {str(k): _json_value(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise InvalidArgumentError(f"{where}: {type(value).__name__} is not a JSON value")
-
-
 def _conditions(filter: PayloadFilter | None) -> models.Filter | None:
-    if not filter:
+    conditions = filter_conditions(filter)
+    if not conditions:
         return None
-    must: list[models.Condition] = []
-    for key, value in filter.items():
-        if not isinstance(key, str) or not key or key.startswith(RESERVED_PREFIX):
-            raise InvalidArgumentError(f"filter key {key!r} must be a payload field name (not starting with '_')")
-        match: str | int | bool
-        if isinstance(value, str | bool | int):
-            match = value
-        elif isinstance(value, float) and value.is_integer():
-            match = int(value)  # see _json_value: whole numbers are stored as ints
-        else:
-            raise InvalidArgumentError(f"filter[{key!r}] must be a string, a whole number or a boolean, not {value!r}")
-        must.append(models.FieldCondition(key=key, match=models.MatchValue(value=match)))
+    must: list[models.Condition] = [
+        models.FieldCondition(key=key, match=models.MatchValue(value=value)) for key, value in conditions
+    ]
     return models.Filter(must=must)
-
-
-def _document(payload: Mapping[str, Any] | None, vector: object, *, score: float = 0.0) -> StoredDocument:
-    fields = dict(payload or {})
-    document_id = str(fields.pop(ID_KEY, ""))
-    text = str(fields.pop(TEXT_KEY, ""))
-    return StoredDocument(
-        id=document_id,
-        text=text,
-        payload=fields,
-        score=float(score),
-        vector=[float(x) for x in vector] if isinstance(vector, list) else None,
-    )

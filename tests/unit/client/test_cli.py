@@ -154,12 +154,14 @@ def test_rerank_table(fake_server: FakeServer, script: Script) -> None:
 
 
 def test_search_collections_and_health(fake_server: FakeServer, script: Script) -> None:
-    code, _, err = wafer(fake_server, "search", "nothing-here", "q")
+    code, _, err = wafer(fake_server, "search", "q", "--collection", "nothing-here")
     assert code == 1 and err.startswith("error: NOT_FOUND: unknown collection")
     with WaferClient(fake_server.address) as client:
         client.upsert("docs", [{"id": "1", "text": "red apple pie"}, {"id": "2", "text": "green tea"}])
-    code, out, _ = wafer(fake_server, "search", "docs", "red apple", "--top-k", "1")
+    code, out, _ = wafer(fake_server, "search", "red apple", "-c", "docs", "--top-k", "1")
     assert code == 0 and "red apple pie" in out and "green" not in out
+    code, _, err = wafer(fake_server, "search", "tea", "-c", "docs", "--filter", "nokey")
+    assert code != 0 and "KEY=VALUE" in err
     code, out, _ = wafer(fake_server, "collections", "--json")
     assert json.loads(out) == [{"name": "docs", "model": "fake-embed", "dimensions": 4, "documents": 2}]
     code, out, _ = wafer(fake_server, "health")

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from wafer_proto.v1 import common_pb2 as wafer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14wafer/v1/index.proto\x12\x08wafer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15wafer/v1/common.proto\"N\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x91\x01\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\tdocuments\x18\x03 \x03(\x0b\x32\x12.wafer.v1.Document\x12\x10\n\x08truncate\x18\x04 \x01(\x08\x12$\n\x08priority\x18\x05 \x01(\x0e\x32\x12.wafer.v1.Priority\"p\n\x0eUpsertResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.wafer.v1.Timings\"\x80\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\'\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cwith_vectors\x18\x05 \x01(\x08\"Y\n\x0eScoredDocument\x12$\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x12.wafer.v1.Document\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\x06vector\x18\x03 \x03(\x02\x42\x02\x10\x01\"\x8e\x01\n\x0eSearchResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.wafer.v1.ScoredDocument\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.wafer.v1.Timings\"L\n\x13GetDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x14\n\x0cwith_vectors\x18\x03 \x01(\x08\"C\n\x14GetDocumentsResponse\x12+\n\tdocuments\x18\x01 \x03(\x0b\x32\x18.wafer.v1.ScoredDocument\"9\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"\x19\n\x17\x44\x65leteDocumentsResponse\"\x18\n\x16ListCollectionsRequest\"T\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x11\n\tdocuments\x18\x04 \x01(\x04\"H\n\x17ListCollectionsResponse\x12-\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x18.wafer.v1.CollectionInfo2\x80\x03\n\x05Index\x12;\n\x06Upsert\x12\x17.wafer.v1.UpsertRequest\x1a\x18.wafer.v1.UpsertResponse\x12;\n\x06Search\x12\x17.wafer.v1.SearchRequest\x1a\x18.wafer.v1.SearchResponse\x12M\n\x0cGetDocuments\x12\x1d.wafer.v1.GetDocumentsRequest\x1a\x1e.wafer.v1.GetDocumentsResponse\x12V\n\x0f\x44\x65leteDocuments\x12 .wafer.v1.DeleteDocumentsRequest\x1a!.wafer.v1.DeleteDocumentsResponse\x12V\n\x0fListCollections\x12 .wafer.v1.ListCollectionsRequest\x1a!.wafer.v1.ListCollectionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14wafer/v1/index.proto\x12\x08wafer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15wafer/v1/common.proto\"N\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x91\x01\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\tdocuments\x18\x03 \x03(\x0b\x32\x12.wafer.v1.Document\x12\x10\n\x08truncate\x18\x04 \x01(\x08\x12$\n\x08priority\x18\x05 \x01(\x0e\x32\x12.wafer.v1.Priority\"\x90\x01\n\x0eUpsertResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.wafer.v1.Timings\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\r\"\xac\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\'\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cwith_vectors\x18\x05 \x01(\x08\x12\x14\n\x0crerank_model\x18\x06 \x01(\t\x12\x14\n\x0crerank_top_n\x18\x07 \x01(\r\"F\n\tChunkSpan\x12\r\n\x05\x63hunk\x18\x01 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\"\xab\x01\n\x0eScoredDocument\x12$\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x12.wafer.v1.Document\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\x06vector\x18\x03 \x03(\x02\x42\x02\x10\x01\x12\x19\n\x0crerank_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12$\n\x07matched\x18\x05 \x01(\x0b\x32\x13.wafer.v1.ChunkSpanB\x0f\n\r_rerank_score\"\xa4\x01\n\x0eSearchResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.wafer.v1.ScoredDocument\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.wafer.v1.Timings\x12\x14\n\x0crerank_model\x18\x05 \x01(\t\"L\n\x13GetDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x14\n\x0cwith_vectors\x18\x03 \x01(\x08\"C\n\x14GetDocumentsResponse\x12+\n\tdocuments\x18\x01 \x03(\x0b\x32\x18.wafer.v1.ScoredDocument\"9\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"\x19\n\x17\x44\x65leteDocumentsResponse\"\x18\n\x16ListCollectionsRequest\"T\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x11\n\tdocuments\x18\x04 \x01(\x04\"H\n\x17ListCollectionsResponse\x12-\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x18.wafer.v1.CollectionInfo2\x80\x03\n\x05Index\x12;\n\x06Upsert\x12\x17.wafer.v1.UpsertRequest\x1a\x18.wafer.v1.UpsertResponse\x12;\n\x06Search\x12\x17.wafer.v1.SearchRequest\x1a\x18.wafer.v1.SearchResponse\x12M\n\x0cGetDocuments\x12\x1d.wafer.v1.GetDocumentsRequest\x1a\x1e.wafer.v1.GetDocumentsResponse\x12V\n\x0f\x44\x65leteDocuments\x12 .wafer.v1.DeleteDocumentsRequest\x1a!.wafer.v1.DeleteDocumentsResponse\x12V\n\x0fListCollections\x12 .wafer.v1.ListCollectionsRequest\x1a!.wafer.v1.ListCollectionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,28 +40,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOCUMENT']._serialized_end=165
   _globals['_UPSERTREQUEST']._serialized_start=168
   _globals['_UPSERTREQUEST']._serialized_end=313
-  _globals['_UPSERTRESPONSE']._serialized_start=315
-  _globals['_UPSERTRESPONSE']._serialized_end=427
-  _globals['_SEARCHREQUEST']._serialized_start=430
-  _globals['_SEARCHREQUEST']._serialized_end=558
-  _globals['_SCOREDDOCUMENT']._serialized_start=560
-  _globals['_SCOREDDOCUMENT']._serialized_end=649
-  _globals['_SEARCHRESPONSE']._serialized_start=652
-  _globals['_SEARCHRESPONSE']._serialized_end=794
-  _globals['_GETDOCUMENTSREQUEST']._serialized_start=796
-  _globals['_GETDOCUMENTSREQUEST']._serialized_end=872
-  _globals['_GETDOCUMENTSRESPONSE']._serialized_start=874
-  _globals['_GETDOCUMENTSRESPONSE']._serialized_end=941
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=943
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1000
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1002
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1027
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1029
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1053
-  _globals['_COLLECTIONINFO']._serialized_start=1055
-  _globals['_COLLECTIONINFO']._serialized_end=1139
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1141
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1213
-  _globals['_INDEX']._serialized_start=1216
-  _globals['_INDEX']._serialized_end=1600
+  _globals['_UPSERTRESPONSE']._serialized_start=316
+  _globals['_UPSERTRESPONSE']._serialized_end=460
+  _globals['_SEARCHREQUEST']._serialized_start=463
+  _globals['_SEARCHREQUEST']._serialized_end=635
+  _globals['_CHUNKSPAN']._serialized_start=637
+  _globals['_CHUNKSPAN']._serialized_end=707
+  _globals['_SCOREDDOCUMENT']._serialized_start=710
+  _globals['_SCOREDDOCUMENT']._serialized_end=881
+  _globals['_SEARCHRESPONSE']._serialized_start=884
+  _globals['_SEARCHRESPONSE']._serialized_end=1048
+  _globals['_GETDOCUMENTSREQUEST']._serialized_start=1050
+  _globals['_GETDOCUMENTSREQUEST']._serialized_end=1126
+  _globals['_GETDOCUMENTSRESPONSE']._serialized_start=1128
+  _globals['_GETDOCUMENTSRESPONSE']._serialized_end=1195
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1197
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1254
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1256
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1281
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1283
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1307
+  _globals['_COLLECTIONINFO']._serialized_start=1309
+  _globals['_COLLECTIONINFO']._serialized_end=1393
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1395
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1467
+  _globals['_INDEX']._serialized_start=1470
+  _globals['_INDEX']._serialized_end=1854
 # @@protoc_insertion_point(module_scope)

@@ -93,7 +93,15 @@ class UpsertResponse(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    chunks: _builtins.int
+    """Vectors written: one per chunk, so more than documents when some were
+    longer than the model's window.
+    """
+    cached: _builtins.int
+    """How many of those vectors came from the embedding cache."""
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The id of each document, in request order (derived ids included)."""
@@ -109,10 +117,12 @@ class UpsertResponse(_message.Message):
         ids: _abc.Iterable[_builtins.str] | None = ...,
         usage: _common_pb2.Usage | None = ...,
         timings: _common_pb2.Timings | None = ...,
+        chunks: _builtins.int = ...,
+        cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "chunks", b"chunks", "ids", b"ids", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -127,12 +137,23 @@ class SearchRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     WITH_VECTORS_FIELD_NUMBER: _builtins.int
+    RERANK_MODEL_FIELD_NUMBER: _builtins.int
+    RERANK_TOP_N_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     query: _builtins.str
     top_k: _builtins.int
     """How many documents to return; 0 means 10."""
     with_vectors: _builtins.bool
-    """Return each document's vector too."""
+    """Return each result's vector too (the vector of its best chunk)."""
+    rerank_model: _builtins.str
+    """Rerank the nearest chunks with this model (any model that can rerank: a
+    bi-encoder by cosine, an LLM by relevance). Empty: no reranking. A model
+    that cannot rerank is refused with FAILED_PRECONDITION.
+    """
+    rerank_top_n: _builtins.int
+    """How many of the nearest chunks to rerank; 0 means max(top_k, 20).
+    Results are then ordered by rerank_score.
+    """
     @_builtins.property
     def filter(self) -> _struct_pb2.Struct:
         """Exact-match conditions on payload fields, all of which must hold."""
@@ -145,14 +166,51 @@ class SearchRequest(_message.Message):
         top_k: _builtins.int = ...,
         filter: _struct_pb2.Struct | None = ...,
         with_vectors: _builtins.bool = ...,
+        rerank_model: _builtins.str = ...,
+        rerank_top_n: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "filter", b"filter", "query", b"query", "top_k", b"top_k", "with_vectors", b"with_vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "filter", b"filter", "query", b"query", "rerank_model", b"rerank_model", "rerank_top_n", b"rerank_top_n", "top_k", b"top_k", "with_vectors", b"with_vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
+
+@_typing.final
+class ChunkSpan(_message.Message):
+    """Where in its document a chunk lies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.int
+    """Chunk number, from 0."""
+    chunks: _builtins.int
+    """How many chunks the document has."""
+    start: _builtins.int
+    """Offsets of the chunk in the document's text, in Unicode code points
+    (Python string indices): text[start:end] is the chunk.
+    """
+    end: _builtins.int
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.int = ...,
+        chunks: _builtins.int = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "chunks", b"chunks", "end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkSpan: _TypeAlias = ChunkSpan  # noqa: Y015
 
 @_typing.final
 class ScoredDocument(_message.Message):
@@ -161,24 +219,36 @@ class ScoredDocument(_message.Message):
     DOCUMENT_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     VECTOR_FIELD_NUMBER: _builtins.int
+    RERANK_SCORE_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
     score: _builtins.float
-    """Cosine similarity to the query."""
+    """Cosine similarity of the query to the document's best chunk."""
+    rerank_score: _builtins.float
+    """The rerank model's score of the best chunk, when the search reranked."""
     @_builtins.property
     def document(self) -> Global___Document: ...
     @_builtins.property
     def vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def matched(self) -> Global___ChunkSpan:
+        """Search only: the chunk that matched best."""
+
     def __init__(
         self,
         *,
         document: Global___Document | None = ...,
         score: _builtins.float = ...,
         vector: _abc.Iterable[_builtins.float] | None = ...,
+        rerank_score: _builtins.float | None = ...,
+        matched: Global___ChunkSpan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rerank_score", b"_rerank_score", "document", b"document", "matched", b"matched", "rerank_score", b"rerank_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "score", b"score", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rerank_score", b"_rerank_score", "document", b"document", "matched", b"matched", "rerank_score", b"rerank_score", "score", b"score", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rerank_score: _TypeAlias = _typing.Literal["rerank_score"]  # noqa: Y015
+    _WhichOneofArgType__rerank_score: _TypeAlias = _typing.Literal["_rerank_score", b"_rerank_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rerank_score) -> _WhichOneofReturnType__rerank_score | None: ...
 
 Global___ScoredDocument: _TypeAlias = ScoredDocument  # noqa: Y015
 
@@ -190,11 +260,18 @@ class SearchResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    RERANK_MODEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    rerank_model: _builtins.str
+    """The model that reranked; empty when the search did not rerank."""
     @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredDocument]: ...
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredDocument]:
+        """Documents, best first (by rerank_score when reranked, else by score)."""
+
     @_builtins.property
-    def usage(self) -> _common_pb2.Usage: ...
+    def usage(self) -> _common_pb2.Usage:
+        """Tokens read: the query's embedding plus the reranking."""
+
     @_builtins.property
     def timings(self) -> _common_pb2.Timings: ...
     def __init__(
@@ -204,10 +281,11 @@ class SearchResponse(_message.Message):
         results: _abc.Iterable[Global___ScoredDocument] | None = ...,
         usage: _common_pb2.Usage | None = ...,
         timings: _common_pb2.Timings | None = ...,
+        rerank_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "results", b"results", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "rerank_model", b"rerank_model", "results", b"results", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,6 +29,13 @@ if _version_not_supported:
 class IndexStub:
     """Index embeds documents into a vector collection (Qdrant) and searches it.
     A collection is bound to the embedding model that first wrote to it.
+
+    Chunking is automatic: a document longer than the model's window is split
+    into windows of at most that many tokens (the model's own tokenizer), which
+    overlap by a sixth of the window so no sentence is only ever seen cut in two.
+    Each chunk is stored as its own vector with the document's id, payload,
+    chunk number and character offsets; searches find chunks and answer with
+    documents.
     """
 
     def __init__(self, channel):
@@ -67,32 +74,45 @@ class IndexStub:
 class IndexServicer:
     """Index embeds documents into a vector collection (Qdrant) and searches it.
     A collection is bound to the embedding model that first wrote to it.
+
+    Chunking is automatic: a document longer than the model's window is split
+    into windows of at most that many tokens (the model's own tokenizer), which
+    overlap by a sixth of the window so no sentence is only ever seen cut in two.
+    Each chunk is stored as its own vector with the document's id, payload,
+    chunk number and character offsets; searches find chunks and answer with
+    documents.
     """
 
     def Upsert(self, request, context):
-        """Embeds documents and writes them. Writing a document id again replaces it:
-        point ids are derived from (collection, document id), so retries never duplicate.
+        """Embeds documents (chunked if long) and writes them. Writing a document id
+        again replaces it, chunks included: point ids are derived from
+        (collection, document id, chunk), so retries never duplicate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Search(self, request, context):
-        """Embeds the query with the collection's model and returns the nearest documents.
+        """Embeds the query with the collection's model and its query prompt, finds
+        the nearest chunks (optionally only those whose payload matches `filter`),
+        optionally reranks them with `rerank_model`, and returns documents: the
+        chunks of one document collapse into one result with its best chunk's
+        scores, which chunk that was, and the document's payload.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDocuments(self, request, context):
-        """Reads documents back by id.
+        """Reads documents back by id (their whole text; the vector of chunk 0).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDocuments(self, request, context):
-        """Removes documents by id; ids that are not there are ignored.
+        """Removes documents by id, every chunk of them; ids that are not there are
+        ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +164,13 @@ def add_IndexServicer_to_server(servicer, server):
 class Index:
     """Index embeds documents into a vector collection (Qdrant) and searches it.
     A collection is bound to the embedding model that first wrote to it.
+
+    Chunking is automatic: a document longer than the model's window is split
+    into windows of at most that many tokens (the model's own tokenizer), which
+    overlap by a sixth of the window so no sentence is only ever seen cut in two.
+    Each chunk is stored as its own vector with the document's id, payload,
+    chunk number and character offsets; searches find chunks and answer with
+    documents.
     """
 
     @staticmethod

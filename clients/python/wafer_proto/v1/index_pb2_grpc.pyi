@@ -30,6 +30,13 @@ GRPC_VERSION: str
 class IndexStub:
     """Index embeds documents into a vector collection (Qdrant) and searches it.
     A collection is bound to the embedding model that first wrote to it.
+
+    Chunking is automatic: a document longer than the model's window is split
+    into windows of at most that many tokens (the model's own tokenizer), which
+    overlap by a sixth of the window so no sentence is only ever seen cut in two.
+    Each chunk is stored as its own vector with the document's id, payload,
+    chunk number and character offsets; searches find chunks and answer with
+    documents.
     """
 
     @_typing.overload
@@ -37,15 +44,23 @@ class IndexStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IndexAsyncStub: ...
     Upsert: _grpc.UnaryUnaryMultiCallable[_index_pb2.UpsertRequest, _index_pb2.UpsertResponse]
-    """Embeds documents and writes them. Writing a document id again replaces it:
-    point ids are derived from (collection, document id), so retries never duplicate.
+    """Embeds documents (chunked if long) and writes them. Writing a document id
+    again replaces it, chunks included: point ids are derived from
+    (collection, document id, chunk), so retries never duplicate.
     """
     Search: _grpc.UnaryUnaryMultiCallable[_index_pb2.SearchRequest, _index_pb2.SearchResponse]
-    """Embeds the query with the collection's model and returns the nearest documents."""
+    """Embeds the query with the collection's model and its query prompt, finds
+    the nearest chunks (optionally only those whose payload matches `filter`),
+    optionally reranks them with `rerank_model`, and returns documents: the
+    chunks of one document collapse into one result with its best chunk's
+    scores, which chunk that was, and the document's payload.
+    """
     GetDocuments: _grpc.UnaryUnaryMultiCallable[_index_pb2.GetDocumentsRequest, _index_pb2.GetDocumentsResponse]
-    """Reads documents back by id."""
+    """Reads documents back by id (their whole text; the vector of chunk 0)."""
     DeleteDocuments: _grpc.UnaryUnaryMultiCallable[_index_pb2.DeleteDocumentsRequest, _index_pb2.DeleteDocumentsResponse]
-    """Removes documents by id; ids that are not there are ignored."""
+    """Removes documents by id, every chunk of them; ids that are not there are
+    ignored.
+    """
     ListCollections: _grpc.UnaryUnaryMultiCallable[_index_pb2.ListCollectionsRequest, _index_pb2.ListCollectionsResponse]
     """The collections in the store, with their model, dimension and size."""
 
@@ -53,25 +68,47 @@ class IndexStub:
 class IndexAsyncStub(IndexStub):
     """Index embeds documents into a vector collection (Qdrant) and searches it.
     A collection is bound to the embedding model that first wrote to it.
+
+    Chunking is automatic: a document longer than the model's window is split
+    into windows of at most that many tokens (the model's own tokenizer), which
+    overlap by a sixth of the window so no sentence is only ever seen cut in two.
+    Each chunk is stored as its own vector with the document's id, payload,
+    chunk number and character offsets; searches find chunks and answer with
+    documents.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Upsert: _aio.UnaryUnaryMultiCallable[_index_pb2.UpsertRequest, _index_pb2.UpsertResponse]  # type: ignore[assignment]
-    """Embeds documents and writes them. Writing a document id again replaces it:
-    point ids are derived from (collection, document id), so retries never duplicate.
+    """Embeds documents (chunked if long) and writes them. Writing a document id
+    again replaces it, chunks included: point ids are derived from
+    (collection, document id, chunk), so retries never duplicate.
     """
     Search: _aio.UnaryUnaryMultiCallable[_index_pb2.SearchRequest, _index_pb2.SearchResponse]  # type: ignore[assignment]
-    """Embeds the query with the collection's model and returns the nearest documents."""
+    """Embeds the query with the collection's model and its query prompt, finds
+    the nearest chunks (optionally only those whose payload matches `filter`),
+    optionally reranks them with `rerank_model`, and returns documents: the
+    chunks of one document collapse into one result with its best chunk's
+    scores, which chunk that was, and the document's payload.
+    """
     GetDocuments: _aio.UnaryUnaryMultiCallable[_index_pb2.GetDocumentsRequest, _index_pb2.GetDocumentsResponse]  # type: ignore[assignment]
-    """Reads documents back by id."""
+    """Reads documents back by id (their whole text; the vector of chunk 0)."""
     DeleteDocuments: _aio.UnaryUnaryMultiCallable[_index_pb2.DeleteDocumentsRequest, _index_pb2.DeleteDocumentsResponse]  # type: ignore[assignment]
-    """Removes documents by id; ids that are not there are ignored."""
+    """Removes documents by id, every chunk of them; ids that are not there are
+    ignored.
+    """
     ListCollections: _aio.UnaryUnaryMultiCallable[_index_pb2.ListCollectionsRequest, _index_pb2.ListCollectionsResponse]  # type: ignore[assignment]
     """The collections in the store, with their model, dimension and size."""
 
 class IndexServicer(metaclass=_abc_1.ABCMeta):
     """Index embeds documents into a vector collection (Qdrant) and searches it.
     A collection is bound to the embedding model that first wrote to it.
+
+    Chunking is automatic: a document longer than the model's window is split
+    into windows of at most that many tokens (the model's own tokenizer), which
+    overlap by a sixth of the window so no sentence is only ever seen cut in two.
+    Each chunk is stored as its own vector with the document's id, payload,
+    chunk number and character offsets; searches find chunks and answer with
+    documents.
     """
 
     @_abc_1.abstractmethod
@@ -80,8 +117,9 @@ class IndexServicer(metaclass=_abc_1.ABCMeta):
         request: _index_pb2.UpsertRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_index_pb2.UpsertResponse, _abc.Awaitable[_index_pb2.UpsertResponse]]:
-        """Embeds documents and writes them. Writing a document id again replaces it:
-        point ids are derived from (collection, document id), so retries never duplicate.
+        """Embeds documents (chunked if long) and writes them. Writing a document id
+        again replaces it, chunks included: point ids are derived from
+        (collection, document id, chunk), so retries never duplicate.
         """
 
     @_abc_1.abstractmethod
@@ -90,7 +128,12 @@ class IndexServicer(metaclass=_abc_1.ABCMeta):
         request: _index_pb2.SearchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_index_pb2.SearchResponse, _abc.Awaitable[_index_pb2.SearchResponse]]:
-        """Embeds the query with the collection's model and returns the nearest documents."""
+        """Embeds the query with the collection's model and its query prompt, finds
+        the nearest chunks (optionally only those whose payload matches `filter`),
+        optionally reranks them with `rerank_model`, and returns documents: the
+        chunks of one document collapse into one result with its best chunk's
+        scores, which chunk that was, and the document's payload.
+        """
 
     @_abc_1.abstractmethod
     def GetDocuments(
@@ -98,7 +141,7 @@ class IndexServicer(metaclass=_abc_1.ABCMeta):
         request: _index_pb2.GetDocumentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_index_pb2.GetDocumentsResponse, _abc.Awaitable[_index_pb2.GetDocumentsResponse]]:
-        """Reads documents back by id."""
+        """Reads documents back by id (their whole text; the vector of chunk 0)."""
 
     @_abc_1.abstractmethod
     def DeleteDocuments(
@@ -106,7 +149,9 @@ class IndexServicer(metaclass=_abc_1.ABCMeta):
         request: _index_pb2.DeleteDocumentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_index_pb2.DeleteDocumentsResponse, _abc.Awaitable[_index_pb2.DeleteDocumentsResponse]]:
-        """Removes documents by id; ids that are not there are ignored."""
+        """Removes documents by id, every chunk of them; ids that are not there are
+        ignored.
+        """
 
     @_abc_1.abstractmethod
     def ListCollections(

@@ -78,6 +78,7 @@ class EmbedRequest(_message.Message):
     TRUNCATE_FIELD_NUMBER: _builtins.int
     NORMALIZE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    POOL_CHUNKS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from models.yaml; empty for the default embedding model."""
     input_type: Global___InputType.ValueType
@@ -90,6 +91,14 @@ class EmbedRequest(_message.Message):
     normalize: _builtins.bool
     """L2-normalize the vectors. Unset means the model's own setting."""
     priority: _common_pb2.Priority.ValueType
+    pool_chunks: _builtins.bool
+    """Read long inputs whole: an input longer than the model's window is split
+    into overlapping token windows (as Index.Upsert splits documents), each
+    window is embedded, and the input's vector is the mean of its windows'
+    vectors, re-normalized when normalizing. Still one vector per input.
+    Inputs that fit are embedded as they are. Takes precedence over
+    `truncate`.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Texts to embed, one vector each. Empty strings are refused."""
@@ -104,10 +113,11 @@ class EmbedRequest(_message.Message):
         truncate: _builtins.bool = ...,
         normalize: _builtins.bool | None = ...,
         priority: _common_pb2.Priority.ValueType = ...,
+        pool_chunks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "dimensions", b"dimensions", "input_type", b"input_type", "inputs", b"inputs", "model", b"model", "normalize", b"normalize", "priority", b"priority", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "dimensions", b"dimensions", "input_type", b"input_type", "inputs", b"inputs", "model", b"model", "normalize", b"normalize", "pool_chunks", b"pool_chunks", "priority", b"priority", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
@@ -143,16 +153,28 @@ class EmbedResponse(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that answered."""
+    cached: _builtins.int
+    """How many of the embeddings came from the server's embedding cache
+    instead of the model: same model, prompt, dimensions, normalize,
+    truncate and text. 0 when the cache is disabled (WAFER_EMBEDDING_CACHE=false).
+    """
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
         """One embedding per input, in input order."""
 
     @_builtins.property
-    def usage(self) -> _common_pb2.Usage: ...
+    def usage(self) -> _common_pb2.Usage:
+        """Usage counts every input, cached ones included (with the token count
+        stored with them).
+        """
+
     @_builtins.property
-    def timings(self) -> _common_pb2.Timings: ...
+    def timings(self) -> _common_pb2.Timings:
+        """timings.batch_size is the number of inputs the model actually ran."""
+
     def __init__(
         self,
         *,
@@ -160,10 +182,11 @@ class EmbedResponse(_message.Message):
         embeddings: _abc.Iterable[Global___Embedding] | None = ...,
         usage: _common_pb2.Usage | None = ...,
         timings: _common_pb2.Timings | None = ...,
+        cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "embeddings", b"embeddings", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
