@@ -34,6 +34,7 @@ FILE_ORDER = (
     "wafer/v1/inference.proto",
     "wafer/v1/models.proto",
     "wafer/v1/index.proto",
+    "wafer/v1/jobs.proto",
     "wafer/v1/common.proto",
 )
 
@@ -108,6 +109,7 @@ HEALTH_TABLE = (
     ('`""` (the server as a whole)', "the same as `wafer.v1.Inference`"),
     ("`wafer.v1.Models`", "`SERVING` once the server listens"),
     ("`wafer.v1.Index`", "`SERVING` once the server listens"),
+    ("`wafer.v1.Jobs`", "`SERVING` once the server listens (jobs resume in the background)"),
 )
 HEALTH_AFTER = """\
 On SIGTERM or SIGINT every name turns `NOT_SERVING` before the server stops taking calls, so a

@@ -7,8 +7,10 @@ ranking). The RPC layer only translates to and from these calls.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from wafer.domain import (
     GenerateRequest,
     GenerationDelta,
     InputType,
+    Priority,
     RankedDocument,
     RerankRequest,
     RerankResult,
@@ -36,6 +39,49 @@ from wafer.specs import ModelSpec, RerankMethod, Task
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+
+
+_Request = TypeVar("_Request", EmbedRequest, RerankRequest)
+_Result = TypeVar("_Result")
+
+
+def _interactive_call(
+    method: Callable[[InferenceEngine, _Request], Coroutine[Any, Any, _Result]],
+) -> Callable[[InferenceEngine, _Request], Coroutine[Any, Any, _Result]]:
+    """Counts an interactive call from its start to its end, for `seconds_since_interactive`."""
+
+    @functools.wraps(method)
+    async def tracked(self: InferenceEngine, request: _Request) -> _Result:
+        if request.priority is not Priority.INTERACTIVE:
+            return await method(self, request)
+        self._interactive_began()
+        try:
+            return await method(self, request)
+        finally:
+            self._interactive_ended()
+
+    return tracked
+
+
+def _interactive_stream(
+    method: Callable[[InferenceEngine, GenerateRequest], AsyncIterator[GenerateChunk]],
+) -> Callable[[InferenceEngine, GenerateRequest], AsyncIterator[GenerateChunk]]:
+    """`_interactive_call` for a streamed call: it lasts until the stream ends or is closed."""
+
+    @functools.wraps(method)
+    async def tracked(self: InferenceEngine, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if request.priority is not Priority.INTERACTIVE:
+            async for chunk in method(self, request):
+                yield chunk
+            return
+        self._interactive_began()
+        try:
+            async for chunk in method(self, request):
+                yield chunk
+        finally:
+            self._interactive_ended()
+
+    return tracked
 
 
 def _ms(seconds: float) -> float:
@@ -53,6 +99,23 @@ class InferenceEngine:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
+        # Interactive calls running now, and when the last one ended: when_idle jobs read them.
+        self._interactive_running = 0
+        self._interactive_last = time.monotonic()
+
+    def seconds_since_interactive(self) -> float:
+        """Seconds since the last interactive Embed, Rerank or Generate ended; 0 while one runs.
+        Counted from the engine's creation when none has run yet."""
+        if self._interactive_running:
+            return 0.0
+        return time.monotonic() - self._interactive_last
+
+    def _interactive_began(self) -> None:
+        self._interactive_running += 1
+
+    def _interactive_ended(self) -> None:
+        self._interactive_running -= 1
+        self._interactive_last = time.monotonic()
 
     @property
     def registry(self) -> ModelRegistry:
@@ -60,6 +123,7 @@ class InferenceEngine:
 
     # -- Embed ---------------------------------------------------------------------------------
 
+    @_interactive_call
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_texts(request.inputs, what="inputs")
         arrived = time.perf_counter()
@@ -90,6 +154,7 @@ class InferenceEngine:
 
     # -- Rerank --------------------------------------------------------------------------------
 
+    @_interactive_call
     async def rerank(self, request: RerankRequest) -> RerankResult:
         self._check_texts([request.query], what="query")
         self._check_texts(request.documents, what="documents")
@@ -152,6 +217,7 @@ class InferenceEngine:
 
     # -- Generate ------------------------------------------------------------------------------
 
+    @_interactive_stream
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         self._check_generate(request)
         arrived = time.perf_counter()
