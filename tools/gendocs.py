@@ -192,8 +192,7 @@ ERRORS_TABLE = (
     ("`UNAUTHENTICATED`", "the call needs credentials (a token is configured) and carries none"),
     (
         "`PERMISSION_DENIED`",
-        "the call's credentials do not allow it; a job source path outside the data folder and "
-        "`jobs_allowed_roots`",
+        "the call's credentials do not allow it; a job source path outside the data folder and `jobs_allowed_roots`",
     ),
     (
         "`INTERNAL`",

@@ -233,9 +233,8 @@ def test_jobs_need_the_token_when_the_server_has_one(tmp_path: Path) -> None:
     token.chmod(0o600)
     server = start_server(tmp_path / "data", extra_args=["--auth-token-file", str(token)])
     try:
-        with WaferClient(server.address, timeout=10) as client:
-            with pytest.raises(UnauthenticatedError):
-                client.list_jobs()
+        with WaferClient(server.address, timeout=10) as client, pytest.raises(UnauthenticatedError):
+            client.list_jobs()
         with WaferClient(server.address, timeout=10, metadata={"authorization": "Bearer s3cret-token"}) as client:
             assert client.list_jobs() == []
     finally:
