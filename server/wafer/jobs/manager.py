@@ -42,7 +42,7 @@ from wafer.errors import (
 )
 from wafer.indexing import COLLECTION_NAME, IndexService
 from wafer.jobs.policy import PolicyChecker, RunPolicy
-from wafer.jobs.sources import Cursor, JsonlSource, SourceReader, SourceSpec, SqliteSource, confine, open_reader
+from wafer.jobs.sources import Batch, Cursor, JsonlSource, SourceReader, SourceSpec, SqliteSource, confine, open_reader
 from wafer.jobs.state import RESUMABLE, JobRecord, JobState, JobStore, to_json
 from wafer.metrics import Metrics
 
@@ -56,6 +56,8 @@ RATE_WINDOW_SECONDS = 30.0
 WATCH_HEARTBEAT_SECONDS = 1.0
 # After UNAVAILABLE or RESOURCE_EXHAUSTED without a hint (model unloading, queue full).
 RETRY_SECONDS = 1.0
+# Batches of one job in flight at once: two let the model embed one while the store writes the other.
+PIPELINE_DEPTH = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,14 @@ class _Job:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+async def _cancel_all(tasks: deque[tuple[asyncio.Task[bool], Batch]]) -> None:
+    pending = [task for task, _ in tasks]
+    tasks.clear()
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 class JobManager:
@@ -352,28 +362,47 @@ class JobManager:
             return await loop.run_in_executor(thread, fn)
 
         reader = await on_reader_thread(lambda: open_reader(record.source, record.cursor))
+        # Batches written but not yet checkpointed, oldest first: the next batch embeds while the
+        # previous one is written, and checkpoints advance strictly in source order.
+        in_flight: deque[tuple[asyncio.Task[bool], Batch]] = deque()
         try:
             if record.total is None:
                 record.total = await on_reader_thread(reader.count)
             if record.started is None:
                 record.started = _now()
-            while True:
-                await self._wait_for_policy(job)
-                batch = await on_reader_thread(partial(reader.read, record.batch_size))
-                if batch.documents and not await self._write(job, batch.documents):
-                    # A transient refusal: read the same batch again after the pause.
+            exhausted = False
+            while not exhausted or in_flight:
+                if not exhausted:
+                    await self._wait_for_policy(job)
+                    try:
+                        batch = await on_reader_thread(partial(reader.read, record.batch_size))
+                    except WaferError:
+                        # A bad row fails the job, but only after the batches before it are written.
+                        while in_flight:
+                            task, written = in_flight.popleft()
+                            if not await task:
+                                break
+                            self._advance(job, written)
+                        await self._save(job, notify=False)
+                        raise
+                    exhausted = batch.exhausted
+                    in_flight.append((loop.create_task(self._write(job, batch.documents)), batch))
+                    if len(in_flight) < PIPELINE_DEPTH and not exhausted:
+                        continue
+                task, batch = in_flight.popleft()
+                if not await task:
+                    # A transient refusal: drop what followed it and read again from the checkpoint.
+                    await _cancel_all(in_flight)
                     old = reader
                     await on_reader_thread(old.close)
                     reader = await on_reader_thread(lambda: open_reader(record.source, record.cursor))
+                    exhausted = False
                     continue
-                record.cursor = batch.end
-                record.done += len(batch.documents)
-                record.skipped += batch.skipped
-                job.sample()
-                if batch.exhausted:
-                    break
-                await self._save(job)
+                self._advance(job, batch)
+                if not (exhausted and not in_flight):
+                    await self._save(job)
         finally:
+            await _cancel_all(in_flight)
             thread.submit(reader.close)
             thread.shutdown(wait=False)
         record.state, record.reason, record.finished = JobState.SUCCEEDED, "", _now()
@@ -381,9 +410,20 @@ class JobManager:
         await self._end(job)
         log.info("job finished", job=record.id, done=record.done, skipped=record.skipped)
 
+    @staticmethod
+    def _advance(job: _Job, batch: Batch) -> None:
+        """Move the checkpoint past a batch the store has written."""
+        record = job.record
+        record.cursor = batch.end
+        record.done += len(batch.documents)
+        record.skipped += batch.skipped
+        job.sample()
+
     async def _write(self, job: _Job, documents: list[StoredDocument]) -> bool:
         """Embed and write one batch; False when the server asked to come back later."""
         record = job.record
+        if not documents:
+            return True
         try:
             result = await self._index.upsert(
                 record.collection,
