@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import ServerProcess, start_server
-from wafer_client import JsonlSource, SqliteSource, UnauthenticatedError, WaferClient
+from wafer_client import AsyncWaferClient, JsonlSource, SqliteSource, UnauthenticatedError, WaferClient
 
 pytestmark = pytest.mark.e2e
 
@@ -239,3 +239,17 @@ def test_jobs_need_the_token_when_the_server_has_one(tmp_path: Path) -> None:
             assert client.list_jobs() == []
     finally:
         assert server.stop() == 0
+
+
+async def test_the_async_client_submits_and_watches_inline_jobs(jobs_server: ServerProcess) -> None:
+    documents = [{"id": f"a{i}", "text": f"{PHRASES[i % len(PHRASES)]} [{i}]", "payload": {"i": i}} for i in range(40)]
+    async with AsyncWaferClient(jobs_server.address, timeout=30) as client:
+        job = await client.submit_job("async-inline", documents, batch_size=16)
+        assert job.source == "inline (40 documents)" and job.total == 40
+        seen = [update async for update in client.watch_job(job.id, timeout=120)]
+        assert seen[-1].state == "succeeded" and seen[-1].done == 40
+        assert [s.done for s in seen] == sorted(s.done for s in seen), "progress never goes back"
+        assert (await client.get_job(job.id)).ended
+        stored = await client.get_documents("async-inline", ["a7"])
+        assert stored[0].payload == {"i": 7.0}
+        assert job.id in {j.id for j in await client.list_jobs()}
