@@ -660,7 +660,8 @@ def _job_json(job: Job) -> dict[str, Any]:
 
 def _job_progress(job: Job) -> str:
     total = f"/{job.total}" if job.total is not None else ""
-    return f"{job.done}{total}"
+    skipped = f" ({job.skipped} skipped)" if job.skipped else ""
+    return f"{job.done + job.skipped}{total}{skipped}"
 
 
 def _job_state(job: Job) -> str:
@@ -689,7 +690,14 @@ def _follow(client: WaferClient, submitted: Job) -> Job:
         for job in client.watch_job(submitted.id):
             eta = f"ETA {job.eta_seconds:.0f}s" if job.eta_seconds is not None else ""
             rate = f"{job.docs_per_second:.0f} docs/s" if job.docs_per_second else ""
-            progress.update(bar, completed=job.done, total=job.total, rate=rate, eta=eta, state=escape(_job_state(job)))
+            progress.update(
+                bar,
+                completed=job.done + job.skipped,
+                total=job.total,
+                rate=rate,
+                eta=eta,
+                state=escape(_job_state(job)),
+            )
     return job
 
 
