@@ -87,6 +87,8 @@ async def serve(settings: Settings) -> None:
 
     log.info("shutting down", grace_seconds=settings.shutdown_grace_seconds)
     await wafer.health.drain()
+    # Job watches last as long as their job: end them, or they would hold the drain to its limit.
+    jobs.stop_watches()
     if not await wafer.drain.drain(settings.shutdown_grace_seconds):
         log.warning("grace period over; cancelling calls still running", calls=wafer.drain.in_flight)
     await wafer.server.stop(0)

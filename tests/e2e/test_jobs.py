@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import ServerProcess, start_server
-from wafer_client import AsyncWaferClient, JsonlSource, SqliteSource, UnauthenticatedError, WaferClient
+from wafer_client import (
+    AsyncWaferClient,
+    JsonlSource,
+    SqliteSource,
+    UnauthenticatedError,
+    UnavailableError,
+    WaferClient,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -253,3 +260,29 @@ async def test_the_async_client_submits_and_watches_inline_jobs(jobs_server: Ser
         stored = await client.get_documents("async-inline", ["a7"])
         assert stored[0].payload == {"i": 7.0}
         assert job.id in {j.id for j in await client.list_jobs()}
+
+
+def test_a_watch_outlives_the_default_deadline_and_ends_on_sigterm(tmp_path: Path) -> None:
+    power = tmp_path / "power"
+    power.mkdir()
+    set_battery(power, charging=False)
+    env = {"WAFER_POWER_SUPPLY_ROOT": str(power), "WAFER_DEFAULT_DEADLINE_SECONDS": "1"}
+    server = start_server(tmp_path / "data", env=env)
+    try:
+        with WaferClient(server.address, timeout=None, retries=0) as client:
+            job = client.submit_job("held", ["a message that waits for a charger"], when_charging=True)
+            updates = client.watch_job(job.id)
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:  # past the 1 s default deadline
+                assert next(updates).state in ("queued", "waiting")
+            server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(UnavailableError, match="shutting down"):
+                for _ in updates:
+                    pass
+        # The watch did not hold the drain to its 10 s grace period.
+        assert server.process.wait(timeout=8) == 0
+        assert time.monotonic() - started < 2.5 + 8
+    finally:
+        server.stop()
+    record = json.loads((tmp_path / "data" / "jobs" / f"{job.id}.job.json").read_text())
+    assert record["state"] == "waiting", "a graceful stop leaves the job to resume at the next start"

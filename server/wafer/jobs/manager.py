@@ -152,6 +152,21 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class _ReaderThread:
+    """One thread per run of a job, so reader calls never overlap, even when the task is cancelled
+    while a read is under way (the close queues behind it)."""
+
+    def __init__(self, job_id: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wafer-job-{job_id}")
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def close(self, reader: SourceReader) -> None:
+        self._pool.submit(reader.close)
+        self._pool.shutdown(wait=False)
+
+
 async def _cancel_all(tasks: deque[tuple[asyncio.Task[bool], Batch]]) -> None:
     pending = [task for task, _ in tasks]
     tasks.clear()
@@ -202,9 +217,14 @@ class JobManager:
         if self._jobs:
             log.info("jobs loaded", jobs=len(self._jobs), resumed=resumed)
 
+    def stop_watches(self) -> None:
+        """End every WatchJob stream (UNAVAILABLE), so watchers do not hold up a graceful shutdown."""
+        self._closing = True
+        self._notify()
+
     async def close(self) -> None:
         """Stop every task and leave the records as they are, so the next start resumes them."""
-        self._closing = True
+        self.stop_watches()
         tasks = [job.task for job in self._jobs.values() if job.task is not None]
         for task in tasks:
             task.cancel()
@@ -272,6 +292,10 @@ class JobManager:
         """The job now, then on every change (and each second while it runs), until it ends."""
         job = self._job(job_id)
         while True:
+            if self._closing:
+                raise UnavailableError(
+                    f"the server is shutting down; job {job_id} goes on when it starts again: watch it then"
+                )
             changed = self._changed
             status = job.status()
             yield status
@@ -353,21 +377,13 @@ class JobManager:
 
     async def _execute(self, job: _Job) -> None:
         record = job.record
-        # One thread per run, so reader calls never overlap, even when the task is cancelled
-        # while a read is under way (the close waits for it).
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wafer-job-{record.id}")
-        loop = asyncio.get_running_loop()
-
-        async def on_reader_thread(fn: Callable[[], T]) -> T:
-            return await loop.run_in_executor(thread, fn)
-
-        reader = await on_reader_thread(lambda: open_reader(record.source, record.cursor))
+        thread = _ReaderThread(record.id)
+        reader = await thread.run(lambda: open_reader(record.source, record.cursor))
         # Batches written but not yet checkpointed, oldest first: the next batch embeds while the
         # previous one is written, and checkpoints advance strictly in source order.
         in_flight: deque[tuple[asyncio.Task[bool], Batch]] = deque()
         try:
-            if record.total is None:
-                record.total = await on_reader_thread(reader.count)
+            await self._count(job, reader, thread)
             if record.started is None:
                 record.started = _now()
             exhausted = False
@@ -375,27 +391,21 @@ class JobManager:
                 if not exhausted:
                     await self._wait_for_policy(job)
                     try:
-                        batch = await on_reader_thread(partial(reader.read, record.batch_size))
+                        batch = await thread.run(partial(reader.read, record.batch_size))
                     except WaferError:
                         # A bad row fails the job, but only after the batches before it are written.
-                        while in_flight:
-                            task, written = in_flight.popleft()
-                            if not await task:
-                                break
-                            self._advance(job, written)
-                        await self._save(job, notify=False)
+                        await self._settle(job, in_flight)
                         raise
                     exhausted = batch.exhausted
-                    in_flight.append((loop.create_task(self._write(job, batch.documents)), batch))
+                    in_flight.append((asyncio.get_running_loop().create_task(self._write(job, batch.documents)), batch))
                     if len(in_flight) < PIPELINE_DEPTH and not exhausted:
                         continue
                 task, batch = in_flight.popleft()
                 if not await task:
                     # A transient refusal: drop what followed it and read again from the checkpoint.
                     await _cancel_all(in_flight)
-                    old = reader
-                    await on_reader_thread(old.close)
-                    reader = await on_reader_thread(lambda: open_reader(record.source, record.cursor))
+                    await thread.run(reader.close)
+                    reader = await thread.run(lambda: open_reader(record.source, record.cursor))
                     exhausted = False
                     continue
                 self._advance(job, batch)
@@ -403,12 +413,31 @@ class JobManager:
                     await self._save(job)
         finally:
             await _cancel_all(in_flight)
-            thread.submit(reader.close)
-            thread.shutdown(wait=False)
+            thread.close(reader)
         record.state, record.reason, record.finished = JobState.SUCCEEDED, "", _now()
         job.samples.clear()
         await self._end(job)
         log.info("job finished", job=record.id, done=record.done, skipped=record.skipped)
+
+    @staticmethod
+    async def _count(job: _Job, reader: SourceReader, thread: _ReaderThread) -> None:
+        record = job.record
+        if record.total is not None:
+            return
+        try:
+            record.total = await thread.run(reader.count)
+        except WaferError as error:
+            # Progress without a total (and an ETA) is still progress.
+            log.warning("cannot count the source; no total or ETA", job=record.id, error=error.message)
+
+    async def _settle(self, job: _Job, in_flight: deque[tuple[asyncio.Task[bool], Batch]]) -> None:
+        """Wait for the batches in flight, in order, and checkpoint the ones that were written."""
+        while in_flight:
+            task, written = in_flight.popleft()
+            if not await task:
+                break
+            self._advance(job, written)
+        await self._save(job, notify=False)
 
     @staticmethod
     def _advance(job: _Job, batch: Batch) -> None:

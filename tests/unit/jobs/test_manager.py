@@ -15,7 +15,13 @@ from tests.unit.jobs.power_supply import laptop
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, Priority, StoredDocument
 from wafer.engine import InferenceEngine
-from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, PermissionDeniedError
+from wafer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 from wafer.indexing import IndexService
 from wafer.jobs import (
     InlineSource,
@@ -276,3 +282,23 @@ async def test_jobs_under_the_data_folder_are_allowed(stack: Stack, manager: Job
     path = corpus(stack.settings.data_dir, 5)
     job = await manager.submit(JobRequest(collection="data", source=JsonlSource(path)))
     assert (await finished(manager, job.id)).done == 5
+
+
+async def test_stopping_watches_ends_them_with_unavailable(stack: Stack, manager: JobManager, tmp_path: Path) -> None:
+    laptop(stack.power_root, charging=False)
+    path = corpus(tmp_path / "corpora", 5)
+    job = await manager.submit(
+        JobRequest(collection="watched", source=JsonlSource(path), policy=RunPolicy(when_charging=True))
+    )
+    seen: list[JobStatus] = []
+
+    async def watch() -> None:
+        async for status in manager.watch(job.id):
+            seen.append(status)
+
+    watcher = asyncio.create_task(watch())
+    await until(manager, job.id, lambda s: s.state is JobState.WAITING)
+    manager.stop_watches()
+    with pytest.raises(UnavailableError, match="shutting down"):
+        await asyncio.wait_for(watcher, 5)
+    assert seen and not seen[-1].state.finished
