@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import structlog
 
+from wafer.backends.base import InputTooLongError
 from wafer.config import Settings
 from wafer.domain import Priority, StoredDocument
 from wafer.errors import (
@@ -211,7 +212,8 @@ class JobManager:
                 record.state, record.reason = JobState.QUEUED, "resuming after a restart"
                 await self._save(job)
                 self._launch(job)
-            elif record.state.finished:
+            else:
+                # A crash may have come between a job's final record and the removal of its copy.
                 await self._drop_inline(job)
         resumed = sum(1 for j in self._jobs.values() if j.task is not None)
         if self._jobs:
@@ -311,6 +313,10 @@ class JobManager:
             raise FailedPreconditionError(f"job {job_id} has ended ({record.state.value}); it cannot be paused")
         if record.state is not JobState.PAUSED:
             await self._stop(job)
+            if record.state.finished:
+                # It ended while being stopped: its end stands.
+                await self._end(job)
+                return job.status()
             record.state, record.reason = JobState.PAUSED, "paused by a caller"
             await self._save(job)
         return job.status()
@@ -336,7 +342,8 @@ class JobManager:
                 return job.status()
             raise FailedPreconditionError(f"job {job_id} has ended ({record.state.value}); it cannot be cancelled")
         await self._stop(job)
-        record.state, record.reason, record.finished = JobState.CANCELLED, "cancelled by a caller", _now()
+        if not record.state.finished:
+            record.state, record.reason, record.finished = JobState.CANCELLED, "cancelled by a caller", _now()
         await self._end(job)
         return job.status()
 
@@ -461,6 +468,13 @@ class JobManager:
                 truncate=record.truncate,
                 priority=Priority.BATCH,
             )
+        except InputTooLongError as error:
+            # The batch's position means nothing to whoever reads the job's error: name the document.
+            document = documents[error.index] if 0 <= error.index < len(documents) else None
+            if document is None:
+                raise
+            name = f"document {document.id!r}" if document.id else f"the document starting {document.text[:40]!r}"
+            raise error.renamed(name, error.index) from None
         except (UnavailableError, ResourceExhaustedError) as error:
             record.state, record.reason = JobState.WAITING, f"retrying: {error.message}"
             job.samples.clear()
@@ -524,14 +538,16 @@ class JobManager:
             self._notify()
 
     async def _end(self, job: _Job) -> None:
-        """Save a finished job, then drop its inline copy: a crash in between leaves a file that the
-        next start removes, never a running job without its documents."""
+        """Save an ended job, then drop its inline copy: a crash in between leaves a file that the
+        next start removes, never a resumable job without its documents."""
         await self._save(job, notify=False)
         await self._drop_inline(job)
         self._notify()
 
     async def _drop_inline(self, job: _Job) -> None:
-        if job.record.inline:
+        """Remove an inline job's copy of its documents once it can no longer run (a failed job
+        keeps it: ResumeJob retries it)."""
+        if job.record.inline and job.record.state in (JobState.SUCCEEDED, JobState.CANCELLED):
             await self._on_disk(lambda: self._store.remove_inline(job.record.id))
 
     def _notify(self) -> None:

@@ -302,3 +302,25 @@ async def test_stopping_watches_ends_them_with_unavailable(stack: Stack, manager
     with pytest.raises(UnavailableError, match="shutting down"):
         await asyncio.wait_for(watcher, 5)
     assert seen and not seen[-1].state.finished
+
+
+async def test_a_failed_inline_job_keeps_its_documents_to_retry(stack: Stack) -> None:
+    too_long = " ".join(["word"] * 20)  # over the fake model's 12-token window, and truncate is off
+    documents = [StoredDocument(id="ok", text="short text"), StoredDocument(id="long", text=too_long)]
+    first = stack.manager()
+    await first.start()
+    job = await first.submit(JobRequest(collection="failing", source=InlineSource(documents)))
+    final = await finished(first, job.id)
+    assert final.state is JobState.FAILED
+    assert final.error.startswith("document 'long' has 22 tokens, more than the 12")
+    await first.close()
+    copy = JobStore(stack.settings.jobs_dir).inline_path(job.id)
+    second = stack.manager()
+    await second.start()  # a restart does not drop it either
+    try:
+        assert copy.exists()
+        await second.resume(job.id)
+        assert (await finished(second, job.id)).state is JobState.FAILED
+        assert copy.exists()
+    finally:
+        await second.close()
