@@ -25,7 +25,10 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from bench.common import ROOT, SHARED_SMS, header, in_process_engine, median, percentile, write_section
 from wafer.config import Settings
@@ -65,17 +68,50 @@ def corpus_file(path: Path | None, limit: int | None, folder: Path) -> tuple[Pat
     return target, texts, f"{described} ({len(records)} messages)"
 
 
-async def ceiling(engine: InferenceEngine, texts: list[str], batch_size: int) -> float:
-    """Documents per second of the engine alone, in the job's batches."""
+@dataclass(frozen=True)
+class Rate:
+    """Documents done in `wall` seconds, using `cpu` seconds of CPU (every thread of the process)."""
+
+    docs: int
+    wall: float
+    cpu: float
+
+    @property
+    def per_second(self) -> float:
+        return self.docs / self.wall
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.docs / self.cpu
+
+
+class Stopwatch:
+    """Wall and CPU time of one process (this one by default) from start to `rate()`."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self._process = psutil.Process(pid)
+        self._wall = time.perf_counter()
+        self._cpu = self._cpu_now()
+
+    def _cpu_now(self) -> float:
+        times = self._process.cpu_times()
+        return float(times.user + times.system)
+
+    def rate(self, docs: int) -> Rate:
+        return Rate(docs=docs, wall=time.perf_counter() - self._wall, cpu=self._cpu_now() - self._cpu)
+
+
+async def ceiling(engine: InferenceEngine, texts: list[str], batch_size: int) -> Rate:
+    """The engine alone, in the job's batches."""
     await engine.embed(EmbedRequest(inputs=texts[:batch_size], model=MODEL, truncate=True))  # warm-up
-    started = time.perf_counter()
+    watch = Stopwatch()
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]
         await engine.embed(EmbedRequest(inputs=batch, model=MODEL, truncate=True, priority=Priority.BATCH))
-    return len(texts) / (time.perf_counter() - started)
+    return watch.rate(len(texts))
 
 
-async def in_process(texts: list[str], corpus: Path, batch_size: int, threads: int) -> tuple[float, float]:
+async def in_process(texts: list[str], corpus: Path, batch_size: int, threads: int) -> tuple[Rate, Rate]:
     engine = in_process_engine(threads)
     await engine.registry.load(MODEL)
     top = await ceiling(engine, texts, batch_size)
@@ -88,20 +124,20 @@ async def in_process(texts: list[str], corpus: Path, batch_size: int, threads: i
     jobs = JobManager(settings, index, checker, known_model=engine.registry.status)
     await jobs.start()
     shutil.copy(corpus, data / corpus.name)
-    started = time.perf_counter()
+    watch = Stopwatch()
     job = await jobs.submit(JobRequest(collection="bench", source=JsonlSource(data / corpus.name), model=MODEL))
     async for status in jobs.watch(job.id):
         final = status
-    elapsed = time.perf_counter() - started
+    rate = watch.rate(len(texts))
     assert final.state.value == "succeeded" and final.done == len(texts), final
     await jobs.close()
     await index.close()
     await engine.registry.close()
     shutil.rmtree(data, ignore_errors=True)
-    return top, len(texts) / elapsed
+    return top, rate
 
 
-async def ceiling_again(texts: list[str], batch_size: int, threads: int) -> float:
+async def ceiling_again(texts: list[str], batch_size: int, threads: int) -> Rate:
     engine = in_process_engine(threads)
     await engine.registry.load(MODEL)
     try:
@@ -120,7 +156,7 @@ def _wait_listening(server: subprocess.Popen[str]) -> str:
     raise RuntimeError("server exited before listening")
 
 
-def served(corpus: Path, count: int, batch_size: int, threads: int) -> tuple[float, list[float], list[float]]:
+def served(corpus: Path, count: int, batch_size: int, threads: int) -> tuple[Rate, list[float], list[float]]:
     data = Path(tempfile.mkdtemp(prefix="wafer-bench-jobs-"))
     shutil.copy(corpus, data / corpus.name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_JOBS_BATCH_SIZE": str(batch_size)}
@@ -135,10 +171,10 @@ def served(corpus: Path, count: int, batch_size: int, threads: int) -> tuple[flo
             while client.health("wafer.v1.Inference") != "SERVING":
                 time.sleep(0.1)
             source = ClientJsonlSource(str(data / corpus.name))
-            started = time.perf_counter()
+            watch = Stopwatch(server.pid)
             job = client.submit_job("bench", source, model=MODEL)
             final = client.wait_job(job.id, timeout=3600)
-            rate = count / (time.perf_counter() - started)
+            rate = watch.rate(count)
             assert final.state == "succeeded" and final.done == count, final
 
             def embed_latencies() -> list[float]:
@@ -167,24 +203,35 @@ def report(
     corpus: str,
     batch_size: int,
     *,
-    tops: tuple[float, float],
-    local: float,
-    remote: float,
+    tops: tuple[Rate, Rate],
+    local: Rate,
+    remote: Rate,
     quiet: list[float],
     busy: list[float],
 ) -> str:
-    top = sum(tops) / 2
+    wall = sum(t.per_second for t in tops) / 2
+    cpu = sum(t.per_cpu_second for t in tops) / 2
+
+    def row(name: str, rate: Rate) -> str:
+        return (
+            f"| {name} | {rate.per_second:.0f} | {rate.per_second / wall:.2f} | "
+            f"{rate.per_cpu_second:.0f} | {rate.per_cpu_second / cpu:.2f} |"
+        )
+
     lines = [
         header("Indexing through a job against the in-process embedding ceiling", corpus),
         f"- model {MODEL}, batches of {batch_size}, store: qdrant-client embedded local mode; "
         "ceiling = the engine alone embedding the same batches in this process (no reading, no store)",
+        "- docs per CPU-second counts the CPU time of every thread of the process doing the work (this "
+        "one, or the server): it holds still when other processes load the machine, wall time does not",
         "",
-        "| path | docs/s | ratio to the ceiling |",
-        "|---|---:|---:|",
-        f"| ceiling: engine embed, in-process (mean of {tops[0]:.0f} before and {tops[1]:.0f} after the jobs) "
-        f"| {top:.0f} | 1.00 |",
-        f"| job in-process (JobManager, Qdrant local) | {local:.0f} | {local / top:.2f} |",
-        f"| job served (`wafer serve`, submitted and watched over gRPC) | {remote:.0f} | {remote / top:.2f} |",
+        "| path | docs/s | ratio | docs per CPU-second | ratio |",
+        "|---|---:|---:|---:|---:|",
+        f"| ceiling: engine embed, in-process (mean of before: {tops[0].per_second:.0f} docs/s, "
+        f"{tops[0].per_cpu_second:.0f}/CPU-s; after: {tops[1].per_second:.0f}, {tops[1].per_cpu_second:.0f}) "
+        f"| {wall:.0f} | 1.00 | {cpu:.0f} | 1.00 |",
+        row("job in-process (JobManager, Qdrant local)", local),
+        row("job served (`wafer serve`, submitted and watched over gRPC)", remote),
         "",
         f"Embed (1 query) over gRPC, {LATENCY_CALLS} calls one at a time:",
         "",
