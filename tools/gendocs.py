@@ -34,6 +34,7 @@ FILE_ORDER = (
     "wafer/v1/inference.proto",
     "wafer/v1/models.proto",
     "wafer/v1/index.proto",
+    "wafer/v1/jobs.proto",
     "wafer/v1/common.proto",
 )
 
@@ -108,6 +109,7 @@ HEALTH_TABLE = (
     ('`""` (the server as a whole)', "the same as `wafer.v1.Inference`"),
     ("`wafer.v1.Models`", "`SERVING` once the server listens"),
     ("`wafer.v1.Index`", "`SERVING` once the server listens"),
+    ("`wafer.v1.Jobs`", "`SERVING` once the server listens (jobs resume in the background)"),
 )
 HEALTH_AFTER = """\
 On SIGTERM or SIGINT every name turns `NOT_SERVING` before the server stops taking calls, so a
@@ -151,7 +153,11 @@ says what went wrong and what to do about it, for a person to read. Clients deci
 never on the message text."""
 ERRORS_TABLE = (
     ("status", "when"),
-    ("`NOT_FOUND`", "unknown model name; unknown collection (`Search`, `GetDocuments`, `DeleteDocuments`)"),
+    (
+        "`NOT_FOUND`",
+        "unknown model name; unknown collection (`Search`, `GetDocuments`, `DeleteDocuments`); unknown "
+        "job id; a job source file that does not exist",
+    ),
     (
         "`INVALID_ARGUMENT`",
         "empty or malformed request: an empty model `name` in a `Models` RPC, empty `inputs`, an empty or "
@@ -160,14 +166,17 @@ ERRORS_TABLE = (
         "parameters (`max_tokens` over the limit, `temperature` outside [0, 2], `top_p` outside (0, 1], "
         "more than 16 `stop` strings); both or neither of `prompt` and `messages`; an unknown chat role; "
         "a bad collection name, duplicate document ids in one `Upsert`, payload keys starting with `_`, "
-        "a filter value that is not a string, whole number or boolean; `top_k` over 1000",
+        "a filter value that is not a string, whole number or boolean; `top_k` over 1000; a job without a "
+        "source, a relative source path, a SQLite query that fails, is not one read-only SELECT or lacks "
+        "the id or text column",
     ),
     (
         "`FAILED_PRECONDITION`",
         "the model cannot do the task (e.g. `Generate` on an embedding model); the model cannot load "
         "(weights missing, no network for an `hf://` source, a backend the server does not have: "
         "`ModelInfo.error` says why); `Upsert` with a model other than the collection's; `UnloadModel` "
-        "whose drain timed out (the model stays loaded)",
+        "whose drain timed out (the model stays loaded); pausing, resuming or cancelling a job whose "
+        "state does not allow it (e.g. cancelling a finished job)",
     ),
     (
         "`UNAVAILABLE`",
@@ -181,7 +190,10 @@ ERRORS_TABLE = (
     ("`DEADLINE_EXCEEDED`", "the call's deadline passed"),
     ("`CANCELLED`", "the client cancelled the call (a `Generate` stream stops at the next token)"),
     ("`UNAUTHENTICATED`", "the call needs credentials (a token is configured) and carries none"),
-    ("`PERMISSION_DENIED`", "the call's credentials do not allow it"),
+    (
+        "`PERMISSION_DENIED`",
+        "the call's credentials do not allow it; a job source path outside the data folder and `jobs_allowed_roots`",
+    ),
     (
         "`INTERNAL`",
         "anything unexpected: the message is `internal error; request id <id>`, and the stack trace is "

@@ -16,6 +16,7 @@ from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.errors import WaferError
 from wafer.indexing import IndexService
+from wafer.jobs import JobManager, PolicyChecker, PowerProbe
 from wafer.logging import configure_logging
 from wafer.metrics import Metrics
 from wafer.registry import ModelRegistry
@@ -57,7 +58,19 @@ async def serve(settings: Settings) -> None:
     )
     engine = InferenceEngine(registry, settings, metrics, cache)
     index = IndexService(engine, open_store(settings))
-    wafer = create_server(settings, registry, engine, index, metrics=metrics)
+    jobs = JobManager(
+        settings,
+        index,
+        PolicyChecker(
+            idle_for=engine.seconds_since_interactive,
+            power=PowerProbe(settings.power_supply_root),
+            default_idle_seconds=settings.jobs_default_idle_seconds,
+        ),
+        known_model=registry.status,
+        metrics=metrics,
+    )
+    metrics.watch_jobs(jobs)
+    wafer = create_server(settings, registry, engine, index, metrics=metrics, jobs=jobs)
     # Started before the gRPC server so it can be scraped from the first call on; its thread is a
     # daemon, so a failed start below does not keep the process alive.
     exporter = metrics.serve(settings.metrics_address) if settings.metrics_address else None
@@ -78,13 +91,19 @@ async def serve(settings: Settings) -> None:
         data_dir=str(settings.data_dir),
     )
     await registry.start()
+    # After the default models: a resumed job would otherwise wait for them at its first batch.
+    await jobs.start()
     await stop.wait()
 
     log.info("shutting down", grace_seconds=settings.shutdown_grace_seconds)
     await wafer.health.drain()
+    # Job watches last as long as their job: end them, or they would hold the drain to its limit.
+    jobs.stop_watches()
     if not await wafer.drain.drain(settings.shutdown_grace_seconds):
         log.warning("grace period over; cancelling calls still running", calls=wafer.drain.in_flight)
     await wafer.server.stop(0)
+    # Before the registry and the store go: a job stops between its checkpoints and resumes next time.
+    await jobs.close()
     await registry.close()
     await index.close()
     if cache is not None:

@@ -128,6 +128,29 @@ class Settings(BaseSettings):
         description="Allow binding a non-loopback address while admin RPCs are open (no token).",
     )
 
+    # Background jobs (the Jobs service).
+    jobs_allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders whose files jobs may read (JSONL, SQLite), besides the data folder; "
+        "a JSON list in the environment, e.g. WAFER_JOBS_ALLOWED_ROOTS='[\"/srv/corpora\"]'.",
+    )
+    jobs_max_running: int = Field(
+        default=1, gt=0, le=64, description="Jobs that run at once; the others wait in the queue."
+    )
+    jobs_batch_size: int = Field(
+        default=64, gt=0, le=100_000, description="Documents per micro-batch of a job whose request sets none."
+    )
+    jobs_default_idle_seconds: float = Field(
+        default=30.0, ge=0, description="Seconds without interactive traffic that count as idle (when_idle jobs)."
+    )
+    jobs_policy_poll_seconds: float = Field(
+        default=1.0, gt=0, le=3600, description="How often a waiting job checks its run policy again."
+    )
+    power_supply_root: Path = Field(
+        default=Path("/sys/class/power_supply"),
+        description="Where the power probe of when_charging jobs reads supplies (Linux sysfs layout).",
+    )
+
     @field_validator(
         "data_dir",
         "models_file",
@@ -136,6 +159,7 @@ class Settings(BaseSettings):
         "tls_key_file",
         "tls_client_ca_file",
         "auth_token_file",
+        "power_supply_root",
     )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
@@ -179,3 +203,7 @@ class Settings(BaseSettings):
     @property
     def embedding_cache_file(self) -> Path:
         return self.data_dir / "embedding-cache.sqlite"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"

@@ -26,6 +26,7 @@ from wafer.errors import InvalidArgumentError
 from wafer.specs import Task
 
 if TYPE_CHECKING:
+    from wafer.jobs.manager import JobManager
     from wafer.registry import ModelRegistry
 
 # From a sub-millisecond refusal to a long generation (minutes).
@@ -127,6 +128,13 @@ class Metrics:
             registry=registry,
         )
 
+        self.job_documents = Counter(
+            "wafer_job_documents",
+            "Documents embedded and written by jobs.",
+            ["model"],
+            registry=registry,
+        )
+
     def record_cache(self, model: str, *, hits: int, misses: int) -> None:
         label = self.model_label(model)
         if hits:
@@ -169,6 +177,14 @@ class Metrics:
     def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None:
         self.prompt_tokens.labels(model, Task.GENERATE.value).inc(prompt_tokens)
         self.generated_tokens.labels(model).inc(generated_tokens)
+
+    def record_job_documents(self, model: str, documents: int) -> None:
+        """A job wrote a batch of `documents` documents."""
+        self.job_documents.labels(self.model_label(model)).inc(documents)
+
+    def watch_jobs(self, jobs: JobManager) -> None:
+        """Report jobs per state and the documents per second of running jobs."""
+        self.registry.register(_JobsCollector(jobs))
 
     def watch(self, registry: ModelRegistry) -> None:
         """Report the registry's models (state, memory, load time, in-flight and waiting calls)."""
@@ -276,5 +292,35 @@ class _RegistryCollector(Collector):
                 "wafer_queue_depth",
                 "Requests queued for a model's scheduler, per lane, not yet handed to the backend.",
                 labels=["model", "lane"],
+            ),
+        )
+
+
+class _JobsCollector(Collector):
+    """Job gauges read from the job manager at scrape time (on the HTTP server's thread)."""
+
+    def __init__(self, jobs: JobManager) -> None:
+        self._jobs = jobs
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        from wafer.jobs.state import JobState
+
+        states, rate = self._families()
+        statuses = self._jobs.all()
+        for state in JobState:
+            states.add_metric([state.value], sum(1 for s in statuses if s.state is state))
+        rate.add_metric([], sum(s.docs_per_second for s in statuses))
+        yield from (states, rate)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("wafer_jobs", "Jobs the server knows, by state.", labels=["state"]),
+            GaugeMetricFamily(
+                "wafer_job_documents_per_second",
+                "Documents per second of the running jobs together, over the last half minute.",
             ),
         )

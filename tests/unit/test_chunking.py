@@ -3,6 +3,7 @@ per word, plus two special tokens around every text)."""
 
 from __future__ import annotations
 
+import mmap
 import re
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_split_uses_the_models_window_less_its_special_tokens_and_prompt() -> No
     spec = ModelSpec.model_validate(
         {"name": "m", "backend": "fake", "source": "x", "tasks": ["embed"], "dimensions": 4, "max_tokens": 12}
     )
-    backend = FakeBackend(spec)
+    backend = FakeBackend(spec, mmap.mmap(-1, 1))
     long_text = " ".join(f"word{i}" for i in range(30))
     short, long = split(backend, ["tiny text", long_text], prompt="")
     assert short == [(0, 9)]

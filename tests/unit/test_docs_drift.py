@@ -38,10 +38,10 @@ def test_check_fails_on_a_stale_file(tmp_path: Path) -> None:
 
 
 def test_api_doc_covers_every_rpc_message_and_enum() -> None:
-    from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, models_pb2
+    from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, jobs_pb2, models_pb2
 
     text = API_DOC.read_text(encoding="utf-8")
-    for module in (common_pb2, index_pb2, inference_pb2, models_pb2):
+    for module in (common_pb2, index_pb2, inference_pb2, jobs_pb2, models_pb2):
         file = module.DESCRIPTOR
         for service in file.services_by_name.values():
             assert f'<a name="{service.full_name}"></a>' in text

@@ -28,9 +28,9 @@ def test_proto_enums_follow_the_style_guide() -> None:
     """Enum values carry their enum's prefix and zero is *_UNSPECIFIED, for every language's sake."""
     from google.protobuf.descriptor import FileDescriptor
 
-    from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, models_pb2
+    from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, jobs_pb2, models_pb2
 
-    files: list[FileDescriptor] = [m.DESCRIPTOR for m in (common_pb2, index_pb2, inference_pb2, models_pb2)]
+    files: list[FileDescriptor] = [m.DESCRIPTOR for m in (common_pb2, index_pb2, inference_pb2, jobs_pb2, models_pb2)]
     for file in files:
         for enum in file.enum_types_by_name.values():
             prefix = "".join("_" + c if c.isupper() else c.upper() for c in enum.name).lstrip("_") + "_"

@@ -15,7 +15,7 @@ import grpc
 
 from wafer_client import _convert, _health
 from wafer_client._base import USE_CLIENT_DEFAULT, BaseClient, ClientOptions, Timeout
-from wafer_client._convert import DocumentInput, MessageInput
+from wafer_client._convert import DocumentInput, MessageInput, SourceInput
 from wafer_client.errors import from_rpc_error
 from wafer_client.types import (
     CollectionInfo,
@@ -23,6 +23,7 @@ from wafer_client.types import (
     EmbedResult,
     GenerationChunk,
     InputType,
+    Job,
     ModelInfo,
     Priority,
     PullProgress,
@@ -35,6 +36,8 @@ from wafer_proto.v1 import (
     index_pb2,
     index_pb2_grpc,
     inference_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
 )
@@ -46,6 +49,7 @@ class _Stubs:
         self.inference = inference_pb2_grpc.InferenceStub(channel)
         self.models = models_pb2_grpc.ModelsStub(channel)
         self.index = index_pb2_grpc.IndexStub(channel)
+        self.jobs = jobs_pb2_grpc.JobsStub(channel)
         self.health: grpc.aio.UnaryUnaryMultiCallable[str, str] = channel.unary_unary(
             _health.CHECK_METHOD,
             request_serializer=_health.serialize_request,
@@ -106,6 +110,10 @@ class AsyncWaferClient(BaseClient):
     @property
     def _index(self) -> index_pb2_grpc.IndexAsyncStub:
         return self._connect().index
+
+    @property
+    def _jobs(self) -> jobs_pb2_grpc.JobsAsyncStub:
+        return self._connect().jobs
 
     @property
     def _health_check(self) -> grpc.aio.UnaryUnaryMultiCallable[str, str]:
@@ -419,6 +427,70 @@ class AsyncWaferClient(BaseClient):
     async def list_collections(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[CollectionInfo]:
         response = await self._unary(self._index.ListCollections, index_pb2.ListCollectionsRequest(), timeout)
         return _convert.collections(response)
+
+    # Jobs
+
+    async def submit_job(
+        self,
+        collection: str,
+        source: SourceInput,
+        *,
+        model: str = "",
+        when_idle: bool = False,
+        idle_seconds: float = 0,
+        when_charging: bool = False,
+        batch_size: int = 0,
+        truncate: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> Job:
+        """Queues a background job that embeds ``source`` (a :class:`JsonlSource`, a :class:`SqliteSource`
+        or documents as for :meth:`upsert`) into ``collection``. ``when_idle`` / ``when_charging`` hold it
+        until the server has seen no interactive request for ``idle_seconds`` (0: the server's default) /
+        the machine is on mains power. Not retried: a retry could queue the job twice."""
+        request = _convert.submit_job_request(
+            collection,
+            source,
+            model=model,
+            when_idle=when_idle,
+            idle_seconds=idle_seconds,
+            when_charging=when_charging,
+            batch_size=batch_size,
+            truncate=truncate,
+        )
+        return _convert.job(await self._unary(self._jobs.SubmitJob, request, timeout, retry=False))
+
+    async def get_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
+        return _convert.job(await self._unary(self._jobs.GetJob, jobs_pb2.GetJobRequest(id=job_id), timeout))
+
+    async def list_jobs(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[Job]:
+        """Every job the server knows, newest first."""
+        response = await self._unary(self._jobs.ListJobs, jobs_pb2.ListJobsRequest(), timeout)
+        return [_convert.job(j) for j in response.jobs]
+
+    def watch_job(self, job_id: str, *, timeout: Timeout = None) -> AsyncGenerator[Job, None]:
+        """The job now, then whenever it changes (at least every second while it runs), until it ends;
+        the last one yielded is its final state. No deadline unless ``timeout`` is given."""
+        return self._stream(self._jobs.WatchJob, jobs_pb2.WatchJobRequest(id=job_id), timeout, _convert.job)
+
+    async def wait_job(self, job_id: str, *, timeout: Timeout = None) -> Job:
+        """Blocks until the job ends and returns its final state (check ``state`` and ``error``)."""
+        final: Job | None = None
+        async for job in self.watch_job(job_id, timeout=timeout):
+            final = job
+        assert final is not None, "WatchJob always sends the job's state first"
+        return final
+
+    async def pause_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
+        """Stops the job after its last written batch; :meth:`resume_job` continues it."""
+        return _convert.job(await self._unary(self._jobs.PauseJob, jobs_pb2.PauseJobRequest(id=job_id), timeout))
+
+    async def resume_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
+        """Queues a paused (or failed) job again; it continues from its checkpoint."""
+        return _convert.job(await self._unary(self._jobs.ResumeJob, jobs_pb2.ResumeJobRequest(id=job_id), timeout))
+
+    async def cancel_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
+        """Ends the job for good; what it already wrote stays in the collection."""
+        return _convert.job(await self._unary(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(id=job_id), timeout))
 
     # Health
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import numpy as np
 from google.protobuf import json_format, struct_pb2
@@ -21,22 +21,26 @@ from wafer_client.types import (
     EmbedResult,
     FinishReason,
     GenerationChunk,
+    Job,
+    JsonlSource,
     ModelInfo,
     PullProgress,
     RerankHit,
     RerankResult,
     SearchHit,
     SearchResult,
+    SqliteSource,
     StoredDocument,
     Timings,
     UpsertResult,
     Usage,
     Vector,
 )
-from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, models_pb2
+from wafer_proto.v1 import common_pb2, index_pb2, inference_pb2, jobs_pb2, models_pb2
 
 DocumentInput = Document | Mapping[str, Any] | str
 MessageInput = ChatMessage | Mapping[str, str]
+SourceInput = JsonlSource | SqliteSource | Sequence[DocumentInput]
 
 _PRIORITY = {
     "interactive": common_pb2.PRIORITY_INTERACTIVE,
@@ -414,4 +418,73 @@ def completion(chunks: Sequence[GenerationChunk]) -> Completion:
         finish_reason=last.finish_reason,
         usage=last.usage or Usage(),
         timings=last.timings or Timings(),
+    )
+
+
+# Jobs
+
+
+def submit_job_request(
+    collection: str,
+    source: SourceInput,
+    *,
+    model: str,
+    when_idle: bool,
+    idle_seconds: float,
+    when_charging: bool,
+    batch_size: int,
+    truncate: bool,
+) -> jobs_pb2.SubmitJobRequest:
+    if batch_size < 0:
+        raise ValueError("batch_size must be >= 0")
+    if idle_seconds < 0:
+        raise ValueError("idle_seconds must be >= 0")
+    request = jobs_pb2.SubmitJobRequest(
+        collection=collection,
+        model=model,
+        policy=jobs_pb2.RunPolicy(when_idle=when_idle, idle_seconds=idle_seconds, when_charging=when_charging),
+        batch_size=batch_size,
+        truncate=truncate,
+    )
+    if isinstance(source, JsonlSource):
+        request.jsonl.CopyFrom(
+            jobs_pb2.JsonlSource(path=source.path, id_field=source.id_field, text_field=source.text_field)
+        )
+    elif isinstance(source, SqliteSource):
+        request.sqlite.CopyFrom(
+            jobs_pb2.SqliteSource(
+                path=source.path, query=source.query, id_column=source.id_column, text_column=source.text_column
+            )
+        )
+    else:
+        if isinstance(source, str):
+            raise TypeError("source must be a JsonlSource, a SqliteSource or a sequence of documents, not a str")
+        request.inline.CopyFrom(jobs_pb2.InlineSource(documents=[_document(d) for d in source]))
+    return request
+
+
+def job(message: jobs_pb2.Job) -> Job:
+    def stamp(name: Literal["created", "started", "finished"]) -> datetime | None:
+        return getattr(message, name).ToDatetime(tzinfo=UTC) if message.HasField(name) else None
+
+    return Job(
+        id=message.id,
+        state=_label(jobs_pb2.JobState.DESCRIPTOR, "JOB_STATE_", message.state),
+        reason=message.reason,
+        collection=message.collection,
+        model=message.model,
+        source=message.source,
+        done=message.done,
+        skipped=message.skipped,
+        total=message.total if message.HasField("total") else None,
+        docs_per_second=message.docs_per_second,
+        eta_seconds=message.eta_seconds if message.HasField("eta_seconds") else None,
+        error=message.error,
+        when_idle=message.policy.when_idle,
+        idle_seconds=message.policy.idle_seconds,
+        when_charging=message.policy.when_charging,
+        batch_size=message.batch_size,
+        created=stamp("created"),
+        started=stamp("started"),
+        finished=stamp("finished"),
     )

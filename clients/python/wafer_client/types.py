@@ -18,12 +18,16 @@ __all__ = [
     "FinishReason",
     "GenerationChunk",
     "InputType",
+    "Job",
+    "JobState",
+    "JsonlSource",
     "ModelInfo",
     "Priority",
     "RerankHit",
     "RerankResult",
     "SearchHit",
     "SearchResult",
+    "SqliteSource",
     "StoredDocument",
     "Timings",
     "UpsertResult",
@@ -33,6 +37,7 @@ __all__ = [
 InputType = Literal["document", "query"]
 Priority = Literal["interactive", "batch"]
 FinishReason = Literal["stop", "length"]
+JobState = Literal["queued", "running", "waiting", "paused", "succeeded", "failed", "cancelled"]
 Vector = npt.NDArray[np.float32]
 
 
@@ -252,3 +257,56 @@ class CollectionInfo:
     model: str
     dimensions: int
     documents: int
+
+
+@dataclass(frozen=True)
+class JsonlSource:
+    """A JSON Lines file on the server, one object per line. ``path`` is absolute and under the
+    server's allowed folders; empty field names mean ``id`` and ``text``. Other fields go to the payload."""
+
+    path: str
+    id_field: str = ""
+    text_field: str = ""
+
+
+@dataclass(frozen=True)
+class SqliteSource:
+    """A SQLite database on the server (opened read-only) and one SELECT over it, returning an id
+    and a text column (empty names mean ``id`` and ``text``); other columns go to the payload.
+    Give the query an ORDER BY: a resumed job skips rows by position."""
+
+    path: str
+    query: str
+    id_column: str = ""
+    text_column: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A background indexing job. ``total`` is None until the server has counted the source;
+    ``eta_seconds`` is None without a total or a rate. ``reason`` says why it is not running."""
+
+    id: str
+    state: JobState | str
+    collection: str
+    model: str
+    source: str
+    done: int
+    reason: str = ""
+    skipped: int = 0
+    total: int | None = None
+    docs_per_second: float = 0.0
+    eta_seconds: float | None = None
+    error: str = ""
+    when_idle: bool = False
+    idle_seconds: float = 0.0
+    when_charging: bool = False
+    batch_size: int = 0
+    created: datetime | None = None
+    started: datetime | None = None
+    finished: datetime | None = None
+
+    @property
+    def ended(self) -> bool:
+        """True once the job succeeded, failed or was cancelled: it will not change again."""
+        return self.state in ("succeeded", "failed", "cancelled")

@@ -202,6 +202,10 @@ def _is_cancellation(error: BaseException) -> bool:
     return isinstance(error, asyncio.CancelledError | GeneratorExit)
 
 
+# Streams that follow something long-lived rather than compute an answer.
+_OPEN_ENDED_METHODS = frozenset({"/wafer.v1.Jobs/WatchJob"})
+
+
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, metrics: Metrics | None = None, default_deadline_seconds: float | None = None) -> None:
         self._metrics = metrics
@@ -216,8 +220,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
-        # Health Watch streams live as long as their client; only Wafer's own calls get the default.
-        deadline = None if method.startswith(_QUIET_PREFIXES) else self._default_deadline
+        # Health Watch streams live as long as their client, WatchJob as long as its job; only
+        # Wafer's other calls get the default.
+        open_ended = method.startswith(_QUIET_PREFIXES) or method in _OPEN_ENDED_METHODS
+        deadline = None if open_ended else self._default_deadline
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, handler.unary_unary, self._metrics, deadline),  # type: ignore[arg-type]

@@ -14,18 +14,21 @@ from grpc_reflection.v1alpha import reflection
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.indexing import IndexService
+from wafer.jobs import JobManager
 from wafer.metrics import Metrics
 from wafer.registry import ModelRegistry
 from wafer.rpc.auth import AuthInterceptor, check_exposure, is_local_address, load_token
 from wafer.rpc.drain import DrainInterceptor
 from wafer.rpc.interceptor import RequestInterceptor
-from wafer.rpc.servicers import IndexServicer, InferenceServicer, ModelsServicer
+from wafer.rpc.servicers import IndexServicer, InferenceServicer, JobsServicer, ModelsServicer
 from wafer.rpc.transport import bind, server_credentials
 from wafer_proto.v1 import (
     index_pb2,
     index_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
 )
@@ -33,6 +36,7 @@ from wafer_proto.v1 import (
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 MODELS = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 INDEX = index_pb2.DESCRIPTOR.services_by_name["Index"].full_name
+JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
 OVERALL = ""
 
 log = structlog.get_logger("wafer")
@@ -43,16 +47,17 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class HealthReporter:
     """Drives grpc.health.v1 from the registry: Inference (and the server as a whole, "") serve
-    once every default model is ready; Models and Index serve as soon as the server listens."""
+    once every default model is ready; Models, Index and Jobs serve as soon as the server listens."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, *, jobs: bool = False) -> None:
         self.servicer = health_aio.HealthServicer()
         self._registry = registry
+        self._always = (MODELS, INDEX, JOBS) if jobs else (MODELS, INDEX)
         self._draining = False
         self._pending: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        for service in (MODELS, INDEX):
+        for service in self._always:
             await self.servicer.set(service, SERVING)
         await self._update()
         self._registry.subscribe(self._changed)
@@ -60,7 +65,7 @@ class HealthReporter:
     async def drain(self) -> None:
         """Report NOT_SERVING everywhere, so load balancers stop routing before we stop."""
         self._draining = True
-        for service in (OVERALL, INFERENCE, MODELS, INDEX):
+        for service in (OVERALL, INFERENCE, *self._always):
             await self.servicer.set(service, NOT_SERVING)
         await self.servicer.enter_graceful_shutdown()
 
@@ -93,6 +98,7 @@ def create_server(
     address: str | None = None,
     *,
     metrics: Metrics | None = None,
+    jobs: JobManager | None = None,
 ) -> WaferServer:
     """Build (not start) the server and bind it. `port` is the bound TCP port (useful with port 0),
     or 0 for a unix socket. Refuses (FailedPreconditionError) unreadable TLS or token files, and
@@ -129,13 +135,16 @@ def create_server(
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, settings), server)
     models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(registry, settings), server)
     index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(index), server)
-    health = HealthReporter(registry)
+    if jobs is not None:
+        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), server)
+    health = HealthReporter(registry, jobs=jobs is not None)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         (
             INFERENCE,
             MODELS,
             INDEX,
+            *((JOBS,) if jobs is not None else ()),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -13,15 +13,18 @@ from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.errors import InvalidArgumentError
 from wafer.indexing import IndexService
+from wafer.jobs import JobManager
 from wafer.pull import HubPuller, hub_sources, in_thread
 from wafer.quantize import quantize_model
 from wafer.registry import ModelRegistry
-from wafer.rpc import convert
+from wafer.rpc import convert, convert_jobs
 from wafer_proto.v1 import (
     index_pb2,
     index_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
 )
@@ -188,3 +191,36 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     ) -> index_pb2.ListCollectionsResponse:
         collections = await self._index.list_collections()
         return index_pb2.ListCollectionsResponse(collections=[convert.collection_info(c) for c in collections])
+
+
+class JobsServicer(jobs_pb2_grpc.JobsServicer):
+    def __init__(self, jobs: JobManager) -> None:
+        self._jobs = jobs
+
+    async def SubmitJob(  # noqa: N802
+        self, request: jobs_pb2.SubmitJobRequest, context: Context
+    ) -> jobs_pb2.Job:
+        return convert_jobs.job(await self._jobs.submit(convert_jobs.job_request(request)))
+
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:  # noqa: N802
+        return convert_jobs.job(self._jobs.get(convert_jobs.job_id(request.id)))
+
+    async def WatchJob(  # noqa: N802
+        self, request: jobs_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        async for status in self._jobs.watch(convert_jobs.job_id(request.id)):
+            yield convert_jobs.job(status)
+
+    async def PauseJob(self, request: jobs_pb2.PauseJobRequest, context: Context) -> jobs_pb2.Job:  # noqa: N802
+        return convert_jobs.job(await self._jobs.pause(convert_jobs.job_id(request.id)))
+
+    async def ResumeJob(self, request: jobs_pb2.ResumeJobRequest, context: Context) -> jobs_pb2.Job:  # noqa: N802
+        return convert_jobs.job(await self._jobs.resume(convert_jobs.job_id(request.id)))
+
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:  # noqa: N802
+        return convert_jobs.job(await self._jobs.cancel(convert_jobs.job_id(request.id)))
+
+    async def ListJobs(  # noqa: N802
+        self, request: jobs_pb2.ListJobsRequest, context: Context
+    ) -> jobs_pb2.ListJobsResponse:
+        return jobs_pb2.ListJobsResponse(jobs=[convert_jobs.job(s) for s in self._jobs.all()])

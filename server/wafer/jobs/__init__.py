@@ -1,0 +1,20 @@
+"""Background jobs: embed a corpus (inline, JSONL, SQLite) into a collection, with checkpoints."""
+
+from wafer.jobs.manager import InlineSource, JobManager, JobRequest, JobStatus
+from wafer.jobs.policy import PolicyChecker, RunPolicy
+from wafer.jobs.power import PowerProbe
+from wafer.jobs.sources import JsonlSource, SqliteSource
+from wafer.jobs.state import JobState
+
+__all__ = [
+    "InlineSource",
+    "JobManager",
+    "JobRequest",
+    "JobState",
+    "JobStatus",
+    "JsonlSource",
+    "PolicyChecker",
+    "PowerProbe",
+    "RunPolicy",
+    "SqliteSource",
+]

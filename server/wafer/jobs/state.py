@@ -1,0 +1,223 @@
+"""A job's record and where it is kept: one JSON file per job in `<data_dir>/jobs/`.
+
+Every write goes to a temporary file that is synced and then renamed over the old one, so a crash
+(even `kill -9`, even a power cut) leaves either the previous record or the new one, never half of
+one. The record's cursor is the checkpoint: the source position after the last batch the store
+has written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from wafer.jobs.policy import RunPolicy
+from wafer.jobs.sources import Cursor, JsonlSource, SourceSpec, SqliteSource
+
+log = structlog.get_logger("wafer.jobs")
+
+RECORD_SUFFIX = ".job.json"
+INLINE_SUFFIX = ".inline.jsonl"
+FORMAT_VERSION = 1
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+# A job the server was running (or about to) when it stopped resumes when it starts again.
+RESUMABLE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.WAITING})
+
+
+@dataclass(slots=True)
+class JobRecord:
+    id: str
+    collection: str
+    model: str
+    source: SourceSpec
+    policy: RunPolicy
+    batch_size: int
+    truncate: bool = False
+    # The source is a file this job wrote from inline documents, deleted when the job ends.
+    inline: bool = False
+    state: JobState = JobState.QUEUED
+    reason: str = ""
+    cursor: Cursor = field(default_factory=Cursor)
+    done: int = 0
+    skipped: int = 0
+    total: int | None = None
+    error: str = ""
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: datetime | None = None
+    finished: datetime | None = None
+
+    def describe_source(self) -> str:
+        if self.inline:
+            return f"inline ({self.total if self.total is not None else '?'} documents)"
+        return self.source.describe()
+
+
+def _time(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _parse_time(value: object) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def to_json(record: JobRecord) -> dict[str, Any]:
+    source: dict[str, Any]
+    if isinstance(record.source, JsonlSource):
+        source = {
+            "kind": "jsonl",
+            "path": str(record.source.path),
+            "id_field": record.source.id_field,
+            "text_field": record.source.text_field,
+        }
+    else:
+        source = {
+            "kind": "sqlite",
+            "path": str(record.source.path),
+            "query": record.source.query,
+            "id_column": record.source.id_column,
+            "text_column": record.source.text_column,
+        }
+    return {
+        "version": FORMAT_VERSION,
+        "id": record.id,
+        "collection": record.collection,
+        "model": record.model,
+        "source": source,
+        "inline": record.inline,
+        "policy": {
+            "when_idle": record.policy.when_idle,
+            "idle_seconds": record.policy.idle_seconds,
+            "when_charging": record.policy.when_charging,
+        },
+        "batch_size": record.batch_size,
+        "truncate": record.truncate,
+        "state": record.state.value,
+        "reason": record.reason,
+        "cursor": {"position": record.cursor.position, "rows": record.cursor.rows},
+        "done": record.done,
+        "skipped": record.skipped,
+        "total": record.total,
+        "error": record.error,
+        "created": _time(record.created),
+        "started": _time(record.started),
+        "finished": _time(record.finished),
+    }
+
+
+def from_json(data: dict[str, Any]) -> JobRecord:
+    raw = data["source"]
+    source: SourceSpec
+    if raw["kind"] == "jsonl":
+        source = JsonlSource(path=Path(raw["path"]), id_field=raw["id_field"], text_field=raw["text_field"])
+    else:
+        source = SqliteSource(
+            path=Path(raw["path"]), query=raw["query"], id_column=raw["id_column"], text_column=raw["text_column"]
+        )
+    policy = data["policy"]
+    return JobRecord(
+        id=data["id"],
+        collection=data["collection"],
+        model=data["model"],
+        source=source,
+        inline=bool(data["inline"]),
+        policy=RunPolicy(
+            when_idle=bool(policy["when_idle"]),
+            idle_seconds=policy["idle_seconds"],
+            when_charging=bool(policy["when_charging"]),
+        ),
+        batch_size=int(data["batch_size"]),
+        truncate=bool(data["truncate"]),
+        state=JobState(data["state"]),
+        reason=data["reason"],
+        cursor=Cursor(position=int(data["cursor"]["position"]), rows=int(data["cursor"]["rows"])),
+        done=int(data["done"]),
+        skipped=int(data["skipped"]),
+        total=data["total"],
+        error=data["error"],
+        created=_parse_time(data["created"]) or datetime.now(UTC),
+        started=_parse_time(data["started"]),
+        finished=_parse_time(data["finished"]),
+    )
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash at any point leaves the old or the new content."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        Path(temporary).replace(path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    # The rename itself is durable only once the folder is synced.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class JobStore:
+    """The job records on disk. Calls do blocking I/O; the manager runs them on one thread, in order."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _record_path(self, job_id: str) -> Path:
+        return self.folder / f"{job_id}{RECORD_SUFFIX}"
+
+    def inline_path(self, job_id: str) -> Path:
+        return self.folder / f"{job_id}{INLINE_SUFFIX}"
+
+    def save(self, snapshot: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(snapshot, ensure_ascii=False, indent=1).encode("utf-8")
+        write_atomically(self._record_path(snapshot["id"]), data)
+
+    def write_inline(self, job_id: str, lines: list[dict[str, Any]]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.inline_path(job_id)
+        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+        write_atomically(path, data)
+        return path
+
+    def remove_inline(self, job_id: str) -> None:
+        self.inline_path(job_id).unlink(missing_ok=True)
+
+    def load_all(self) -> list[JobRecord]:
+        if not self.folder.is_dir():
+            return []
+        records = []
+        for path in sorted(self.folder.glob(f"*{RECORD_SUFFIX}")):
+            try:
+                records.append(from_json(json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                # Written atomically, so this is a file someone edited: keep it for them to look at.
+                log.error("unreadable job record; ignored", path=str(path), error=str(exc))
+        return records

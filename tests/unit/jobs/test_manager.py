@@ -1,0 +1,326 @@
+"""The job manager over the real engine (fake backend), the real index and an embedded Qdrant."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.fake_backend import FakeBackend
+from tests.unit.jobs.power_supply import laptop
+from wafer.config import Settings
+from wafer.domain import EmbedRequest, Priority, StoredDocument
+from wafer.engine import InferenceEngine
+from wafer.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnavailableError,
+)
+from wafer.indexing import IndexService
+from wafer.jobs import (
+    InlineSource,
+    JobManager,
+    JobRequest,
+    JobState,
+    JobStatus,
+    JsonlSource,
+    PolicyChecker,
+    PowerProbe,
+    RunPolicy,
+)
+from wafer.jobs.state import JobStore
+from wafer.metrics import Metrics
+from wafer.store.qdrant import QdrantStore
+
+WAIT_SECONDS = 20
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    engine: InferenceEngine
+    index: IndexService
+    metrics: Metrics
+    power_root: Path
+
+    def manager(self, *, metrics: bool = False) -> JobManager:
+        checker = PolicyChecker(
+            idle_for=self.engine.seconds_since_interactive,
+            power=PowerProbe(self.settings.power_supply_root),
+            default_idle_seconds=self.settings.jobs_default_idle_seconds,
+        )
+        manager = JobManager(
+            self.settings, self.index, checker, known_model=self.engine.registry.status, metrics=self.metrics
+        )
+        if metrics:
+            self.metrics.watch_jobs(manager)
+        return manager
+
+    async def ids(self, collection: str, wanted: list[str]) -> list[str]:
+        return sorted(d.id for d in await self.index.get_documents(collection, wanted))
+
+
+@pytest.fixture
+async def stack(engine: InferenceEngine, settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
+    settings = settings.model_copy(
+        update={
+            "power_supply_root": tmp_path / "power",
+            "jobs_policy_poll_seconds": 0.02,
+            "jobs_batch_size": 10,
+            "jobs_allowed_roots": [tmp_path / "corpora"],
+        }
+    )
+    (tmp_path / "corpora").mkdir()
+    index = IndexService(engine, QdrantStore(path=settings.store_dir))
+    yield Stack(settings, engine, index, Metrics(), tmp_path / "power")
+    FakeBackend.gate.set()
+    await index.close()
+
+
+@pytest.fixture
+async def manager(stack: Stack) -> AsyncIterator[JobManager]:
+    manager = stack.manager(metrics=True)
+    await manager.start()
+    yield manager
+    FakeBackend.gate.set()
+    await manager.close()
+
+
+def corpus(folder: Path, n: int, name: str = "sms.jsonl") -> Path:
+    path = folder / name
+    path.write_text("".join(json.dumps({"id": f"m{i}", "text": f"message {i}", "n": i}) + "\n" for i in range(n)))
+    return path
+
+
+async def until(manager: JobManager, job_id: str, done: Callable[[JobStatus], bool]) -> JobStatus:
+    async with asyncio.timeout(WAIT_SECONDS):
+        async for status in manager.watch(job_id):
+            if done(status):
+                return status
+    raise AssertionError(f"job {job_id} ended without reaching the condition")
+
+
+async def finished(manager: JobManager, job_id: str) -> JobStatus:
+    return await until(manager, job_id, lambda s: s.state.finished)
+
+
+async def test_inline_job_writes_every_document(stack: Stack, manager: JobManager) -> None:
+    documents = [StoredDocument(id=f"d{i}", text=f"text number {i}", payload={"i": i}) for i in range(25)]
+    submitted = await manager.submit(JobRequest(collection="inline", source=InlineSource(documents)))
+    assert submitted.state is JobState.QUEUED and submitted.total == 25
+    final = await finished(manager, submitted.id)
+    assert final.state is JobState.SUCCEEDED, final.error
+    assert (final.done, final.total, final.skipped, final.model) == (25, 25, 0, "embedder")
+    assert final.source == "inline (25 documents)" and final.finished is not None
+    assert await stack.ids("inline", [d.id for d in documents]) == sorted(d.id for d in documents)
+    stored = await stack.index.get_documents("inline", ["d7"])
+    assert stored[0].payload == {"i": 7}
+    # The inline copy is gone with the job; the record stays.
+    assert not JobStore(stack.settings.jobs_dir).inline_path(submitted.id).exists()
+    assert stack.metrics.registry.get_sample_value("wafer_jobs", {"state": "succeeded"}) == 1
+    assert stack.metrics.registry.get_sample_value("wafer_job_documents_total", {"model": "embedder"}) == 25
+
+
+async def test_a_stopped_manager_resumes_from_its_checkpoint_without_duplicates(stack: Stack, tmp_path: Path) -> None:
+    path = corpus(tmp_path / "corpora", 120)
+    first = stack.manager()
+    await first.start()
+    job = await first.submit(JobRequest(collection="resume", source=JsonlSource(path), batch_size=10))
+    # Hold the backend once 30 are written, so the job is surely mid-way when the server "dies".
+    await until(first, job.id, lambda s: s.done >= 30 or s.state.finished)
+    FakeBackend.gate.clear()
+    await first.close()
+    on_disk = {r.id: r for r in JobStore(stack.settings.jobs_dir).load_all()}[job.id]
+    assert on_disk.state is JobState.RUNNING and 30 <= on_disk.done < 120
+    assert on_disk.cursor.rows == on_disk.done
+    FakeBackend.gate.set()
+
+    second = stack.manager()
+    await second.start()
+    try:
+        final = await finished(second, job.id)
+    finally:
+        await second.close()
+    assert final.state is JobState.SUCCEEDED and final.done == 120
+    expected = [f"m{i}" for i in range(120)]
+    assert await stack.ids("resume", expected) == sorted(expected)
+    info = {c.name: c for c in await stack.index.list_collections()}["resume"]
+    assert info.documents == 120
+
+
+async def test_pause_resume_and_cancel(stack: Stack, manager: JobManager, tmp_path: Path) -> None:
+    path = corpus(tmp_path / "corpora", 40)
+    FakeBackend.gate.clear()
+    job = await manager.submit(JobRequest(collection="paused", source=JsonlSource(path)))
+    await until(manager, job.id, lambda s: s.state is JobState.RUNNING)
+    paused = await manager.pause(job.id)
+    assert paused.state is JobState.PAUSED and paused.reason == "paused by a caller"
+    assert (await manager.pause(job.id)).state is JobState.PAUSED  # idempotent
+    FakeBackend.gate.set()
+    await asyncio.sleep(0.1)
+    assert manager.get(job.id).state is JobState.PAUSED and manager.get(job.id).done == 0
+    resumed = await manager.resume(job.id)
+    assert resumed.state is JobState.QUEUED
+    assert (await finished(manager, job.id)).done == 40
+
+    FakeBackend.gate.clear()
+    doomed = await manager.submit(JobRequest(collection="cancelled", source=JsonlSource(path)))
+    await until(manager, doomed.id, lambda s: s.state is JobState.RUNNING)
+    cancelled = await manager.cancel(doomed.id)
+    assert cancelled.state is JobState.CANCELLED and cancelled.finished is not None
+    FakeBackend.gate.set()
+    for refused in (manager.pause, manager.resume):
+        with pytest.raises(FailedPreconditionError):
+            await refused(doomed.id)
+    assert (await manager.cancel(doomed.id)).state is JobState.CANCELLED
+    with pytest.raises(FailedPreconditionError):
+        await manager.cancel(job.id)  # it succeeded
+
+
+async def test_one_job_runs_at_a_time_the_others_queue(stack: Stack, manager: JobManager, tmp_path: Path) -> None:
+    path = corpus(tmp_path / "corpora", 20)
+    FakeBackend.gate.clear()
+    first = await manager.submit(JobRequest(collection="q1", source=JsonlSource(path)))
+    second = await manager.submit(JobRequest(collection="q2", source=JsonlSource(path)))
+    await until(manager, first.id, lambda s: s.state is JobState.RUNNING)
+    await asyncio.sleep(0.1)
+    assert manager.get(second.id).state is JobState.QUEUED
+    assert [s.id for s in manager.all()] == [second.id, first.id]
+    FakeBackend.gate.set()
+    assert (await finished(manager, first.id)).state is JobState.SUCCEEDED
+    assert (await finished(manager, second.id)).state is JobState.SUCCEEDED
+
+
+async def test_when_charging_waits_for_the_charger(stack: Stack, manager: JobManager, tmp_path: Path) -> None:
+    laptop(stack.power_root, charging=False)
+    path = corpus(tmp_path / "corpora", 15)
+    job = await manager.submit(
+        JobRequest(collection="charging", source=JsonlSource(path), policy=RunPolicy(when_charging=True))
+    )
+    waiting = await until(manager, job.id, lambda s: s.state is JobState.WAITING)
+    assert waiting.reason == "waiting for a charger (battery BAT0 discharging)"
+    await asyncio.sleep(0.2)
+    assert manager.get(job.id).state is JobState.WAITING and manager.get(job.id).done == 0
+    laptop(stack.power_root, charging=True)
+    final = await finished(manager, job.id)
+    assert final.state is JobState.SUCCEEDED and final.done == 15
+
+
+async def test_when_idle_waits_for_quiet_and_its_own_batches_do_not_count(
+    stack: Stack, manager: JobManager, tmp_path: Path
+) -> None:
+    await stack.engine.embed(EmbedRequest(inputs=["someone searches"]))
+    path = corpus(tmp_path / "corpora", 30)
+    job = await manager.submit(
+        JobRequest(collection="idle", source=JsonlSource(path), policy=RunPolicy(when_idle=True, idle_seconds=0.3))
+    )
+    waiting = await until(manager, job.id, lambda s: s.state is JobState.WAITING)
+    assert waiting.reason == "waiting for 0.3s without interactive requests"
+    final = await finished(manager, job.id)
+    # Three batches in the batch lane, yet no wait between them: they are not interactive traffic.
+    assert final.state is JobState.SUCCEEDED and final.done == 30
+
+
+async def test_idle_clock_counts_interactive_calls_only(stack: Stack) -> None:
+    engine = stack.engine
+    await engine.embed(EmbedRequest(inputs=["a query"]))
+    assert engine.seconds_since_interactive() < 0.5
+    await asyncio.sleep(0.3)
+    await engine.embed(EmbedRequest(inputs=["a job's text"], priority=Priority.BATCH))
+    assert engine.seconds_since_interactive() >= 0.3
+    FakeBackend.gate.clear()
+    call = asyncio.create_task(engine.embed(EmbedRequest(inputs=["held"])))
+    await asyncio.sleep(0.05)
+    assert engine.seconds_since_interactive() == 0.0  # while one runs
+    FakeBackend.gate.set()
+    await call
+    assert engine.seconds_since_interactive() < 0.2
+
+
+async def test_a_bad_line_fails_the_job_after_the_good_batches(
+    stack: Stack, manager: JobManager, tmp_path: Path
+) -> None:
+    path = corpus(tmp_path / "corpora", 20)
+    with path.open("a") as file:
+        file.write("{not json}\n")
+    job = await manager.submit(JobRequest(collection="broken", source=JsonlSource(path)))
+    final = await finished(manager, job.id)
+    assert final.state is JobState.FAILED and "line 21 is not valid JSON" in final.error
+    assert final.done == 20
+    # Retrying fails the same way: the checkpoint is before the bad line.
+    await manager.resume(job.id)
+    assert "line 21" in (await finished(manager, job.id)).error
+
+
+async def test_submit_refuses_bad_requests(stack: Stack, manager: JobManager, tmp_path: Path) -> None:
+    path = corpus(tmp_path / "corpora", 3)
+    outside = corpus(tmp_path, 3, "outside.jsonl")
+    cases: list[tuple[JobRequest, type[Exception], str]] = [
+        (JobRequest(collection="bad name!", source=JsonlSource(path)), InvalidArgumentError, "collection name"),
+        (JobRequest(collection="c", source=JsonlSource(path), model="nope"), NotFoundError, "nope"),
+        (JobRequest(collection="c", source=JsonlSource(path), batch_size=101), InvalidArgumentError, "batch_size"),
+        (JobRequest(collection="c", source=JsonlSource(outside)), PermissionDeniedError, "may not read"),
+        (JobRequest(collection="c", source=JsonlSource(path.with_name("x.jsonl"))), NotFoundError, "no file"),
+        (JobRequest(collection="c", source=InlineSource([])), InvalidArgumentError, "at least one"),
+    ]
+    for request, error, message in cases:
+        with pytest.raises(error, match=message):
+            await manager.submit(request)
+    with pytest.raises(NotFoundError):
+        manager.get("nope")
+    assert manager.all() == []
+
+
+async def test_jobs_under_the_data_folder_are_allowed(stack: Stack, manager: JobManager) -> None:
+    stack.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = corpus(stack.settings.data_dir, 5)
+    job = await manager.submit(JobRequest(collection="data", source=JsonlSource(path)))
+    assert (await finished(manager, job.id)).done == 5
+
+
+async def test_stopping_watches_ends_them_with_unavailable(stack: Stack, manager: JobManager, tmp_path: Path) -> None:
+    laptop(stack.power_root, charging=False)
+    path = corpus(tmp_path / "corpora", 5)
+    job = await manager.submit(
+        JobRequest(collection="watched", source=JsonlSource(path), policy=RunPolicy(when_charging=True))
+    )
+    seen: list[JobStatus] = []
+
+    async def watch() -> None:
+        async for status in manager.watch(job.id):
+            seen.append(status)
+
+    watcher = asyncio.create_task(watch())
+    await until(manager, job.id, lambda s: s.state is JobState.WAITING)
+    manager.stop_watches()
+    with pytest.raises(UnavailableError, match="shutting down"):
+        await asyncio.wait_for(watcher, 5)
+    assert seen and not seen[-1].state.finished
+
+
+async def test_a_failed_inline_job_keeps_its_documents_to_retry(stack: Stack) -> None:
+    documents = [StoredDocument(id="ok", text="short text"), StoredDocument(id="two", text="more text")]
+    first = stack.manager()
+    await first.start()
+    # "writer" exists but cannot embed: the job fails at its first write.
+    job = await first.submit(JobRequest(collection="failing", source=InlineSource(documents), model="writer"))
+    final = await finished(first, job.id)
+    assert final.state is JobState.FAILED
+    assert "cannot embed" in final.error, final.error
+    await first.close()
+    copy = JobStore(stack.settings.jobs_dir).inline_path(job.id)
+    second = stack.manager()
+    await second.start()  # a restart does not drop it either
+    try:
+        assert copy.exists()
+        await second.resume(job.id)
+        assert (await finished(second, job.id)).state is JobState.FAILED
+        assert copy.exists()
+    finally:
+        await second.close()
