@@ -66,6 +66,12 @@ class BatchingSpec(BaseModel):
     queue_capacity: int = Field(
         default=4096, gt=0, description="Inputs that may wait in each lane before RESOURCE_EXHAUSTED."
     )
+    quiet_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="After this long without interactive work, batch work on an interruptible backend "
+        "runs in full batches (interrupted if interactive work arrives).",
+    )
 
 
 class ModelSpec(BaseModel):

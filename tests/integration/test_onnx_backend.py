@@ -18,6 +18,7 @@ import math
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
 from tests.reference import PlainReference
-from wafer.backends.base import InputTooLongError, LoadOptions, ModelFiles
+from wafer.backends.base import ComputeInterrupted, InputTooLongError, LoadOptions, ModelFiles
 from wafer.backends.onnx import MAX_PADDING_FRACTION, OnnxBackend, _sub_batches
 from wafer.errors import FailedPreconditionError, UnavailableError
 from wafer.sources import SourceResolver
@@ -529,3 +530,18 @@ def test_int8_backend_matches_the_original_fp32_model(backend: OnnxBackend, mini
     cosines = _cosines(got, truth.astype(np.float32))
     print(f"int8 ONNX vs fp32 numpy BERT: min cosine {cosines.min():.5f}, mean {cosines.mean():.5f}")
     assert cosines.min() >= 0.98
+
+
+def test_interrupt_stops_a_running_call_and_the_next_call_runs_whole(backend: OnnxBackend) -> None:
+    texts = [f"message {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 5) for i in range(400)]
+    expected = backend.embed(texts[:8], truncate=True)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(backend.embed, texts, truncate=True)
+        time.sleep(0.05)
+        started = time.perf_counter()
+        backend.interrupt()
+        with pytest.raises(ComputeInterrupted):
+            running.result(timeout=30)
+        assert time.perf_counter() - started < 0.5, "onnxruntime should stop between operators"
+    again = backend.embed(texts[:8], truncate=True)
+    np.testing.assert_allclose(again.vectors, expected.vectors, rtol=0, atol=1e-6)

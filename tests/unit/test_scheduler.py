@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend
-from wafer.backends.base import Embeddings, InputTooLongError
+from wafer.backends.base import ComputeInterrupted, Embeddings, InputTooLongError
 from wafer.domain import FloatMatrix, Priority
 from wafer.errors import ResourceExhaustedError
 from wafer.scheduler import ComputeGate, ModelScheduler
@@ -455,3 +455,113 @@ async def test_close_answers_queued_requests_with_unavailable(
     await closing
     with pytest.raises(UnavailableError):
         await scheduler.embed(["after close"], truncate=False)
+
+
+# -- pre-emption -------------------------------------------------------------------------------
+
+
+class InterruptibleBackend(RecordingBackend):
+    """Stops between texts when interrupted, as onnxruntime stops between operators."""
+
+    interruptible = True
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self._stop = threading.Event()
+        self.interrupted_calls: list[list[str]] = []
+
+    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+        stop = self._stop
+        try:
+            self.entered.set()
+            for _ in texts:
+                if stop.is_set():
+                    self.interrupted_calls.append(list(texts))
+                    raise ComputeInterrupted
+                time.sleep(self.seconds_per_text)
+            self.calls.append(list(texts))
+            return FakeBackend.embed(self, texts, truncate=truncate)
+        finally:
+            self._stop = threading.Event()
+
+    def interrupt(self) -> None:
+        self._stop.set()
+
+
+@pytest.fixture
+def interruptible(open_gate: None) -> InterruptibleBackend:
+    backend = InterruptibleBackend(spec())
+    backend.seconds_per_text = 0.005
+    return backend
+
+
+async def test_on_a_quiet_machine_batch_work_runs_in_full_batches(interruptible: InterruptibleBackend) -> None:
+    scheduler = ModelScheduler("m", interruptible, ComputeGate(), batching=BatchingSpec(quiet_seconds=0.5))
+    texts = [f"bulk {i}" for i in range(64)]
+    try:
+        await scheduler.embed(texts, truncate=False, lane=BATCH)
+        assert [len(call) for call in interruptible.calls] == [32, 32]
+        # Interactive work makes the machine busy: batch work goes back to short micro-batches.
+        await scheduler.embed(["search"], truncate=False)
+        interruptible.calls.clear()
+        await scheduler.embed(texts[:8], truncate=False, lane=BATCH)
+        assert max(len(call) for call in interruptible.calls) < 8
+    finally:
+        await asyncio.to_thread(scheduler.close)
+
+
+async def test_interactive_work_interrupts_a_running_batch_call_which_runs_again(
+    interruptible: InterruptibleBackend,
+) -> None:
+    scheduler = ModelScheduler("m", interruptible, ComputeGate(), batching=BatchingSpec(quiet_seconds=0))
+    texts = [f"bulk {i}" for i in range(32)]
+    try:
+        interruptible.entered.clear()
+        bulk = asyncio.create_task(scheduler.embed(texts, truncate=False, lane=BATCH))
+        await asyncio.to_thread(interruptible.entered.wait, 5)
+        await asyncio.sleep(0.02)  # a few texts into the 32-text call (0.16 s)
+        searched = await scheduler.embed(["search"], truncate=False)
+        assert searched.queued_seconds < 0.05, "the search waited for the batch call"
+        result = await bulk
+        assert scheduler.interrupted == 1
+        assert interruptible.interrupted_calls == [texts]
+        assert interruptible.calls[0] == ["search"]
+        np.testing.assert_array_equal(result.value.vectors, np.concatenate([alone(interruptible, t) for t in texts]))
+    finally:
+        await asyncio.to_thread(scheduler.close)
+
+
+async def test_another_models_interactive_work_interrupts_batch_work_through_the_gate(
+    interruptible: InterruptibleBackend, backend: RecordingBackend
+) -> None:
+    gate = ComputeGate()
+    bulk_model = ModelScheduler("bulk", interruptible, gate, batching=BatchingSpec(quiet_seconds=0))
+    search_model = ModelScheduler("search", backend, gate)
+    try:
+        interruptible.entered.clear()
+        bulk = asyncio.create_task(bulk_model.embed([f"t{i}" for i in range(32)], truncate=False, lane=BATCH))
+        await asyncio.to_thread(interruptible.entered.wait, 5)
+        await asyncio.sleep(0.02)
+        searched = await search_model.embed(["search"], truncate=False)
+        assert searched.queued_seconds < 0.05
+        result = await bulk
+        # Once for the arrival; perhaps once more, just after starting again, when the search's
+        # thread asks for its turn.
+        assert bulk_model.interrupted >= 1
+        assert result.value.vectors.shape == (32, 8)
+    finally:
+        await asyncio.to_thread(bulk_model.close)
+        await asyncio.to_thread(search_model.close)
+
+
+def test_a_turn_made_interruptible_after_interactive_work_arrived_is_interrupted_at_once() -> None:
+    gate = ComputeGate()
+    calls: list[str] = []
+    with gate.turn(BATCH):
+        gate.allow_interrupt(lambda: calls.append("quiet"))
+        assert calls == []
+    with gate.turn(BATCH):
+        gate.interactive_arrived()  # came after the turn began, before the holder allowed it
+        gate.allow_interrupt(lambda: calls.append("late"))
+    assert calls == ["late"]
+    assert gate.quiet_seconds() < 1

@@ -36,6 +36,10 @@ class InputTooLongError(InvalidArgumentError):
         return InputTooLongError(index, self.tokens, self.limit, self.model, what=what)
 
 
+class ComputeInterrupted(Exception):  # noqa: N818 - a signal between scheduler and backend, not an error
+    """Raised by a backend call that `interrupt()` stopped; the scheduler runs the work again later."""
+
+
 @dataclass(frozen=True, slots=True)
 class ModelFiles:
     """Local files a spec's sources resolved to."""
@@ -67,6 +71,8 @@ class Backend(abc.ABC):
     """Base of every backend. Subclasses override the tasks they list in `tasks`."""
 
     tasks: ClassVar[frozenset[Task]] = frozenset()
+    # Whether `interrupt` can stop a running `embed` (the scheduler then pre-empts batch work).
+    interruptible: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -98,6 +104,12 @@ class Backend(abc.ABC):
         """Stream text. Stops early once `cancelled()` is true. The last delta has a finish reason
         and the token counts."""
         raise self._unsupported(Task.GENERATE)
+
+    def interrupt(self) -> None:
+        """Ask the `embed` call running on the model's thread to stop soon and raise
+        ComputeInterrupted. Called from another thread, and only if `interruptible`; a call that
+        is not running is not affected."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:

@@ -16,7 +16,14 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from tokenizers import Encoding, Tokenizer
 
-from wafer.backends.base import Backend, Embeddings, InputTooLongError, LoadOptions, ModelFiles
+from wafer.backends.base import (
+    Backend,
+    ComputeInterrupted,
+    Embeddings,
+    InputTooLongError,
+    LoadOptions,
+    ModelFiles,
+)
 from wafer.backends.pooling import pool
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
@@ -65,6 +72,7 @@ class _Batch:
 
 class OnnxBackend(Backend):
     tasks = frozenset({Task.EMBED, Task.RERANK})
+    interruptible = True
 
     def __init__(
         self,
@@ -88,6 +96,10 @@ class OnnxBackend(Backend):
         self._output = output
         self._dimensions = spec.dimensions or 0
         self.padded_token_budget = PADDED_TOKEN_BUDGET
+        # The run options of the embed call in progress, or of the next one: `interrupt` sets their
+        # terminate flag, which onnxruntime checks between operators. Made before the call starts,
+        # so an interrupt that comes just before it is not lost.
+        self._options = ort.RunOptions()
 
     # -- Loading -------------------------------------------------------------------------------
 
@@ -151,11 +163,18 @@ class OnnxBackend(Backend):
         vectors = np.empty((len(encodings), self._dimensions), dtype=np.float32)
         # Longest first: each sub-batch pads to its own longest row, so similar lengths share one.
         order = sorted(range(len(encodings)), key=token_counts.__getitem__, reverse=True)
-        for rows in _sub_batches(order, token_counts, self.padded_token_budget):
-            batch = self._pad([encodings[row] for row in rows])
-            states = self._forward(batch)
-            vectors[rows] = pool(states, batch.attention_mask, self.spec.pooling)
+        options = self._options
+        try:
+            for rows in _sub_batches(order, token_counts, self.padded_token_budget):
+                batch = self._pad([encodings[row] for row in rows])
+                states = self._forward(batch, options)
+                vectors[rows] = pool(states, batch.attention_mask, self.spec.pooling)
+        finally:
+            self._options = ort.RunOptions()
         return Embeddings(vectors=vectors, token_counts=token_counts)
+
+    def interrupt(self) -> None:
+        self._options.terminate = True
 
     def count_tokens(self, text: str) -> int:
         return len(self._counting.encode(text).ids)
@@ -205,7 +224,7 @@ class OnnxBackend(Backend):
             token_type_ids[row, span] = encoding.type_ids
         return _Batch(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
 
-    def _forward(self, batch: _Batch) -> NDArray[np.float32]:
+    def _forward(self, batch: _Batch, options: Any | None = None) -> NDArray[np.float32]:
         session = self._session
         if session is None:
             raise UnavailableError(f"model {self.spec.name!r} has been unloaded")
@@ -215,7 +234,12 @@ class OnnxBackend(Backend):
             _TOKEN_TYPE_IDS: batch.token_type_ids,
         }
         feeds = {name: arrays[name].astype(dtype, copy=False) for name, dtype in self._inputs.items()}
-        (states,) = session.run([self._output], feeds)
+        try:
+            (states,) = session.run([self._output], feeds, options)
+        except Exception as exc:
+            if options is not None and options.terminate:
+                raise ComputeInterrupted from exc
+            raise
         return np.asarray(states, dtype=np.float32)
 
 

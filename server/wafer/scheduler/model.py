@@ -4,8 +4,11 @@ Every call into a backend goes through its model's scheduler, never straight fro
 - **One thread owns the backend.** A llama.cpp context must never be entered from two threads,
   and one thread per model keeps onnxruntime's own thread pool the only parallelism.
 - **Two lanes.** Interactive work (a person is waiting) is always taken before batch work (a
-  corpus being indexed). Batch embeddings are cut into micro-batches whose estimated run time is
-  `batching.batch_unit_ms`, so an interactive request waits behind at most one of them.
+  corpus being indexed). While interactive work keeps coming, batch embeddings are cut into
+  micro-batches whose estimated run time is `batching.batch_unit_ms`; after `quiet_seconds`
+  without any, into full batches, for throughput. On backends that can be interrupted (ONNX), a
+  batch call in progress is stopped when interactive work arrives, for this model or any other,
+  and its rows go back to the head of the batch lane: interactive work waits for no batch work.
 - **Merged batches.** Embedding requests waiting in the same lane are merged into one backend call,
   up to `max_batch_size` inputs and `max_batch_tokens` estimated tokens. There is no waiting window:
   requests that arrive while the model is busy are merged into its next call (continuous batching,
@@ -33,7 +36,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from wafer.backends.base import Backend, Embeddings, InputTooLongError
+from wafer.backends.base import Backend, ComputeInterrupted, Embeddings, InputTooLongError
 from wafer.domain import FloatMatrix, Priority
 from wafer.errors import ResourceExhaustedError, UnavailableError
 from wafer.scheduler.gate import ComputeGate
@@ -217,6 +220,8 @@ class ModelScheduler:
         self._queued_tokens = dict.fromkeys(Priority, 0)
         # Estimated tokens per second of embedding calls; None until the first one is measured.
         self._rate: float | None = None
+        # Backend calls stopped for interactive work and run again (for metrics and tests).
+        self.interrupted = 0
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name=f"wafer-{name}", daemon=True)
         self._thread.start()
@@ -310,6 +315,8 @@ class ModelScheduler:
             self._queued_rows[lane] += work.rows
             self._queued_tokens[lane] += tokens
             self._changed.notify_all()
+        if lane is Priority.INTERACTIVE:
+            self._gate.interactive_arrived()
 
     def _withdraw(self, work: _Work) -> bool:
         """Take `work` out of its queue; False if the thread already took (all of) it."""
@@ -356,6 +363,8 @@ class ModelScheduler:
                 if isinstance(unit, _CallWork):
                     unit.context.run(self._call, unit)
                 elif isinstance(unit, list):
+                    if unit[0].work.lane is Priority.BATCH and self._backend.interruptible:
+                        self._gate.allow_interrupt(self._backend.interrupt)
                     unit[0].work.context.run(self._embed, unit)
             if isinstance(unit, _StreamWork):
                 unit.context.run(self._drive, unit)
@@ -406,7 +415,8 @@ class ModelScheduler:
 
     def _unit_tokens(self, lane: Priority) -> int:
         budget = self._batching.max_batch_tokens
-        if lane is Priority.BATCH:
+        quiet = self._gate.quiet_seconds() >= self._batching.quiet_seconds
+        if lane is Priority.BATCH and not (quiet and self._backend.interruptible):
             # One row at a time until the model's speed is known, then as much as fits the target.
             rate = self._rate
             budget = 0 if rate is None else min(budget, int(rate * self._batching.batch_unit_ms / 1000))
@@ -434,6 +444,9 @@ class ModelScheduler:
         started = time.perf_counter()
         try:
             output = self._backend.embed(texts, truncate=unit[0].work.truncate)
+        except ComputeInterrupted:
+            self._requeue(unit)
+            return
         except Exception as exc:
             if len(unit) > 1:
                 # Someone's input failed the merged call: run each request's rows alone, so only
@@ -459,6 +472,21 @@ class ModelScheduler:
             count = part.stop - part.start
             part.work.accept(part.start, count, output, offset, seconds=seconds, batch_size=len(texts))
             offset += count
+
+    def _requeue(self, unit: list[_Slice]) -> None:
+        """Put an interrupted call's rows back at the head of their lanes, in their order."""
+        self.interrupted += 1
+        with self._changed:
+            for part in reversed(unit):
+                work = part.work
+                if work.failed:  # withdrawn meanwhile
+                    continue
+                work.taken = part.start
+                queue = self._queues[work.lane]
+                if work not in queue:
+                    queue.appendleft(work)
+                self._queued_rows[work.lane] += part.stop - part.start
+                self._queued_tokens[work.lane] += sum(work.estimates[part.start : part.stop])
 
     def _drive(self, work: _StreamWork) -> None:
         try:
