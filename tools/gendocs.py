@@ -93,10 +93,11 @@ CONVENTIONS = """\
 - **Limits** are server settings (see [operations](operations.md)): at most
   `max_inputs_per_request` (1024) inputs per call, `max_input_bytes` (4 MiB) per text,
   `max_message_bytes` (64 MiB) per gRPC message, `max_new_tokens_limit` (4096) for `max_tokens`.
-- **`priority` is accepted, checked and not yet acted on.** The server has no scheduler with
-  lanes yet: requests to one model run one at a time in arrival order, whatever their priority
-  (see [architecture](architecture.md#what-is-not-built-yet)). `Timings.batch_size` is the
-  number of inputs of the call itself; calls are not batched together.
+- **`priority` picks a lane.** Each model serves `PRIORITY_INTERACTIVE` (the default) before
+  `PRIORITY_BATCH`, and batch work yields to interactive work within milliseconds (see
+  [architecture](architecture.md#scheduler)). Requests that wait together are merged into one
+  model call: `Timings.batch_size` counts every input of that call. A full lane answers
+  `RESOURCE_EXHAUSTED` with a `retry-after-ms` trailer; the Python client retries after it.
 """
 
 HEALTH = "## Health\n\n`grpc.health.v1.Health` (the standard health checking protocol, `Check` and `Watch`) reports:"
