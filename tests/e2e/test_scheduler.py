@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,12 +26,23 @@ TEXTS = [
 ]
 
 
+def fresh(texts: list[str]) -> list[str]:
+    """The texts made new, so that the server's embedding cache cannot answer them."""
+    nonce = uuid.uuid4().hex[:8]
+    return [f"{text} ({nonce})" for text in texts]
+
+
 def test_concurrent_callers_each_get_their_own_rows(server: ServerProcess) -> None:
-    requests = [TEXTS[i : i + 1 + i % 3] for i in range(16)]
     with WaferClient(server.address, timeout=60) as client:
-        alone = {text: client.embed(text, model="minilm").vectors[0] for text in TEXTS}
         merged_seen = False
         for _ in range(3):
+            texts = fresh(TEXTS)
+            requests = [texts[i : i + 1 + i % 3] for i in range(16)]
+            # Each text alone, unnormalized: another cache key than the normalized calls below.
+            alone = {}
+            for text in texts:
+                vector = client.embed(text, model="minilm", normalize=False).vectors[0]
+                alone[text] = vector / np.linalg.norm(vector)
             start = threading.Barrier(len(requests))
 
             def call(texts: list[str], client: WaferClient = client, start: threading.Barrier = start) -> EmbedResult:
@@ -39,13 +51,13 @@ def test_concurrent_callers_each_get_their_own_rows(server: ServerProcess) -> No
 
             with ThreadPoolExecutor(len(requests)) as pool:
                 results = list(pool.map(call, requests))
-            for texts, result in zip(requests, results, strict=True):
-                assert result.vectors.shape == (len(texts), 384)
-                for text, vector in zip(texts, result.vectors, strict=True):
+            for request, result in zip(requests, results, strict=True):
+                assert result.vectors.shape == (len(request), 384)
+                for text, vector in zip(request, result.vectors, strict=True):
                     # Batched with others or alone, a text gets its own vector (padding moves the
                     # last float bits only).
                     assert float(vector @ alone[text]) > 0.9999
-                merged_seen |= result.timings.batch_size > len(texts)
+                merged_seen |= result.timings.batch_size > len(request)
     assert merged_seen, "16 simultaneous callers never shared a model call"
 
 
@@ -56,7 +68,7 @@ def test_interactive_requests_overtake_a_batch_lane_flood(server: ServerProcess)
     def flood() -> None:
         with WaferClient(server.address, timeout=120) as client:
             while not stop.is_set():
-                result = client.embed(TEXTS + TEXTS[:14], model="minilm", priority="batch")
+                result = client.embed(fresh(TEXTS + TEXTS[:14]), model="minilm", priority="batch")
                 batch_waits.append(result.timings.queue_ms)
 
     with ThreadPoolExecutor(4) as pool:
@@ -65,7 +77,7 @@ def test_interactive_requests_overtake_a_batch_lane_flood(server: ServerProcess)
             time.sleep(1.0)  # the batch lane fills
             with WaferClient(server.address, timeout=60) as client:
                 interactive = []
-                for text in TEXTS[:12]:
+                for text in fresh(TEXTS[:12]):
                     interactive.append(client.embed(text, model="minilm").timings.queue_ms)
                     time.sleep(0.02)
         finally:
@@ -97,7 +109,7 @@ def test_a_full_queue_answers_resource_exhausted_with_a_hint_and_recovers(tmp_pa
             nonlocal served
             with WaferClient(server.address, timeout=60, retries=0) as client:
                 try:
-                    client.embed(TEXTS[i % 10 : i % 10 + 4], priority="batch")
+                    client.embed(fresh(TEXTS[i % 10 : i % 10 + 4]), priority="batch")
                 except ResourceExhaustedError as error:
                     with lock:
                         refused.append(error)
@@ -117,7 +129,7 @@ def test_a_full_queue_answers_resource_exhausted_with_a_hint_and_recovers(tmp_pa
         # Clients that honour the hint get through, and the queue is usable again.
         with WaferClient(server.address, timeout=60, retries=8) as client:
             with ThreadPoolExecutor(8) as pool:
-                chunks = [TEXTS[i % 10 : i % 10 + 4] for i in range(16)]
+                chunks = [fresh(TEXTS[i % 10 : i % 10 + 4]) for i in range(16)]
                 results = list(pool.map(lambda texts: client.embed(texts, priority="batch"), chunks))
             assert all(r.vectors.shape == (4, 384) for r in results)
             alone = client.embed("recovered").vectors
