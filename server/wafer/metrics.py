@@ -108,6 +108,12 @@ class Metrics:
             buckets=BATCH_TOKEN_BUCKETS,
             registry=registry,
         )
+        self.batch_interruptions = Counter(
+            "wafer_batch_interruptions",
+            "Batch-lane backend calls stopped because interactive work arrived (their rows ran again).",
+            ["model"],
+            registry=registry,
+        )
         self.prompt_tokens = Counter(
             "wafer_prompt_tokens",
             "Input tokens read by a model: texts embedded, pairs scored, prompts of generations.",
@@ -173,6 +179,9 @@ class Metrics:
         self.batch_size.labels(model, task.value).observe(size)
         self.batch_tokens.labels(model, task.value).observe(tokens)
         self.prompt_tokens.labels(model, task.value).inc(tokens)
+
+    def record_interruption(self, model: str) -> None:
+        self.batch_interruptions.labels(model).inc()
 
     def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None:
         self.prompt_tokens.labels(model, Task.GENERATE.value).inc(prompt_tokens)

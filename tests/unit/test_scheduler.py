@@ -565,3 +565,23 @@ def test_a_turn_made_interruptible_after_interactive_work_arrived_is_interrupted
         gate.allow_interrupt(lambda: calls.append("late"))
     assert calls == ["late"]
     assert gate.quiet_seconds() < 1
+
+
+async def test_interruptions_are_counted_for_the_metrics(interruptible: InterruptibleBackend) -> None:
+    from wafer.metrics import Metrics
+
+    metrics = Metrics(models=["m"])
+    scheduler = ModelScheduler(
+        "m", interruptible, ComputeGate(), batching=BatchingSpec(quiet_seconds=0), observer=metrics
+    )
+    try:
+        interruptible.entered.clear()
+        bulk = asyncio.create_task(scheduler.embed([f"bulk {i}" for i in range(32)], truncate=False, lane=BATCH))
+        await asyncio.to_thread(interruptible.entered.wait, 5)
+        await asyncio.sleep(0.02)
+        await scheduler.embed(["search"], truncate=False)
+        await bulk
+        assert metrics.registry.get_sample_value("wafer_batch_interruptions_total", {"model": "m"}) == 1
+        assert metrics.registry.get_sample_value("wafer_batch_size_count", {"model": "m", "task": "embed"}) == 2
+    finally:
+        await asyncio.to_thread(scheduler.close)

@@ -62,6 +62,8 @@ class BatchObserver(Protocol):
 
     def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None: ...
 
+    def record_interruption(self, model: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Scheduled(Generic[T]):
@@ -476,6 +478,8 @@ class ModelScheduler:
     def _requeue(self, unit: list[_Slice]) -> None:
         """Put an interrupted call's rows back at the head of their lanes, in their order."""
         self.interrupted += 1
+        if self._observer is not None:
+            self._observer.record_interruption(self.name)
         with self._changed:
             for part in reversed(unit):
                 work = part.work
