@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -158,6 +159,7 @@ async def swap_under_load(engine: InferenceEngine, clients: int, swaps: int) -> 
 async def run(args: argparse.Namespace, texts: list[str]) -> str:
     engine = in_process_engine()
     registry = engine.registry
+    load_average = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     onnx_loads = await load_times(engine, "minilm", args.loads)
     gguf_loads = await load_times(engine, "smollm2", args.loads)
     stats = await cycles(engine, "minilm", args.cycles, texts)
@@ -173,7 +175,8 @@ async def run(args: argparse.Namespace, texts: list[str]) -> str:
     growth = (stats.final_rss - stats.baseline_rss) / MIB
     returned = stats.freed / stats.taken if stats.taken else float("nan")
     lines = [
-        f"- {args.loads} loads per model after one warm-up load, nothing else running",
+        f"- {args.loads} loads per model after one warm-up load, nothing else of this benchmark running; the "
+        f"machine is shared: load average {load_average} when the loads began",
         "",
         "| load | median s | p95 s | min s | target s | median within |",
         "|---|---:|---:|---:|---:|---|",
