@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import os
 import time
 from dataclasses import dataclass, field
 
 import psutil
 
 from bench.common import header, in_process_engine, load_corpus, median, percentile, write_section
+from wafer.config import Settings
 from wafer.domain import EmbedRequest
 from wafer.engine import InferenceEngine
 from wafer.errors import UnavailableError
+from wafer.registry import limit_heap_arenas, trim_heap
 
 MIB = 2**20
 
@@ -36,6 +40,17 @@ class CycleStats:
     failed: list[str] = field(default_factory=list)
     baseline_rss: int = 0
     final_rss: int = 0
+    # RSS right after each cycle's unload.
+    after_unload: list[int] = field(default_factory=list)
+
+    def trajectory(self) -> str:
+        """Median RSS after unload over windows of 10 cycles, at five points of the run, in MiB."""
+        points = []
+        count = len(self.after_unload)
+        for start in sorted({min(max(0, round(f * count) - 5), max(0, count - 10)) for f in (0, 0.25, 0.5, 0.75, 1)}):
+            window = self.after_unload[start : start + 10]
+            points.append(f"cycles {start + 1}-{start + len(window)}: {median(window) / MIB:.0f}")
+        return "; ".join(points)
 
 
 async def load_times(engine: InferenceEngine, model: str, loads: int) -> list[float]:
@@ -77,7 +92,7 @@ async def cycles(engine: InferenceEngine, model: str, count: int, texts: list[st
     for _ in range(3):
         await registry.load(model)
         await registry.unload(model)
-    stats.baseline_rss = process.memory_info().rss
+    stats.baseline_rss = settled_rss(process)
     requesters = [asyncio.create_task(requester(i * 97)) for i in range(3)]
     for _ in range(count):
         before = process.memory_info().rss
@@ -88,14 +103,22 @@ async def cycles(engine: InferenceEngine, model: str, count: int, texts: list[st
         await asyncio.sleep(0.02)
         await registry.unload(model)
         after = process.memory_info().rss
+        stats.after_unload.append(after)
         stats.taken += max(0, loaded - before)
         stats.freed += max(0, loaded - after)
         stats.cycles += 1
     stop.set()
     await asyncio.gather(*requesters)
     await registry.unload(model)
-    stats.final_rss = process.memory_info().rss
+    stats.final_rss = settled_rss(process)
     return stats
+
+
+def settled_rss(process: psutil.Process) -> int:
+    """RSS once garbage is collected and freed heap handed back, as the registry does after a free."""
+    gc.collect()
+    trim_heap()
+    return int(process.memory_info().rss)
 
 
 async def swap_under_load(engine: InferenceEngine, clients: int, swaps: int) -> tuple[int, int, list[float]]:
@@ -136,6 +159,7 @@ async def swap_under_load(engine: InferenceEngine, clients: int, swaps: int) -> 
 async def run(args: argparse.Namespace, texts: list[str]) -> str:
     engine = in_process_engine()
     registry = engine.registry
+    load_average = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     onnx_loads = await load_times(engine, "minilm", args.loads)
     gguf_loads = await load_times(engine, "smollm2", args.loads)
     stats = await cycles(engine, "minilm", args.cycles, texts)
@@ -151,7 +175,8 @@ async def run(args: argparse.Namespace, texts: list[str]) -> str:
     growth = (stats.final_rss - stats.baseline_rss) / MIB
     returned = stats.freed / stats.taken if stats.taken else float("nan")
     lines = [
-        f"- {args.loads} loads per model after one warm-up load, nothing else running",
+        f"- {args.loads} loads per model after one warm-up load, nothing else of this benchmark running; the "
+        f"machine is shared: load average {load_average} when the loads began",
         "",
         "| load | median s | p95 s | min s | target s | median within |",
         "|---|---:|---:|---:|---:|---|",
@@ -166,7 +191,9 @@ async def run(args: argparse.Namespace, texts: list[str]) -> str:
         f"| RSS the loads took (sum) | {stats.taken / MIB:.0f} MiB |",
         f"| RSS the unloads gave back (sum) | {stats.freed / MIB:.0f} MiB |",
         f"| returned / taken | {returned:.3f} |",
-        f"| RSS growth over all cycles (after warm-up, model unloaded) | {growth:+.1f} MiB |",
+        f"| malloc arenas (WAFER_MALLOC_ARENA_MAX; 0: glibc's default) | {args.malloc_arena_max} |",
+        f"| RSS growth over all cycles (after warm-up, model unloaded, heap trimmed) | {growth:+.1f} MiB |",
+        f"| RSS after unload, MiB (medians of 10 cycles) | {stats.trajectory()} |",
         f"| load s per cycle, median / p95 | {median(stats.load_seconds):.3f} / "
         f"{percentile(stats.load_seconds, 95):.3f} |",
         f"| requests answered | {stats.answered} |",
@@ -187,10 +214,18 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--loads", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="20 cycles, 3 loads: a smoke run")
+    parser.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=Settings.model_fields["malloc_arena_max"].default,
+        help="0: glibc's default",
+    )
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
     if args.quick:
         args.cycles, args.loads = min(args.cycles, 20), min(args.loads, 3)
+    if args.malloc_arena_max:
+        limit_heap_arenas(args.malloc_arena_max)  # as `wafer serve` does (WAFER_MALLOC_ARENA_MAX)
     texts, corpus = load_corpus(None)
     body = asyncio.run(run(args, texts))
     text = header("Model lifecycle: load times, load/unload cycles under requests, swap", corpus) + "\n" + body

@@ -19,7 +19,7 @@ from wafer.indexing import IndexService
 from wafer.jobs import JobManager, PolicyChecker, PowerProbe
 from wafer.logging import configure_logging
 from wafer.metrics import Metrics
-from wafer.registry import ModelRegistry
+from wafer.registry import ModelRegistry, limit_heap_arenas
 from wafer.rpc.server import create_server
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog
@@ -122,6 +122,8 @@ def main(overrides: dict[str, Any] | None = None) -> None:
         print(f"wafer: invalid settings:\n{exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
+    if settings.malloc_arena_max:
+        limit_heap_arenas(settings.malloc_arena_max)
     try:
         asyncio.run(serve(settings))
     except WaferError as exc:

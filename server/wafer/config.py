@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         description="How long a load waits for models busy with requests to become idle (and evictable) "
         "before it is refused for lack of memory.",
     )
+    malloc_arena_max: int = Field(
+        default=2,
+        ge=0,
+        le=1024,
+        description="Cap on glibc malloc arenas, so memory freed by unloads is reused instead of "
+        "scattered over per-thread heaps; 0 leaves glibc's default (8 per core).",
+    )
     keep_alive_check_seconds: float = Field(
         default=1.0, gt=0, le=3600, description="How often models' keep_alive_seconds are checked."
     )

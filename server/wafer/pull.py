@@ -22,6 +22,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
@@ -147,13 +148,16 @@ class HubPuller:
 
     def _download(self, source: str, url: str, partial: Path, total: int, model: str) -> Iterator[PullProgress]:
         # Public (documented) but exported lazily, which mypy cannot see.
+        from huggingface_hub import constants
         from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
         have = partial.stat().st_size if partial.exists() else 0
         if total and have > total:  # not a prefix of this file: start over
             partial.unlink()
             have = 0
-        headers = build_hf_headers() if self._endpoint is None or url.startswith(self._endpoint) else {}
+        # The token goes to the Hub only, never to the CDN a large file redirects to.
+        hub = urllib.parse.urlsplit(self._endpoint or constants.ENDPOINT).netloc
+        headers = build_hf_headers() if urllib.parse.urlsplit(url).netloc == hub else {}
         if have:
             headers["Range"] = f"bytes={have}-"
         request = urllib.request.Request(url, headers=headers)

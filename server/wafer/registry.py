@@ -533,7 +533,7 @@ class ModelRegistry:
                 await self._make_room(max(estimate, _size(files)), entry, for_spec=spec)
                 started = time.perf_counter()
                 # Memory freed earlier but still mapped would be reused by this load and hide it.
-                await asyncio.to_thread(_trim_heap)
+                await asyncio.to_thread(trim_heap)
                 rss_before = _rss()
                 loop = asyncio.get_running_loop()
                 pending = loop.run_in_executor(None, self._load_blocking, backend_cls, spec, files)
@@ -721,7 +721,7 @@ class ModelRegistry:
 def _close(loaded: LoadedModel) -> None:
     loaded.scheduler.close()
     loaded.backend.close()
-    _trim_heap()
+    trim_heap()
 
 
 def _close_when_loaded(future: asyncio.Future[LoadedModel]) -> None:
@@ -741,12 +741,27 @@ def _libc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "malloc_trim") else None
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hand freed heap pages back to the OS. glibc keeps a freed model's arenas mapped otherwise,
     and RSS, the budget's measure, would not come down after an unload."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+# mallopt's parameter number for the arena cap (glibc malloc.h).
+_M_ARENA_MAX = -8
+
+
+def limit_heap_arenas(count: int) -> None:
+    """Cap glibc's malloc arenas. By default each thread that allocates may get its own (up to 8 per
+    core), and every load brings new threads (its worker, ONNX Runtime's pools): freed models then
+    leave partly used arenas behind, and RSS drifts up over load/unload cycles (+50 MiB over 200
+    minilm cycles with requests running; +7 MiB with 2 arenas, bench/RESULTS.md). Call it early,
+    before the threads exist; no-op where the C library is not glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_ARENA_MAX, count)
 
 
 def _size(files: ModelFiles) -> int:

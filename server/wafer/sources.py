@@ -33,6 +33,9 @@ class HubFile:
         parts = rest.split("/")
         if len(parts) < 3 or not all(parts):
             raise InvalidArgumentError(f"hub source {source!r} must look like hf://org/repo/file[@revision]")
+        if any(part in {".", ".."} for part in parts):
+            # The parts become folders of the model cache: none may climb out of it.
+            raise InvalidArgumentError(f"hub source {source!r} must not contain '.' or '..' segments")
         return cls(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision or None)
 
 

@@ -13,6 +13,7 @@ from wafer_client import (
     FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
+    UnavailableError,
     WaferClient,
     WaferError,
 )
@@ -128,3 +129,65 @@ def test_quantize_registers_a_faithful_int8_model(client: WaferClient) -> None:
         client.quantize_model("smollm2", "smollm2-int8")
     client.unload_model("paraphrase-minilm-l3-int8")
     client.unload_model("paraphrase-minilm-l3")
+
+
+def test_interleaved_loads_unloads_swaps_and_requests_from_many_threads(
+    server: ServerProcess, client: WaferClient
+) -> None:
+    """12 threads embed with two registered models while an admin loads, unloads and swaps them: the
+    server stays up, and the only failure a request sees is UNAVAILABLE during an admin's unload."""
+    minilm = client.get_model("minilm")
+    paraphrase = client.get_model("paraphrase-minilm-l3")
+    files = [(minilm.source, minilm.tokenizer), (paraphrase.source, paraphrase.tokenizer)]
+    for name in ("chaos-a", "chaos-b"):
+        client.load_model(
+            name,
+            spec={
+                "backend": "onnx",
+                "source": minilm.source,
+                "tokenizer": minilm.tokenizer,
+                "tasks": ["embed"],
+                "dimensions": 384,
+                "max_tokens": 128,
+            },
+        )
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    unavailable: list[str] = []
+    answered: list[int] = []
+
+    def worker(i: int) -> None:
+        name = ("chaos-a", "chaos-b")[i % 2]
+        with WaferClient(server.address, timeout=60, retries=0) as own:
+            while not stop.is_set():
+                try:
+                    answered.append(len(own.embed([f"text {i}"], model=name, truncate=True).vectors))
+                except UnavailableError as exc:
+                    unavailable.append(str(exc))
+                except WaferError as exc:
+                    failures.append(exc)
+                    return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    try:
+        for step in range(12):
+            name = ("chaos-a", "chaos-b")[step % 2]
+            source, tokenizer = files[step % 3 % 2]
+            if step % 3 == 2:
+                client.unload_model(name)
+            else:
+                client.load_model(name, spec={"source": source, "tokenizer": tokenizer})
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert failures == []
+    assert all("being unloaded" in text for text in unavailable)
+    assert len(answered) > 50
+    assert server.process.poll() is None
+    assert client.health("wafer.v1.Inference") == "SERVING"
+    for name in ("chaos-a", "chaos-b"):
+        client.unload_model(name)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.fakes.fake_hub import FakeHub, running_fake_hub
 from tests.integration.test_hub_source import closed_port_url
-from wafer.errors import FailedPreconditionError, UnavailableError
+from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.pull import HubPuller, PullProgress, hub_sources
 from wafer.sources import SourceResolver
 from wafer.specs import ModelSpec, Task
@@ -107,6 +107,23 @@ def test_offline_says_what_to_do(cache: Path) -> None:
 def test_what_the_hub_does_not_have_is_a_failed_precondition(puller: HubPuller) -> None:
     with pytest.raises(FailedPreconditionError, match=r"the Hub has no org/model/nope\.onnx"):
         pull_all(puller, f"hf://{REPO}/nope.onnx")
+
+
+def test_the_token_goes_to_the_hub_not_to_the_cdn(
+    puller: HubPuller, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    pull_all(puller, SOURCE)
+    pull_all(puller, TOKENIZER_SOURCE)
+    cdn = [r for r in hub.requests if r.method == "GET" and "/resolve/" not in r.path]
+    hub_gets = [r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path]
+    assert cdn and all("Authorization" not in r.headers for r in cdn)
+    assert hub_gets and all(r.headers.get("Authorization") == "Bearer hf_secret" for r in hub_gets)
+
+
+def test_sources_cannot_climb_out_of_the_cache(puller: HubPuller) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"must not contain '\.' or '\.\.' segments"):
+        pull_all(puller, "hf://org/model/../../../etc/x")
 
 
 def test_only_hub_sources_are_pulled() -> None:
