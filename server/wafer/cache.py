@@ -3,8 +3,13 @@
 A key is the SHA-256 of everything that decides a vector: the model's name and identity (its
 backend, source, tokenizer, pooling and window: a model entry that points at other weights gets
 other keys), the exact text the model reads (the query/document prompt applied, so the input type
-counts only where the model's prompts differ), the dimension cut, normalization and truncation.
-A hit is served without running the model; only misses reach the backend.
+counts only where the model's prompts differ), the dimension cut and normalization. A hit is served
+without running the model; only misses reach the backend.
+
+Truncation is not part of the key: a text that fits the window gets the same vector either way,
+so Embed (truncate off by default) and Upsert (chunks, truncate on) share entries. An entry whose
+token count reached the window may be a cut text; a request that did not ask for truncation treats
+it as a miss, so the backend refuses the text as too long, as it would without a cache.
 
 Weights replaced in place under the same source (a file overwritten at the same path) are not
 noticed: delete the cache file, or disable the cache, when doing that.
@@ -60,16 +65,25 @@ class Recipe:
     identity: str
     dimensions: int
     normalize: bool
+    # Not in the key (see the module's docstring): decides which entries may be served.
     truncate: bool
+    window: int
 
     @classmethod
     def of(cls, spec: ModelSpec, *, dimensions: int, normalize: bool, truncate: bool) -> Recipe:
         fields = spec.model_dump(mode="json", include={"backend", "source", "tokenizer", "pooling", "max_tokens"})
         identity = json.dumps(fields, sort_keys=True)
-        return cls(model=spec.name, identity=identity, dimensions=dimensions, normalize=normalize, truncate=truncate)
+        return cls(
+            model=spec.name,
+            identity=identity,
+            dimensions=dimensions,
+            normalize=normalize,
+            truncate=truncate,
+            window=spec.max_tokens,
+        )
 
     def key(self, text: str) -> bytes:
-        parts = [self.model, self.identity, self.dimensions, self.normalize, self.truncate, text]
+        parts = [self.model, self.identity, self.dimensions, self.normalize, text]
         return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).digest()
 
 
@@ -169,6 +183,8 @@ class EmbeddingCache:
     async def lookup(self, recipe: Recipe, texts: Sequence[str]) -> Lookup:
         keys = [recipe.key(t) for t in texts]
         found = await self._run(lambda: self._get(keys))
+        if not recipe.truncate:
+            found = {i: entry for i, entry in found.items() if entry[1] < recipe.window}
         hits = len(found)
         with self._lock:
             self._hits += hits

@@ -117,7 +117,7 @@ async def test_too_long_input_is_named_by_its_place_in_the_request(
 
 async def test_the_cache_is_bounded_and_keeps_what_was_used_last(tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path / "c.sqlite", max_entries=20)
-    recipe = Recipe(model="m", identity="x", dimensions=2, normalize=True, truncate=False)
+    recipe = Recipe(model="m", identity="x", dimensions=2, normalize=True, truncate=False, window=512)
     try:
         for batch in range(5):
             texts = [f"t{batch}-{i}" for i in range(10)]
@@ -130,3 +130,20 @@ async def test_the_cache_is_bounded_and_keeps_what_was_used_last(tmp_path: Path)
         assert len((await cache.lookup(recipe, ["t1-5"])).found) == 0
     finally:
         cache.close()
+
+
+async def test_truncation_shares_entries_but_never_serves_a_cut_text_uncut(
+    cached_engine: InferenceEngine, reached_model: list[str]
+) -> None:
+    fits = await cached_engine.embed(EmbedRequest(inputs=["a b c"]))
+    again = await cached_engine.embed(EmbedRequest(inputs=["a b c"], truncate=True))
+    assert again.cached == 1  # a text that fits has one vector, truncated or not
+    np.testing.assert_array_equal(again.vectors, fits.vectors)
+
+    cut = await cached_engine.embed(EmbedRequest(inputs=["w " * 20], truncate=True))
+    assert cut.cached == 0
+    assert (await cached_engine.embed(EmbedRequest(inputs=["w " * 20], truncate=True))).cached == 1
+    # Without truncate the text is too long: the cut vector is not an answer to that.
+    with pytest.raises(InvalidArgumentError, match="input 0 has 22 tokens"):
+        await cached_engine.embed(EmbedRequest(inputs=["w " * 20]))
+    assert reached_model == ["a b c", "w " * 20, "w " * 20]

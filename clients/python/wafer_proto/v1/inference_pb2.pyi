@@ -158,8 +158,8 @@ class EmbedResponse(_message.Message):
     """The model that answered."""
     cached: _builtins.int
     """How many of the embeddings came from the server's embedding cache
-    instead of the model: same model, prompt, dimensions, normalize,
-    truncate and text. 0 when the cache is disabled (WAFER_EMBEDDING_CACHE=false).
+    instead of the model: same model, prompt, dimensions, normalize
+    and text. 0 when the cache is disabled (WAFER_EMBEDDING_CACHE=false).
     """
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
