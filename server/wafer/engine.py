@@ -7,10 +7,11 @@ ranking). The RPC layer only translates to and from these calls.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -70,16 +71,19 @@ def _interactive_stream(
 
     @functools.wraps(method)
     async def tracked(self: InferenceEngine, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        if request.priority is not Priority.INTERACTIVE:
-            async for chunk in method(self, request):
-                yield chunk
-            return
-        self._interactive_began()
-        try:
-            async for chunk in method(self, request):
-                yield chunk
-        finally:
-            self._interactive_ended()
+        # aclosing: a caller that stops early closes the inner stream now, not when it is collected.
+        stream = cast(AsyncGenerator[GenerateChunk, None], method(self, request))  # an async generator function
+        async with contextlib.aclosing(stream) as chunks:
+            if request.priority is not Priority.INTERACTIVE:
+                async for chunk in chunks:
+                    yield chunk
+                return
+            self._interactive_began()
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                self._interactive_ended()
 
     return tracked
 
