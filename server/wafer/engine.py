@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -259,12 +259,16 @@ class InferenceEngine:
         arrived = time.perf_counter()
         with self._activity(request.priority):
             async with self._registry.lease(request.model, Task.GENERATE) as model:
-                async for chunk in self._stream(model, request, arrived):
-                    yield chunk
+                # aclosing: a caller that stops early closes the stream now, before the lease ends,
+                # not whenever the generator is collected.
+                chunks = self._stream(model, request, arrived)
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        yield chunk
 
     async def _stream(
         self, model: LoadedModel, request: GenerateRequest, arrived: float
-    ) -> AsyncIterator[GenerateChunk]:
+    ) -> AsyncGenerator[GenerateChunk, None]:
         name, backend = model.spec.name, model.backend
         started: float | None = None
         first_token: float | None = None
@@ -279,29 +283,31 @@ class InferenceEngine:
                 cancelled=cancelled,
             )
 
-        async for delta in model.scheduler.stream(start, lane=request.priority):
-            now = time.perf_counter()
-            if first_token is None and delta.text:
-                first_token = now
-            if delta.finish_reason is None:
-                if delta.text:
-                    yield GenerateChunk(model=name, text=delta.text)
-                continue
-            begun = started or arrived
-            if self._metrics is not None:
-                self._metrics.record_generation(name, delta.prompt_tokens, delta.completion_tokens)
-            yield GenerateChunk(
-                model=name,
-                text=delta.text,
-                finish_reason=delta.finish_reason,
-                usage=Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens),
-                timings=Timings(
-                    queue_ms=_ms(begun - arrived),
-                    inference_ms=_ms(now - begun),
-                    batch_size=1,
-                    time_to_first_token_ms=_ms((first_token or now) - arrived),
-                ),
-            )
+        deltas = model.scheduler.stream(start, lane=request.priority)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                now = time.perf_counter()
+                if first_token is None and delta.text:
+                    first_token = now
+                if delta.finish_reason is None:
+                    if delta.text:
+                        yield GenerateChunk(model=name, text=delta.text)
+                    continue
+                begun = started or arrived
+                if self._metrics is not None:
+                    self._metrics.record_generation(name, delta.prompt_tokens, delta.completion_tokens)
+                yield GenerateChunk(
+                    model=name,
+                    text=delta.text,
+                    finish_reason=delta.finish_reason,
+                    usage=Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens),
+                    timings=Timings(
+                        queue_ms=_ms(begun - arrived),
+                        inference_ms=_ms(now - begun),
+                        batch_size=1,
+                        time_to_first_token_ms=_ms((first_token or now) - arrived),
+                    ),
+                )
 
     # -- activity --------------------------------------------------------------------------------
 
