@@ -173,7 +173,19 @@ async function main(address) {
       unload_state: unloaded.state,
       state_after: after.state,
       memory_bytes_after: after.memory_bytes,
+      not_loaded_reason_after: after.not_loaded_reason,
     };
+
+    // Quantize and pull, through their refusals (no side effects on the shared server): smollm2 is
+    // GGUF, not ONNX; minilm's weights come from a Python package, not the Hub.
+    summary.quantize_error = await expectError(() =>
+      wafer.models.quantizeModel({ source_model: 'smollm2', name: 'node-smoke-int8' }),
+    );
+    summary.pull_error = await expectError(async () => {
+      for await (const progress of wafer.models.pullModel({ name: 'minilm' })) {
+        void progress;
+      }
+    });
 
     // wafer.v1.Index
     const written = await wafer.index.upsert({

@@ -27,6 +27,8 @@ WAFER_RPCS = {
     "wafer.v1.Models/GetModel",
     "wafer.v1.Models/LoadModel",
     "wafer.v1.Models/UnloadModel",
+    "wafer.v1.Models/QuantizeModel",
+    "wafer.v1.Models/PullModel",
     "wafer.v1.Index/Upsert",
     "wafer.v1.Index/Search",
     "wafer.v1.Index/GetDocuments",
@@ -119,6 +121,11 @@ def test_models(smoke: dict[str, Any]) -> None:
     assert on_demand["unload_state"] == "MODEL_STATE_UNLOADED"
     assert on_demand["state_after"] == "MODEL_STATE_UNLOADED"
     assert on_demand["memory_bytes_after"] == "0"
+    assert on_demand["not_loaded_reason_after"].startswith("unloaded by admin at ")
+    assert smoke["quantize_error"]["code_name"] == "FAILED_PRECONDITION"
+    assert "only ONNX models can be quantized" in smoke["quantize_error"]["details"]
+    assert smoke["pull_error"]["code_name"] == "FAILED_PRECONDITION"
+    assert "nothing to pull" in smoke["pull_error"]["details"]
 
 
 def test_index(smoke: dict[str, Any]) -> None:
