@@ -77,6 +77,11 @@ bench: install
 	$(BIN)/python -m bench.ceiling --write
 	$(BIN)/python -m bench.latency --write
 	$(BIN)/python -m bench.contention --write
+	$(BIN)/python -m bench.lifecycle --write
+	$(BIN)/python -m bench.quantize --write
+	$(BIN)/python -m bench.search --write
+	$(BIN)/python -m bench.indexing --write
+	$(BIN)/python -m bench.jobs --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_CLIENT)/node_modules

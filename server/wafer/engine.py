@@ -145,7 +145,9 @@ class InferenceEngine:
 
     async def _embed_pooled(self, request: EmbedRequest) -> EmbedResult:
         """One vector per input from the mean of its windows' vectors (`EmbedRequest.pool_chunks`)."""
-        model_name, spans = await self.split(request.model, request.inputs, input_type=request.input_type)
+        model_name, spans = await self.split(
+            request.model, request.inputs, input_type=request.input_type, priority=request.priority
+        )
         pieces = [
             text[start:end] for text, text_spans in zip(request.inputs, spans, strict=True) for start, end in text_spans
         ]
@@ -178,14 +180,22 @@ class InferenceEngine:
         )
 
     async def split(
-        self, model_name: str, texts: Sequence[str], *, input_type: InputType
+        self,
+        model_name: str,
+        texts: Sequence[str],
+        *,
+        input_type: InputType,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> tuple[str, list[list[Span]]]:
         """The model that embeds `texts` (empty: the default) and each text's chunks for it
-        (`wafer.chunking`): one span for a text that fits the model's window."""
+        (`wafer.chunking`): one span for a text that fits the model's window. Tokenizing runs on
+        the model's thread, in the lane of the request it is for."""
         async with self._registry.lease(model_name, Task.EMBED) as model:
             spec = model.spec
             prompt = spec.query_prompt if input_type is InputType.QUERY else spec.document_prompt
-            planned = await model.scheduler.run(lambda: chunking.split(model.backend, texts, prompt=prompt))
+            planned = await model.scheduler.run(
+                lambda: chunking.split(model.backend, texts, prompt=prompt), lane=priority
+            )
             spans = planned.value
         return spec.name, spans
 

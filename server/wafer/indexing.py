@@ -137,7 +137,7 @@ class IndexService:
             model = model or self._engine.registry.resolve("", Task.EMBED).name
             spans = [[(0, len(t))] for t in texts]
         else:
-            model, spans = await self._engine.split(model, texts, input_type=InputType.DOCUMENT)
+            model, spans = await self._engine.split(model, texts, input_type=InputType.DOCUMENT, priority=priority)
         points: list[StoredPoint] = []
         chunk_texts: list[str] = []
         for document, doc_spans in zip(documents, spans, strict=True):

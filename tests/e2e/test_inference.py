@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 
@@ -37,18 +39,23 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> PlainReference:
 
 
 def test_served_embeddings_equal_in_process_onnxruntime(client: WaferClient, reference: PlainReference) -> None:
-    expected = np.stack([reference.embed(text) for text in MIXED_LENGTHS])
-    for i, text in enumerate(MIXED_LENGTHS):
-        single = client.embed(text, truncate=True)
-        assert single.model == "minilm"
-        assert single.vectors.shape == (1, 384)
-        assert cosines(single.vectors, expected[i : i + 1]).min() >= 0.9999
-    batch = client.embed(MIXED_LENGTHS, truncate=True)
+    # New texts each run: the server's embedding cache must not answer for the model.
+    nonce = uuid.uuid4().hex[:8]
+    texts = [f"{nonce} {text}" for text in MIXED_LENGTHS]
+    expected = np.stack([reference.embed(text) for text in texts])
+    batch = client.embed(texts, truncate=True)
     assert batch.vectors.dtype == np.float32
     assert cosines(batch.vectors, expected).min() >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(batch.vectors, axis=1), 1.0, rtol=1e-5)
-    assert batch.usage.prompt_tokens > len(MIXED_LENGTHS)
+    assert batch.usage.prompt_tokens > len(texts)
+    assert batch.cached == 0
     assert batch.timings.inference_ms > 0
+    for i, text in enumerate(texts):
+        # Unnormalized: another cache entry than the batch's, so each text runs through the model alone.
+        single = client.embed(text, truncate=True, normalize=False)
+        assert single.model == "minilm"
+        assert single.vectors.shape == (1, 384)
+        assert cosines(single.vectors, expected[i : i + 1]).min() >= 0.9999
 
 
 def test_embed_options(client: WaferClient) -> None:
