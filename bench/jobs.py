@@ -20,17 +20,14 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from bench.common import ROOT, SHARED_SMS, header, in_process_engine, median, percentile, write_section
+from bench.common import SHARED_SMS, header, in_process_engine, median, percentile, served, write_section
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, Priority
 from wafer.engine import InferenceEngine
@@ -146,28 +143,16 @@ async def ceiling_again(texts: list[str], batch_size: int, threads: int) -> Rate
         await engine.registry.close()
 
 
-def _wait_listening(server: subprocess.Popen[str]) -> str:
-    assert server.stderr is not None
-    stream = server.stderr
-    for line in stream:
-        if '"server listening"' in line:
-            threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
-            return str(json.loads(line)["address"])
-    raise RuntimeError("server exited before listening")
-
-
-def served(corpus: Path, count: int, batch_size: int, threads: int) -> tuple[Rate, list[float], list[float]]:
+def served_job(corpus: Path, count: int, batch_size: int, threads: int) -> tuple[Rate, list[float], list[float]]:
     data = Path(tempfile.mkdtemp(prefix="wafer-bench-jobs-"))
     shutil.copy(corpus, data / corpus.name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_JOBS_BATCH_SIZE": str(batch_size)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "wafer", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data),
-         "--threads", str(threads), "--models", str(ROOT / "models.yaml")],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
+    # The embedding cache on, as a server runs by default; every document is new to it.
+    settings = {"WAFER_JOBS_BATCH_SIZE": str(batch_size)}
     try:
-        address = _wait_listening(server)
-        with WaferClient(address, timeout=120, retries=0) as client:
+        with (
+            served(threads, cache=True, data_dir=data, settings=settings) as (address, server),
+            WaferClient(address, timeout=120, retries=0) as client,
+        ):
             while client.health("wafer.v1.Inference") != "SERVING":
                 time.sleep(0.1)
             source = ClientJsonlSource(str(data / corpus.name))
@@ -177,25 +162,24 @@ def served(corpus: Path, count: int, batch_size: int, threads: int) -> tuple[Rat
             rate = watch.rate(count)
             assert final.state == "succeeded" and final.done == count, final
 
-            def embed_latencies() -> list[float]:
+            def embed_latencies(phase: str) -> list[float]:
+                # Texts new to the cache in each phase, so every call runs the model.
                 measured = []
                 for i in range(LATENCY_CALLS):
                     began = time.perf_counter()
-                    client.embed([f"where is my parcel {i}"], model=MODEL, input_type="query")
+                    client.embed([f"where is my parcel {i} ({phase})"], model=MODEL, input_type="query")
                     measured.append((time.perf_counter() - began) * 1000)
                 return measured
 
-            quiet = embed_latencies()
+            quiet = embed_latencies("quiet")
             busy_job = client.submit_job("bench-busy", source, model=MODEL)
             while client.get_job(busy_job.id).done == 0:
                 time.sleep(0.02)
-            busy = embed_latencies()
+            busy = embed_latencies("busy")
             assert client.get_job(busy_job.id).state == "running", "the second job ended before the calls did"
             client.cancel_job(busy_job.id)
         return rate, quiet, busy
     finally:
-        server.terminate()
-        server.wait(30)
         shutil.rmtree(data, ignore_errors=True)
 
 
@@ -257,7 +241,7 @@ def main() -> None:
     try:
         corpus, texts, described = corpus_file(args.corpus, QUICK_MESSAGES if args.quick else None, folder)
         top, local = asyncio.run(in_process(texts, corpus, args.batch_size, args.threads))
-        remote, quiet, busy = served(corpus, len(texts), args.batch_size, args.threads)
+        remote, quiet, busy = served_job(corpus, len(texts), args.batch_size, args.threads)
         # Measured again after the jobs: on a shared machine the load drifts during a run.
         top_after = asyncio.run(ceiling_again(texts, args.batch_size, args.threads))
     finally:
