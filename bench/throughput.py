@@ -150,6 +150,7 @@ def queued_memory(address: str, server: psutil.Process, texts_file: Path, queued
     return {
         "rss_before_mb": before / 2**20,
         "rss_peak_mb": peak / 2**20,
+        "queued": queued,
         "requests": result["requests"],
         "refused": result["refused"],
         "p99_ms": result["p99_ms"],
@@ -207,7 +208,8 @@ def report(
         "",
         f"- interactive p95 during the flood: {ratio:.2f} x idle p95 (target 2)",
         "",
-        f"**Memory with {memory['requests']:.0f} requests queued at once:** server RSS "
+        f"**Memory with {memory['queued']:.0f} single-text requests queued at once** "
+        f"({memory['requests']:.0f} sent in all): server RSS "
         f"{memory['rss_before_mb']:.0f} MB at rest, {memory['rss_peak_mb']:.0f} MB at peak "
         f"(+{memory['rss_peak_mb'] - memory['rss_before_mb']:.0f} MB); {memory['refused']:.0f} refused; "
         f"slowest answer {memory['p99_ms']:.0f} ms (p99).",

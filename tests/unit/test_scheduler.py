@@ -585,3 +585,23 @@ async def test_interruptions_are_counted_for_the_metrics(interruptible: Interrup
         assert metrics.registry.get_sample_value("wafer_batch_size_count", {"model": "m", "task": "embed"}) == 2
     finally:
         await asyncio.to_thread(scheduler.close)
+
+
+async def test_while_interactive_work_keeps_coming_batch_work_moves_in_micro_batches(
+    interruptible: InterruptibleBackend,
+) -> None:
+    """Micro-batches are not interrupted: a stream of searches slows a bulk request, never stalls it."""
+    scheduler = ModelScheduler("m", interruptible, ComputeGate(), batching=BatchingSpec(quiet_seconds=60))
+    try:
+        await scheduler.embed(["first search"], truncate=False)  # the machine is busy from now on
+        bulk = asyncio.create_task(scheduler.embed([f"bulk {i}" for i in range(24)], truncate=False, lane=BATCH))
+        waits = []
+        while not bulk.done():
+            waits.append((await scheduler.embed(["search"], truncate=False)).queued_seconds)
+        await bulk
+        assert scheduler.interrupted == 0
+        assert max(len(call) for call in interruptible.calls if call[0].startswith("bulk")) < 24
+        # Each search waited for at most the micro-batch in progress (10 ms target; 5 ms per text).
+        assert len(waits) > 3 and max(waits) < 0.1
+    finally:
+        await asyncio.to_thread(scheduler.close)

@@ -5,10 +5,11 @@ Every call into a backend goes through its model's scheduler, never straight fro
   and one thread per model keeps onnxruntime's own thread pool the only parallelism.
 - **Two lanes.** Interactive work (a person is waiting) is always taken before batch work (a
   corpus being indexed). While interactive work keeps coming, batch embeddings are cut into
-  micro-batches whose estimated run time is `batching.batch_unit_ms`; after `quiet_seconds`
-  without any, into full batches, for throughput. On backends that can be interrupted (ONNX), a
-  batch call in progress is stopped when interactive work arrives, for this model or any other,
-  and its rows go back to the head of the batch lane: interactive work waits for no batch work.
+  micro-batches whose estimated run time is `batching.batch_unit_ms`: an interactive request
+  waits behind at most one, and the batch work still moves between interactive requests. After
+  `quiet_seconds` without any interactive work, batch work runs in full batches, for throughput;
+  on backends that can be interrupted (ONNX), such a full batch is stopped when interactive work
+  arrives, for this model or any other, and its rows go back to the head of the batch lane.
 - **Merged batches.** Embedding requests waiting in the same lane are merged into one backend call,
   up to `max_batch_size` inputs and `max_batch_tokens` estimated tokens. There is no waiting window:
   requests that arrive while the model is busy are merged into its next call (continuous batching,
@@ -224,6 +225,8 @@ class ModelScheduler:
         self._rate: float | None = None
         # Backend calls stopped for interactive work and run again (for metrics and tests).
         self.interrupted = 0
+        # Whether the call being taken is a full batch-lane batch (one that may be interrupted).
+        self._full_batch = False
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name=f"wafer-{name}", daemon=True)
         self._thread.start()
@@ -365,7 +368,7 @@ class ModelScheduler:
                 if isinstance(unit, _CallWork):
                     unit.context.run(self._call, unit)
                 elif isinstance(unit, list):
-                    if unit[0].work.lane is Priority.BATCH and self._backend.interruptible:
+                    if self._full_batch:
                         self._gate.allow_interrupt(self._backend.interrupt)
                     unit[0].work.context.run(self._embed, unit)
             if isinstance(unit, _StreamWork):
@@ -388,6 +391,7 @@ class ModelScheduler:
             return head
         max_rows = self._batching.max_batch_size
         max_tokens = self._unit_tokens(lane)
+        self._full_batch = lane is Priority.BATCH and max_tokens == self._batching.max_batch_tokens
         rows = tokens = 0
         unit: list[_Slice] = []
         for work in list(queue):
@@ -416,6 +420,8 @@ class ModelScheduler:
         return unit
 
     def _unit_tokens(self, lane: Priority) -> int:
+        """The token budget of the next call: full for interactive work, and for batch work on a
+        quiet machine with an interruptible backend; a micro-batch otherwise."""
         budget = self._batching.max_batch_tokens
         quiet = self._gate.quiet_seconds() >= self._batching.quiet_seconds
         if lane is Priority.BATCH and not (quiet and self._backend.interruptible):
