@@ -89,7 +89,6 @@ class _Work:
         self.context = contextvars.copy_context()
         self.arrived = time.perf_counter()
         self.started: float | None = None
-        self.abandoned = False
         self.future: asyncio.Future[Any] = loop.create_future()
 
     def resolve(self, value: object) -> None:
@@ -326,12 +325,11 @@ class ModelScheduler:
     def _withdraw(self, work: _Work) -> bool:
         """Take `work` out of its queue; False if the thread already took (all of) it."""
         with self._changed:
-            work.abandoned = True
             if isinstance(work, _EmbedWork):
-                work.failed = True
+                work.failed = True  # rows of it in a running call are dropped, not delivered
             queue = self._queues[work.lane]
             if work not in queue:
-                return work.started is None and not isinstance(work, _StreamWork)
+                return False
             queue.remove(work)
             self._release(work, work.remaining if isinstance(work, _EmbedWork) else work.rows)
             return True
