@@ -65,9 +65,9 @@ async def run(
                 if gap_ms:
                     await asyncio.sleep(gap_ms / 1000)
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     return {
         "concurrency": concurrency,
         "batch": batch,
@@ -79,6 +79,8 @@ async def run(
         "requests": len(latencies),
         "refused": refused,
         "seconds": elapsed,
+        # Cores this client process kept busy: it shares the machine with the server.
+        "client_cores": cpu / elapsed,
     }
 
 

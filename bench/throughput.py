@@ -108,13 +108,18 @@ def medians(results: list[Result]) -> Result:
     return {key: median([r[key] for r in results]) for key in results[0]}
 
 
-def concurrency_sweep(address: str, texts_file: Path, runs: int) -> dict[str, Result]:
+def concurrency_sweep(address: str, server: psutil.Process, texts_file: Path, runs: int) -> dict[str, Result]:
+    def measured(**options: Any) -> Result:
+        """One load generator run, with the cores the server kept busy meanwhile."""
+        before = sum(server.cpu_times()[:2])
+        result = finish(loadgen(address, texts_file, **options))
+        result["server_cores"] = (sum(server.cpu_times()[:2]) - before) / result["seconds"]
+        return result
+
     sweep: dict[str, Result] = {}
     for clients in CONCURRENCY:
-        sweep[f"{clients} x 1"] = medians(
-            [finish(loadgen(address, texts_file, concurrency=clients)) for _ in range(runs)]
-        )
-    sweep["4 x 32"] = medians([finish(loadgen(address, texts_file, concurrency=4, batch=32)) for _ in range(runs)])
+        sweep[f"{clients} x 1"] = medians([measured(concurrency=clients) for _ in range(runs)])
+    sweep["4 x 32"] = medians([measured(concurrency=4, batch=32) for _ in range(runs)])
     return sweep
 
 
@@ -179,13 +184,15 @@ def report(
         + f". Best: {top['texts_per_s']:.0f} texts/s, {top['tokens_per_s']:.0f} tokens/s at batch {top['batch']:.0f};"
         f" one text alone p50 {top['single_p50_ms']:.2f} ms.",
         "",
-        "| clients x texts per request | texts/s | x ceiling | p50 ms | p95 ms | p99 ms | refused |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| clients x texts per request | texts/s | x ceiling | p50 ms | p95 ms | p99 ms | refused "
+        "| server cores busy | client cores busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, row in sweep.items():
         lines.append(
             f"| {case} | {row['texts_per_s']:.0f} | {row['texts_per_s'] / top['texts_per_s']:.2f} | "
-            f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['refused']:.0f} |"
+            f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['refused']:.0f} | "
+            f"{row['server_cores']:.2f} | {row['client_cores']:.2f} |"
         )
     single = sweep["1 x 1"]
     lines += [
@@ -264,7 +271,7 @@ def main() -> None:
     top, by_batch = ceiling(texts, runs)
     print(f"ceiling: {top}", flush=True)
     with served() as (address, process):
-        sweep = concurrency_sweep(address, texts_file, runs)
+        sweep = concurrency_sweep(address, psutil.Process(process.pid), texts_file, runs)
         print(json.dumps(sweep, indent=1), flush=True)
         flood = flood_latency(address, texts_file, runs, seconds)
         print(json.dumps(flood, indent=1), flush=True)
