@@ -17,11 +17,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import grpc
 
 from bench.common import percentile
 from wafer_client import AsyncWaferClient, WaferError
+from wafer_client.types import Priority
 
 
 async def run(
@@ -30,7 +32,7 @@ async def run(
     *,
     concurrency: int,
     batch: int,
-    priority: str,
+    priority: Priority,
     seconds: float | None,
     gap_ms: float,
 ) -> dict[str, float]:
@@ -53,7 +55,7 @@ async def run(
                     return
                 started = time.perf_counter()
                 try:
-                    await client.embed(chunk, model="minilm", truncate=True, priority=priority)  # type: ignore[arg-type]
+                    await client.embed(chunk, model="minilm", truncate=True, priority=priority)
                 except WaferError as error:
                     if error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
                         raise
@@ -101,7 +103,7 @@ def main() -> None:
             texts,
             concurrency=args.concurrency,
             batch=args.batch,
-            priority=args.priority,
+            priority=cast(Priority, args.priority),  # argparse's choices hold it to the two
             seconds=args.seconds,
             gap_ms=args.gap_ms,
         )

@@ -105,11 +105,11 @@ class Backend(abc.ABC):
         and the token counts."""
         raise self._unsupported(Task.GENERATE)
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> None:  # noqa: B027 - deliberately empty: most backends cannot stop a call
         """Ask the `embed` call running on the model's thread to stop soon and raise
-        ComputeInterrupted. Called from another thread, and only if `interruptible`; a call that
-        is not running is not affected."""
-        raise NotImplementedError
+        ComputeInterrupted; called from another thread. The scheduler calls it only when
+        `interruptible` is true; a backend that cannot stop a call leaves this as it is, and the
+        call runs to its end."""
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:

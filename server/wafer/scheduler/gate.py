@@ -40,7 +40,7 @@ class ComputeGate:
         ticket = object()
         with self._changed:
             if lane is Priority.INTERACTIVE:
-                self._interactive_waiting()
+                self._note_interactive()
             queue = self._lanes[lane]
             queue.append(ticket)
             while self._busy or self._next() is not ticket:
@@ -69,13 +69,13 @@ class ComputeGate:
         """Interactive work arrived for a model (it may not need the gate yet: its model's thread
         may be the one computing batch work): interrupt an interruptible turn."""
         with self._changed:
-            self._interactive_waiting()
+            self._note_interactive()
 
     def quiet_seconds(self) -> float:
         """Seconds since interactive work last arrived."""
         return time.monotonic() - self._interactive_seen
 
-    def _interactive_waiting(self) -> None:
+    def _note_interactive(self) -> None:
         self._interactive_seen = time.monotonic()
         if self._interrupt is not None:
             self._interrupt()

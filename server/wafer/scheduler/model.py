@@ -346,6 +346,8 @@ class ModelScheduler:
         tokens = sum(self._queued_tokens[each] for each in lanes)
         if self._rate is None or tokens <= 0:
             return 1.0
+        # Room comes back as soon as part of the queue has run: half of it is a fair hint, and a
+        # retry that is a little early is refused again cheaply.
         return min(30.0, max(0.05, tokens / self._rate / 2))
 
     # -- serving (the model's thread) ------------------------------------------------------------
