@@ -1,7 +1,8 @@
 """SmolLM2 (GGUF, llama.cpp) speed on the main thread against a worker thread, and what else costs.
 
-DESIGN.md reports that an OpenMP build of llama-cpp-python generated at 22-27 tokens/s on a worker
-thread against 63 on the main thread. This measures the project's own GgufBackend (OpenMP off):
+An OpenMP build of llama-cpp-python was once measured here generating at 22-27 tokens/s on a worker
+thread against 63 on the main thread, which is why the Makefile builds llama.cpp without OpenMP
+(docs/architecture.md, "Threads"). This measures the project's own GgufBackend (OpenMP off):
 
 - generation tokens/s (greedy, ~128 tokens, median of repeats): main thread, a worker thread, the
   main thread again; per thread count;

@@ -1,5 +1,6 @@
-"""Bad input gets the status of DESIGN.md §4 and a message a person can act on; the server keeps
-serving everyone else; every call leaves one JSON log line."""
+"""Bad input gets the status of the error table (docs/architecture.md, "Errors: one table") and a
+message a person can act on; the server keeps serving everyone else; every call leaves one JSON log
+line."""
 
 from __future__ import annotations
 

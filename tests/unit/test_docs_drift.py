@@ -93,3 +93,47 @@ def test_operations_lists_every_setting() -> None:
     text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
     missing = [name for name in Settings.model_fields if f"`WAFER_{name.upper()}`" not in text]
     assert not missing, f"docs/operations.md does not list the settings {missing}"
+
+
+def layout_entries() -> list[Path]:
+    """The files and folders the README's Layout section names, as paths from the repository root."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Layout") :]
+    block = section[section.index("```\n") + 4 : section.index("\n```", section.index("```\n") + 4)]
+    entries: list[Path] = []
+    parent = Path()
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if not line.strip() or indent > 4:  # a description's second line
+            continue
+        names = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        if indent == 0 and names.endswith("/"):
+            parent = Path(names)
+        for name in re.split(r",\s*", names):
+            if "|" in name:  # tests/unit|integration|e2e
+                head, _, tails = name.rpartition("/")
+                entries += [Path(head) / tail for tail in tails.split("|")]
+            else:
+                entries.append(parent / name if indent else Path(name))
+    return entries
+
+
+def test_readme_layout_names_what_exists() -> None:
+    entries = layout_entries()
+    assert Path("server/wafer/scheduler/") in entries or Path("server/wafer/scheduler") in entries
+    missing = [str(path) for path in entries if not (ROOT / path).exists()]
+    assert not missing, f"README.md's Layout names what is not in the tree: {missing}"
+    assert len(entries) == len(set(entries)), "README.md's Layout names something twice"
+
+
+def test_readme_layout_names_every_server_module() -> None:
+    named = {path.as_posix().rstrip("/") for path in layout_entries()}
+    package = ROOT / "server" / "wafer"
+    modules = [
+        child
+        for child in package.iterdir()
+        if (child.suffix == ".py" and child.name not in {"__init__.py", "__main__.py"})
+        or (child.is_dir() and (child / "__init__.py").exists())
+    ]
+    unnamed = [child.name for child in modules if child.relative_to(ROOT).as_posix() not in named]
+    assert not unnamed, f"README.md's Layout does not name server/wafer/{unnamed}"

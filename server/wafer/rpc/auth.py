@@ -2,8 +2,9 @@
 never face the network unprotected by accident.
 
 The token arrives as call metadata `authorization: Bearer <token>`. A missing (or non-Bearer)
-header is UNAUTHENTICATED, a wrong token PERMISSION_DENIED (DESIGN.md §4). Health checking and
-reflection always stay open: load balancers and probes must reach them without a secret.
+header is UNAUTHENTICATED, a wrong token PERMISSION_DENIED (the error table in docs/architecture.md).
+Health checking and reflection always stay open: load balancers and probes must reach them without
+a secret.
 
 The interceptor does not answer refused calls itself: it hands gRPC a handler that raises the
 domain error, and the request interceptor (outermost) maps it like any other error, so a refusal
