@@ -419,18 +419,21 @@ class ModelRegistry:
 
     async def close(self) -> None:
         """Unload everything (used at shutdown, after requests have drained)."""
+        # gather(return_exceptions=True) collects the tasks' own cancellations, while a cancellation
+        # of close() itself still reaches its caller.
         if self._reaper is not None:
             self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            await asyncio.gather(self._reaper, return_exceptions=True)
         loading = [entry.loading for entry in self._entries.values() if entry.loading is not None]
         for task in loading:
             task.cancel()
         # Settled before unloading: a cancelled swap leaves its model's old instance to unload.
         await asyncio.gather(*loading, return_exceptions=True)
         for name in list(self._entries):
-            with contextlib.suppress(WaferError, asyncio.CancelledError):
+            try:
                 await self.unload(name)
+            except Exception as exc:  # one model failing to close must not keep the others loaded
+                log.error("model failed to unload at shutdown", model=name, error=repr(exc))
         retiring = [task for entry in self._entries.values() for task in entry.retire_tasks]
         await asyncio.gather(*retiring, return_exceptions=True)
 
@@ -512,10 +515,17 @@ class ModelRegistry:
     async def _retire(self, entry: _Entry, old: _Instance) -> None:
         """Free a swapped-out instance once the requests it still holds end."""
         await old.idle.wait()
-        await asyncio.to_thread(_close, old.loaded)
-        entry.retiring.remove(old)
-        self._notify()
-        log.info("swapped-out model freed", model=entry.spec.name)
+        try:
+            await asyncio.to_thread(_close, old.loaded)
+        except Exception as exc:
+            # Nothing serves from it any more and closing again would not go better: stop counting
+            # it against the memory budget, and say so, rather than fail a task nobody awaits.
+            log.error("swapped-out model failed to close", model=entry.spec.name, error=repr(exc))
+        else:
+            log.info("swapped-out model freed", model=entry.spec.name)
+        finally:
+            entry.retiring.remove(old)
+            self._notify()
 
     async def wait_retired(self, name: str) -> None:
         """Wait until the instances a swap replaced are freed (bound it with asyncio.timeout)."""

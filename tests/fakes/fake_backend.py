@@ -36,6 +36,8 @@ class FakeBackend(Backend):
     closed: ClassVar[int] = 0
     # Texts embedded so far, by every instance: cache tests check what reached the model.
     embedded: ClassVar[list[str]] = []
+    # Raised by close() (after freeing), for tests of what a failed close leaves behind.
+    close_error: ClassVar[Exception | None] = None
 
     def __init__(self, spec: ModelSpec, weights: mmap.mmap) -> None:
         super().__init__(spec)
@@ -123,3 +125,5 @@ class FakeBackend(Backend):
         type(self).closed += 1
         self.is_closed = True
         self.weights.close()
+        if self.close_error is not None:
+            raise self.close_error

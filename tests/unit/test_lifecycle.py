@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.fakes.fake_backend import FakeBackend
 from tests.unit.conftest import fake_catalog
@@ -454,3 +455,59 @@ async def test_chaos_of_requests_loads_unloads_swaps_and_evictions(tmp_path: Pat
     assert failures == []
     assert answered > 100
     assert FakeBackend.loads - loads == FakeBackend.closed - closed
+
+
+# -- failures while freeing ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def failing_close() -> Iterator[None]:
+    FakeBackend.close_error = RuntimeError("close failed")
+    yield
+    FakeBackend.close_error = None
+
+
+async def test_a_swapped_out_instance_that_fails_to_close_stops_counting(
+    registry: ModelRegistry, failing_close: None
+) -> None:
+    await registry.load("lazy")
+    with capture_logs() as logs:
+        await registry.load("lazy", spec=registry.spec_from_api("lazy", "threads: 2"))
+        async with asyncio.timeout(5):
+            await registry.wait_retired("lazy")
+    status = registry.status("lazy")
+    assert status.state is ModelState.READY
+    assert registry.memory_in_use() == status.memory_bytes  # the failed old instance is not counted
+    assert any(
+        entry["event"] == "swapped-out model failed to close" and "close failed" in entry["error"] for entry in logs
+    )
+
+
+async def test_close_unloads_every_model_when_one_fails_to_close(tmp_path: Path, open_gate: None) -> None:
+    registry = make_registry(fake_catalog(tmp_path), tmp_path)
+    await registry.load("lazy")
+    await registry.load("embedder")
+    FakeBackend.close_error = RuntimeError("close failed")
+    try:
+        with capture_logs() as logs:
+            await registry.close()
+    finally:
+        FakeBackend.close_error = None
+    assert registry.status("lazy").state is ModelState.UNLOADED
+    assert registry.status("embedder").state is ModelState.UNLOADED
+    failed = {entry["model"] for entry in logs if entry["event"] == "model failed to unload at shutdown"}
+    assert failed == {"lazy", "embedder"}
+
+
+async def test_a_cancelled_close_is_cancelled(tmp_path: Path, open_gate: None) -> None:
+    registry = make_registry(fake_catalog(tmp_path), tmp_path)
+    await registry.load("lazy")
+    request, release = await hold(registry, "lazy")  # the unload waits for this request to end
+    closing = asyncio.create_task(registry.close())
+    await asyncio.sleep(0.05)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    release.set()
+    await request
+    await registry.close()
