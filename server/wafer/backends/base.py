@@ -7,10 +7,13 @@ at a time (the registry guarantees it), so it needs no locks of its own.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from wafer.domain import ChatMessage, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError, InvalidArgumentError
@@ -42,10 +45,17 @@ class ComputeInterrupted(Exception):  # noqa: N818 - a signal between scheduler 
 
 @dataclass(frozen=True, slots=True)
 class ModelFiles:
-    """Local files a spec's sources resolved to."""
+    """Local files a spec's sources resolved to; `extra` holds its `files`, by role."""
 
     weights: Path
     tokenizer: Path | None = None
+    extra: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class NoOptions(BaseModel):
+    """The options of a backend that has none: any key in a spec's `options` is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +83,44 @@ class Backend(abc.ABC):
     tasks: ClassVar[frozenset[Task]] = frozenset()
     # Whether `interrupt` can stop a running `embed` (the scheduler then pre-empts batch work).
     interruptible: ClassVar[bool] = False
+    # What a spec's `options` mapping may hold: a frozen model with extra="forbid", every field
+    # described and defaulted.
+    options_model: ClassVar[type[BaseModel]] = NoOptions
+    # Roles of a spec's `files` this backend cannot load without, and those it can use if given.
+    required_files: ClassVar[frozenset[str]] = frozenset()
+    optional_files: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        self.options: BaseModel = self.check_spec(spec)
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> BaseModel:
+        """The spec's options, validated; raises InvalidArgumentError naming the model and what is
+        wrong with its options or its files' roles. Called when the catalog is loaded, when a spec
+        arrives over the API, and by every load."""
+        missing = sorted(cls.required_files - spec.files.keys())
+        if missing:
+            raise InvalidArgumentError(
+                f"model {spec.name!r}: backend {spec.backend!r} needs `files` with the role(s) {', '.join(missing)}"
+            )
+        accepted = cls.required_files | cls.optional_files
+        unknown = sorted(spec.files.keys() - accepted)
+        if unknown:
+            roles = ", ".join(sorted(accepted)) or "none"
+            raise InvalidArgumentError(
+                f"model {spec.name!r}: backend {spec.backend!r} has no use for `files` role(s) "
+                f"{', '.join(unknown)} (it reads: {roles})"
+            )
+        try:
+            return cls.options_model.model_validate(spec.options)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"options.{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+            )
+            raise InvalidArgumentError(
+                f"model {spec.name!r}: invalid options for backend {spec.backend!r}: {problems}"
+            ) from None
 
     @classmethod
     @abc.abstractmethod
