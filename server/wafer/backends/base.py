@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from wafer.domain import ChatMessage, FloatMatrix, GenerationDelta, SamplingParams
+from wafer.domain import ChatMessage, Context, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError, InvalidArgumentError
 from wafer.specs import ModelSpec, Task
 
@@ -89,6 +89,9 @@ class Backend(abc.ABC):
     # Roles of a spec's `files` this backend cannot load without, and those it can use if given.
     required_files: ClassVar[frozenset[str]] = frozenset()
     optional_files: ClassVar[frozenset[str]] = frozenset()
+    # Whether the model's vectors depend on a context as well as the text (cde's corpus). Only such a
+    # backend is handed a context; the engine refuses one for the others (INVALID_ARGUMENT).
+    contextual: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -127,10 +130,20 @@ class Backend(abc.ABC):
     def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> Backend:
         """Read the model into memory; raise FailedPreconditionError if it cannot be used."""
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+    def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         """Embed texts (prompts already applied). Too-long inputs raise InputTooLongError
-        unless `truncate`, which keeps the first `spec.max_tokens` tokens."""
+        unless `truncate`, which keeps the first `spec.max_tokens` tokens. `context` is given to
+        contextual backends only, and may be None (the model's vectors without a context)."""
         raise self._unsupported(Task.EMBED)
+
+    @property
+    def context_size(self) -> int:
+        """How many corpus documents a context is built from (contextual backends)."""
+        return 0
+
+    def build_context(self, documents: Sequence[str]) -> FloatMatrix:
+        """A contextual backend's context from `context_size` corpus documents (prompts applied)."""
+        raise FailedPreconditionError(f"model {self.spec.name!r} ({self.spec.backend}) takes no context")
 
     def score_relevance(
         self, query: str, documents: Sequence[str], *, instruction: str, truncate: bool
