@@ -242,6 +242,10 @@ class ModelRegistry:
     def spec(self, name: str) -> ModelSpec:
         return self._entry(name).spec
 
+    def backend_class(self, spec: ModelSpec) -> type[Backend] | None:
+        """The backend class that runs `spec`, without loading it (None: not in this server)."""
+        return self._backends.get(spec.backend)
+
     def knows(self, name: str) -> bool:
         return name in self._entries
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from tests.fakes.fake_hub import FakeHub
+
 BERT_VOCAB = 30522
 PAD_VOCAB_MULTIPLE = 64
 REPO = "jxm/cde-small-v1"
@@ -175,3 +177,11 @@ def write_tiny_cde(folder: Path, *, seed: int = 0, size: str = "tiny", corpus_si
     tokenizer = folder / "tokenizer.json"
     shutil.copyfile(minilm_tokenizer(), tokenizer)
     return CdeFiles(weights=weights, config=config, backbone_config=backbone, tokenizer=tokenizer)
+
+
+def put_on_hub(hub: FakeHub, files: CdeFiles) -> None:
+    """Serve the files where models.yaml's cde-small-v1 entry looks for them on the Hub."""
+    hub.add_file(REPO, "model.safetensors", files.weights.read_bytes())
+    hub.add_file(REPO, "config.json", files.config.read_bytes())
+    hub.add_file(BACKBONE_REPO, "config.json", files.backbone_config.read_bytes())
+    hub.add_file(TOKENIZER_REPO, "tokenizer.json", files.tokenizer.read_bytes())

@@ -56,6 +56,9 @@ class CollectionInfo:
     dimensions: int
     # Documents, not points: a document split into chunks counts once.
     documents: int
+    # The id of the collection's context, for contextual models (cde); "" otherwise. Filled by the
+    # index service, which keeps contexts; stores leave it empty.
+    context_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
