@@ -210,6 +210,12 @@ class InferenceEngine:
             built = await model.scheduler.run(lambda: backend.build_context(sample), lane=priority)
         return Context.of(built.value)
 
+    async def context_size(self, model_name: str) -> int:
+        """How many corpus documents the model builds a context from (loads the model)."""
+        async with self._registry.lease(model_name, Task.EMBED) as model:
+            self._check_contextual(model.spec, model.backend.contextual)
+            return model.backend.context_size
+
     def is_contextual(self, model_name: str) -> bool:
         """Whether the model's vectors depend on a context (its backend is contextual)."""
         spec = self._registry.resolve(model_name, Task.EMBED)

@@ -366,6 +366,28 @@ class IndexService:
         await asyncio.to_thread(contexts.put, collection, model, context)
         return context
 
+    def is_contextual(self, model: str) -> bool:
+        return self._engine.is_contextual(model)
+
+    def default_embed_model(self) -> str:
+        return self._engine.registry.resolve("", Task.EMBED).name
+
+    async def context_size(self, model: str) -> int:
+        return await self._engine.context_size(model)
+
+    async def has_context(self, collection: str, model: str) -> bool:
+        stored = await self._stored(collection)
+        return stored is not None and stored.model == model
+
+    async def drop_collection(self, collection: str) -> bool:
+        """Delete a collection, its points and its context; False if it did not exist."""
+        _check_collection_name(collection)
+        existed = await self._in_store_thread(lambda: self._store.drop_collection(collection))
+        self._models.pop(collection, None)
+        if self._contexts is not None:
+            await asyncio.to_thread(self._contexts.delete, collection)
+        return existed
+
     async def _stored(self, collection: str) -> StoredContext | None:
         return await asyncio.to_thread(self._require_contexts().get, collection)
 

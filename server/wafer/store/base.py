@@ -139,6 +139,10 @@ class VectorStore(Protocol):
         """Deletes documents (all their chunks) by id; unknown ids are ignored."""
         ...
 
+    def drop_collection(self, name: str) -> bool:
+        """Deletes the collection and everything in it; False if there was none."""
+        ...
+
     def close(self) -> None:
         """Releases the store (for the embedded stores: their folder lock). Idempotent."""
         ...
