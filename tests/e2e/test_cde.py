@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.conftest import MODELS_YAML, ServerProcess, start_server
+from tests.conftest import MODELS_YAML
+from tests.e2e.conftest import ServerProcess, start_server
 from tests.fakes.fake_hub import FakeHub, running_fake_hub
 from tests.fakes.tiny_cde import put_on_hub, write_tiny_cde
 from wafer_client import WaferClient
