@@ -16,7 +16,7 @@ from tests.fakes.tiny_cde import put_on_hub, write_tiny_cde
 from tests.integration.test_hub_source import closed_port_url
 from wafer.backends import available_backends
 from wafer.config import Settings
-from wafer.contexts import ContextStore
+from wafer.contexts import ContextStore, sample_corpus
 from wafer.domain import ContextRequest, EmbedRequest, InputType, StoredDocument
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError
@@ -24,7 +24,7 @@ from wafer.indexing import IndexService
 from wafer.pull import HubPuller, hub_sources
 from wafer.registry import ModelRegistry
 from wafer.sources import SourceResolver
-from wafer.specs import Catalog
+from wafer.specs import Catalog, Task
 from wafer.store.edge import EdgeStore
 
 pytestmark = pytest.mark.integration
@@ -105,6 +105,11 @@ async def test_each_collection_gets_its_own_context_and_keeps_it(
     # 512 dataset embeddings each, built from each collection's own documents.
     assert notes.context.vectors.shape == invoices.context.vectors.shape == (512, 32)
     assert notes.context.id != invoices.context.id
+    # The context is stage 1 of the authors' sample: 512 drawn with replacement from the 4 documents,
+    # each with the document prompt (built through the scheduler, in micro-batches).
+    async with server.registry.lease(MODEL, Task.EMBED) as model:
+        expected = model.backend.build_context(["search_document: " + t for t in sample_corpus(NOTES, 512)])
+    np.testing.assert_allclose(notes.context.vectors, expected, rtol=1e-5, atol=1e-5)
     listed = {c.name: c.context_id for c in await server.index.list_collections()}
     assert listed == {"notes": notes.context.id, "invoices": invoices.context.id}
 

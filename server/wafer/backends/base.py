@@ -92,6 +92,10 @@ class Backend(abc.ABC):
     # Whether the model's vectors depend on a context as well as the text (cde's corpus). Only such a
     # backend is handed a context; the engine refuses one for the others (INVALID_ARGUMENT).
     contextual: ClassVar[bool] = False
+    # A contextual backend whose context is one row per document, each row `embed(document)` without a
+    # context (cde: stage 1). The engine then builds contexts through the scheduler's embed, in
+    # micro-batches that interactive work can pass, instead of one long `build_context` call.
+    context_rows_are_embeddings: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

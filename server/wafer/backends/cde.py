@@ -397,6 +397,7 @@ class CdeBackend(Backend):
     options_model = CdeOptions
     required_files = frozenset({"config", "backbone_config"})
     contextual = True
+    context_rows_are_embeddings = True
 
     def __init__(
         self,
