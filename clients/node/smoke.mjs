@@ -219,6 +219,11 @@ async function main(address) {
 
     // Deliberate errors: a unary call and a stream, both naming an unknown model.
     summary.error = await expectError(() => wafer.inference.embed({ model: 'nope', inputs: ['x'] }));
+    // A context (contextual models such as cde-small-v1 only) sent to a model that takes none.
+    summary.context_error = await expectError(() =>
+      wafer.inference.embed({ inputs: ['x'], context_documents: ['a corpus document'] }),
+    );
+    summary.embed.context_id = embedded.context_id;
     summary.stream_error = await expectError(async () => {
       for await (const chunk of wafer.inference.generate({ model: 'nope', prompt: 'x', max_tokens: 2 })) {
         void chunk;

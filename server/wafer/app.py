@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from wafer.backends import available_backends
 from wafer.cache import EmbeddingCache
 from wafer.config import Settings
+from wafer.contexts import ContextStore
 from wafer.engine import InferenceEngine
 from wafer.errors import WaferError
 from wafer.indexing import IndexService
@@ -56,8 +57,9 @@ async def serve(settings: Settings) -> None:
         if settings.embedding_cache
         else None
     )
-    engine = InferenceEngine(registry, settings, metrics, cache)
-    index = IndexService(engine, open_store(settings))
+    contexts = ContextStore(settings.data_dir / "contexts")
+    engine = InferenceEngine(registry, settings, metrics, cache, contexts)
+    index = IndexService(engine, open_store(settings), contexts)
     jobs = JobManager(
         settings,
         index,

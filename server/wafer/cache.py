@@ -3,7 +3,9 @@
 A key is the SHA-256 of everything that decides a vector: the model's name and identity (its
 backend, source, tokenizer, pooling and window: a model entry that points at other weights gets
 other keys), the exact text the model reads (the query/document prompt applied, so the input type
-counts only where the model's prompts differ), the dimension cut and normalization. A hit is served
+counts only where the model's prompts differ), the dimension cut and normalization, and for a
+contextual model (cde) the id of the context the vector was computed in (a hash of its values): one
+corpus's vectors never answer for another's, nor for the model's vectors without a context. A hit is served
 without running the model; only misses reach the backend.
 
 Truncation is not part of the key: a text that fits the window gets the same vector either way,
@@ -68,10 +70,15 @@ class Recipe:
     # Not in the key (see the module's docstring): decides which entries may be served.
     truncate: bool
     window: int
+    # The context's id for a contextual model's vectors; "" without a context.
+    context: str = ""
 
     @classmethod
-    def of(cls, spec: ModelSpec, *, dimensions: int, normalize: bool, truncate: bool) -> Recipe:
+    def of(cls, spec: ModelSpec, *, dimensions: int, normalize: bool, truncate: bool, context: str = "") -> Recipe:
         fields = spec.model_dump(mode="json", include={"backend", "source", "tokenizer", "pooling", "max_tokens"})
+        # A backend's files and options decide its vectors too; only set ones join the identity,
+        # so the keys of models without them stay as they were.
+        fields.update({k: v for k, v in spec.model_dump(mode="json", include={"files", "options"}).items() if v})
         identity = json.dumps(fields, sort_keys=True)
         return cls(
             model=spec.name,
@@ -80,10 +87,14 @@ class Recipe:
             normalize=normalize,
             truncate=truncate,
             window=spec.max_tokens,
+            context=context,
         )
 
     def key(self, text: str) -> bytes:
-        parts = [self.model, self.identity, self.dimensions, self.normalize, text]
+        parts: list[object] = [self.model, self.identity, self.dimensions, self.normalize, text]
+        if self.context:
+            # Appended only when set, so vectors without a context keep the keys they always had.
+            parts.append(self.context)
         return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).digest()
 
 

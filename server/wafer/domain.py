@@ -5,6 +5,8 @@ They carry no protobuf and no gRPC: the RPC layer translates to and from them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
@@ -47,6 +49,32 @@ class Timings:
     time_to_first_token_ms: float = 0.0
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Context:
+    """What a contextual model's vectors depend on besides the text (cde: the dataset embeddings
+    of a corpus, [corpus size, dimensions]). `id` is the SHA-256 of the values and shape: requests
+    with different contexts are never merged into one backend call nor share cache entries."""
+
+    id: str
+    vectors: FloatMatrix
+
+    @classmethod
+    def of(cls, vectors: FloatMatrix) -> Context:
+        data = np.ascontiguousarray(vectors, dtype=np.float32)
+        digest = hashlib.sha256(json.dumps(list(data.shape)).encode() + data.tobytes()).hexdigest()
+        data.flags.writeable = False
+        return cls(id=digest, vectors=data)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextRequest:
+    """A context an Embed call asks for: the one stored with a collection, or one built from
+    documents of the corpus (sampled to the model's corpus size)."""
+
+    collection: str = ""
+    documents: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class EmbedRequest:
     inputs: list[str]
@@ -58,6 +86,8 @@ class EmbedRequest:
     priority: Priority = Priority.INTERACTIVE
     # Long inputs: embed overlapping windows and average them instead of refusing or cutting.
     pool_chunks: bool = False
+    # For contextual models (cde): the context asked for, or one already resolved.
+    context: ContextRequest | Context | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +98,8 @@ class EmbedResult:
     timings: Timings
     # How many of the vectors came from the embedding cache instead of the model.
     cached: int = 0
+    # The id of the context the vectors were computed in ("" without one).
+    context_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

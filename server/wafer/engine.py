@@ -20,7 +20,10 @@ from wafer.backends.base import Embeddings, InputTooLongError
 from wafer.cache import CachedEmbeddings, EmbeddingCache, Recipe, cached_embed
 from wafer.chunking import Span
 from wafer.config import Settings
+from wafer.contexts import ContextStore, sample_corpus
 from wafer.domain import (
+    Context,
+    ContextRequest,
     EmbedRequest,
     EmbedResult,
     FloatMatrix,
@@ -35,7 +38,7 @@ from wafer.domain import (
     Timings,
     Usage,
 )
-from wafer.errors import InvalidArgumentError
+from wafer.errors import InvalidArgumentError, NotFoundError
 from wafer.metrics import Metrics
 from wafer.registry import LoadedModel, ModelRegistry
 from wafer.scheduler import Scheduled
@@ -65,6 +68,13 @@ def _finish(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatr
     return np.ascontiguousarray(l2_normalize(cut) if normalize else cut, dtype=np.float32)
 
 
+def _takes_no_context(model: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"model {model!r} takes no context; a context (context_collection, context_documents) is for "
+        "contextual models such as cde-small-v1"
+    )
+
+
 def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     normalized: FloatMatrix = (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
@@ -78,8 +88,10 @@ class InferenceEngine:
         settings: Settings,
         metrics: Metrics | None = None,
         cache: EmbeddingCache | None = None,
+        contexts: ContextStore | None = None,
     ) -> None:
         self._registry = registry
+        self._contexts = contexts
         self._settings = settings
         self._metrics = metrics
         self._interactive_running = 0
@@ -102,12 +114,21 @@ class InferenceEngine:
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_texts(request.inputs, what="inputs")
+        if isinstance(request.context, ContextRequest):
+            # Resolved once, so the windows of pooled long inputs share it.
+            request = replace(
+                request, context=await self.resolve_context(request.model, request.context, request.priority)
+            )
         if request.pool_chunks:
             return await self._embed_pooled(request)
         arrived = time.perf_counter()
         with self._activity(request.priority):
             async with self._registry.lease(request.model, Task.EMBED) as model:
                 spec = model.spec
+                context = request.context
+                assert not isinstance(context, ContextRequest)
+                if context is not None and not model.backend.contextual:
+                    raise _takes_no_context(spec.name)
                 dimensions = self._check_dimensions(spec, request.dimensions)
                 normalize = spec.normalize if request.normalize is None else request.normalize
                 prompt = spec.query_prompt if request.input_type is InputType.QUERY else spec.document_prompt
@@ -118,7 +139,9 @@ class InferenceEngine:
 
                 async def compute(batch: list[str]) -> Embeddings:
                     nonlocal scheduled
-                    scheduled = await model.scheduler.embed(batch, truncate=request.truncate, lane=request.priority)
+                    scheduled = await model.scheduler.embed(
+                        batch, truncate=request.truncate, lane=request.priority, context=context
+                    )
                     return scheduled.value
 
                 if self._cache is None:
@@ -130,7 +153,13 @@ class InferenceEngine:
                         computed_tokens=sum(output.token_counts),
                     )
                 else:
-                    recipe = Recipe.of(spec, dimensions=dimensions, normalize=normalize, truncate=request.truncate)
+                    recipe = Recipe.of(
+                        spec,
+                        dimensions=dimensions,
+                        normalize=normalize,
+                        truncate=request.truncate,
+                        context=context.id if context is not None else "",
+                    )
                     result = await cached_embed(
                         self._cache, recipe, texts, compute, lambda v: _finish(v, dimensions, normalize)
                     )
@@ -141,7 +170,69 @@ class InferenceEngine:
             usage=Usage(prompt_tokens=sum(result.token_counts)),
             timings=_timings(scheduled, waited=waited) if scheduled is not None else Timings(queue_ms=_ms(waited)),
             cached=result.cached,
+            context_id=context.id if context is not None else "",
         )
+
+    # -- Contexts ------------------------------------------------------------------------------
+
+    async def resolve_context(
+        self, model_name: str, wanted: ContextRequest, priority: Priority = Priority.INTERACTIVE
+    ) -> Context:
+        """The context an Embed call asks for: a collection's stored one (NOT_FOUND if it has none),
+        or one built from the documents given. INVALID_ARGUMENT for a model that takes no context."""
+        if wanted.collection and wanted.documents:
+            raise InvalidArgumentError("set at most one of context_collection and context_documents")
+        if wanted.documents:
+            return await self.build_context(model_name, wanted.documents, priority=priority)
+        spec = self._registry.resolve(model_name, Task.EMBED)
+        self._check_contextual(spec)
+        stored = self._contexts.get(wanted.collection) if self._contexts is not None else None
+        if stored is None:
+            raise NotFoundError(f"no context is stored for collection {wanted.collection!r}")
+        if stored.model != spec.name:
+            raise InvalidArgumentError(
+                f"the context of collection {wanted.collection!r} was built by model {stored.model!r}, "
+                f"not {spec.name!r}"
+            )
+        return stored.context
+
+    async def build_context(
+        self, model_name: str, documents: Sequence[str], *, priority: Priority = Priority.INTERACTIVE
+    ) -> Context:
+        """A contextual model's context from documents of a corpus: sampled to the model's corpus
+        size (with replacement when there are fewer), the document prompt applied, then the model's
+        first stage (cde: the dataset embeddings)."""
+        self._check_texts(documents, what="context_documents", limit=False)
+        async with self._registry.lease(model_name, Task.EMBED) as model:
+            self._check_contextual(model.spec, model.backend.contextual)
+            backend, prompt = model.backend, model.spec.document_prompt
+            sample = [prompt + text for text in sample_corpus(documents, backend.context_size)]
+            if backend.context_rows_are_embeddings:
+                # Stage 1 of 512 documents is a minute of work at cde's real size: cut into the
+                # scheduler's micro-batches, it never holds interactive requests back for long.
+                rows = await model.scheduler.embed(sample, truncate=True, lane=priority)
+                return Context.of(rows.value.vectors)
+            built = await model.scheduler.run(lambda: backend.build_context(sample), lane=priority)
+        return Context.of(built.value)
+
+    async def context_size(self, model_name: str) -> int:
+        """How many corpus documents the model builds a context from (loads the model)."""
+        async with self._registry.lease(model_name, Task.EMBED) as model:
+            self._check_contextual(model.spec, model.backend.contextual)
+            return model.backend.context_size
+
+    def is_contextual(self, model_name: str) -> bool:
+        """Whether the model's vectors depend on a context (its backend is contextual)."""
+        spec = self._registry.resolve(model_name, Task.EMBED)
+        backend_cls = self._registry.backend_class(spec)
+        return backend_cls is not None and backend_cls.contextual
+
+    def _check_contextual(self, spec: ModelSpec, contextual: bool | None = None) -> None:
+        if contextual is None:
+            backend_cls = self._registry.backend_class(spec)
+            contextual = backend_cls is not None and backend_cls.contextual
+        if not contextual:
+            raise _takes_no_context(spec.name)
 
     async def _embed_pooled(self, request: EmbedRequest) -> EmbedResult:
         """One vector per input from the mean of its windows' vectors (`EmbedRequest.pool_chunks`)."""
@@ -342,12 +433,12 @@ class InferenceEngine:
 
     # -- validation ----------------------------------------------------------------------------
 
-    def _check_texts(self, texts: Sequence[str], *, what: str) -> None:
+    def _check_texts(self, texts: Sequence[str], *, what: str, limit: bool = True) -> None:
         if not texts:
             raise InvalidArgumentError(f"{what} must not be empty")
-        limit = self._settings.max_inputs_per_request
-        if len(texts) > limit:
-            raise InvalidArgumentError(f"{len(texts)} {what} in one request; the limit is {limit}: split the request")
+        most = self._settings.max_inputs_per_request
+        if limit and len(texts) > most:
+            raise InvalidArgumentError(f"{len(texts)} {what} in one request; the limit is {most}: split the request")
         max_bytes = self._settings.max_input_bytes
         for i, text in enumerate(texts):
             if not text.strip():

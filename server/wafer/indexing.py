@@ -14,13 +14,15 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
 
+from wafer.contexts import ContextStore, StoredContext
 from wafer.domain import (
+    Context,
     EmbedRequest,
     FloatMatrix,
     InputType,
@@ -94,9 +96,13 @@ def _check_collection_name(name: str) -> None:
 
 
 class IndexService:
-    def __init__(self, engine: InferenceEngine, store: VectorStore) -> None:
+    def __init__(self, engine: InferenceEngine, store: VectorStore, contexts: ContextStore | None = None) -> None:
         self._engine = engine
         self._store = store
+        # Contexts of collections indexed with contextual models (cde), one per collection.
+        self._contexts = contexts
+        # Held while a new collection's context is built, so two first upserts agree on one.
+        self._context_locks: dict[str, asyncio.Lock] = {}
         # One thread, in order: the embedded Qdrant client is not meant to be entered concurrently.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wafer-store")
         # Collection -> model. A collection's model never changes, so searches need not ask the
@@ -111,9 +117,11 @@ class IndexService:
         model: str = "",
         truncate: bool = False,
         priority: Priority = Priority.INTERACTIVE,
+        context_sample: Sequence[str] = (),
     ) -> UpsertResult:
         """Chunks, embeds and writes documents. `truncate`: embed only the first window of a long
-        document instead of chunking it."""
+        document instead of chunking it. With a contextual model, a new collection's context is
+        built from `context_sample` (a job's sample of its source) or else from these documents."""
         _check_collection_name(collection)
         if not documents:
             raise InvalidArgumentError("documents must not be empty")
@@ -138,6 +146,9 @@ class IndexService:
             spans = [[(0, len(t))] for t in texts]
         else:
             model, spans = await self._engine.split(model, texts, input_type=InputType.DOCUMENT, priority=priority)
+        context = await self._context_for_upsert(
+            collection, model, existing is not None, context_sample or texts, priority=priority
+        )
         points: list[StoredPoint] = []
         chunk_texts: list[str] = []
         for document, doc_spans in zip(documents, spans, strict=True):
@@ -160,6 +171,7 @@ class IndexService:
                     truncate=True,
                     normalize=True,
                     priority=priority,
+                    context=context,
                 )
             )
             vectors.append(embedded.vectors)
@@ -217,8 +229,16 @@ class IndexService:
         if model is None:
             model = (await self._in_store_thread(lambda: self._store.collection(collection))).model
             self._models[collection] = model
+        context = await self._stored_context(collection, model) if self._engine.is_contextual(model) else None
         embedded = await self._engine.embed(
-            EmbedRequest(inputs=[query], model=model, input_type=InputType.QUERY, truncate=True, normalize=True)
+            EmbedRequest(
+                inputs=[query],
+                model=model,
+                input_type=InputType.QUERY,
+                truncate=True,
+                normalize=True,
+                context=context,
+            )
         )
         vector = np.asarray(embedded.vectors[0], dtype=np.float32)
         wanted = max(top_k, rerank_top_n)
@@ -309,7 +329,81 @@ class IndexService:
         await self._in_store_thread(lambda: self._store.delete(collection, list(ids)))
 
     async def list_collections(self) -> list[CollectionInfo]:
-        return await self._in_store_thread(self._store.list_collections)
+        collections = await self._in_store_thread(self._store.list_collections)
+        if self._contexts is None:
+            return collections
+        described = []
+        for info in collections:
+            stored = await asyncio.to_thread(self._contexts.get, info.name)
+            described.append(replace(info, context_id=stored.context.id) if stored is not None else info)
+        return described
+
+    # -- contexts (contextual models) ------------------------------------------------------------
+
+    async def _context_for_upsert(
+        self, collection: str, model: str, exists: bool, sample: Sequence[str], *, priority: Priority
+    ) -> Context | None:
+        """The collection's context for a contextual model: its stored one, or for a new collection
+        one built from `sample` and stored before any vector is written. None for other models."""
+        if not self._engine.is_contextual(model):
+            return None
+        if exists:
+            return await self._stored_context(collection, model)
+        lock = self._context_locks.setdefault(collection, asyncio.Lock())
+        async with lock:
+            stored = await self._stored(collection)
+            # A context stored by a concurrent first upsert, or one set for this collection (a job's).
+            if stored is not None and stored.model == model:
+                return stored.context
+            return await self.set_context(collection, model, sample, priority=priority)
+
+    async def set_context(
+        self, collection: str, model: str, sample: Sequence[str], *, priority: Priority = Priority.INTERACTIVE
+    ) -> Context:
+        """Build the collection's context from `sample` (documents of its corpus) and store it."""
+        contexts = self._require_contexts()
+        context = await self._engine.build_context(model, sample, priority=priority)
+        await asyncio.to_thread(contexts.put, collection, model, context)
+        return context
+
+    def is_contextual(self, model: str) -> bool:
+        return self._engine.is_contextual(model)
+
+    def default_embed_model(self) -> str:
+        return self._engine.registry.resolve("", Task.EMBED).name
+
+    async def context_size(self, model: str) -> int:
+        return await self._engine.context_size(model)
+
+    async def has_context(self, collection: str, model: str) -> bool:
+        stored = await self._stored(collection)
+        return stored is not None and stored.model == model
+
+    async def drop_collection(self, collection: str) -> bool:
+        """Delete a collection, its points and its context; False if it did not exist."""
+        _check_collection_name(collection)
+        existed = await self._in_store_thread(lambda: self._store.drop_collection(collection))
+        self._models.pop(collection, None)
+        if self._contexts is not None:
+            await asyncio.to_thread(self._contexts.delete, collection)
+        return existed
+
+    async def _stored(self, collection: str) -> StoredContext | None:
+        return await asyncio.to_thread(self._require_contexts().get, collection)
+
+    async def _stored_context(self, collection: str, model: str) -> Context:
+        stored = await self._stored(collection)
+        if stored is None or stored.model != model:
+            raise FailedPreconditionError(
+                f"collection {collection!r} holds vectors of the contextual model {model!r} but its context is "
+                "missing; re-index it with a fresh context (docs/contextual.md)"
+            )
+        return stored.context
+
+    def _require_contexts(self) -> ContextStore:
+        if self._contexts is None:
+            raise FailedPreconditionError("this server keeps no contexts; contextual models cannot index")
+        return self._contexts
 
     async def close(self) -> None:
         await self._in_store_thread(self._store.close)

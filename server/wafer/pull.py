@@ -62,7 +62,7 @@ async def in_thread(progress: Generator[PullProgress, None, None]) -> AsyncItera
 
 def hub_sources(spec: ModelSpec) -> list[str]:
     """The spec's sources that come from the Hub; refuses a model that has none."""
-    sources = [s for s in (spec.source, spec.tokenizer) if s and s.startswith(HF_SCHEME)]
+    sources = [s for s in (spec.source, spec.tokenizer, *spec.files.values()) if s and s.startswith(HF_SCHEME)]
     if not sources:
         raise FailedPreconditionError(
             f"model {spec.name!r} has nothing to pull: its source is {spec.source!r}, not an hf:// source"

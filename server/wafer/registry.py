@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 import psutil
@@ -188,6 +189,10 @@ class ModelRegistry:
         self._catalog = catalog
         self._resolver = resolver
         self._backends = backends
+        # Where the catalog meets the backend table: a spec's options and file roles are the
+        # backend's to judge, and a mistake in models.yaml stops the start, not a later load.
+        for spec in catalog.models.values():
+            self._check_spec(spec)
         self._threads = threads
         self._drain_timeout = drain_timeout_seconds
         self._entries = {name: _Entry(spec) for name, spec in catalog.models.items()}
@@ -236,6 +241,10 @@ class ModelRegistry:
 
     def spec(self, name: str) -> ModelSpec:
         return self._entry(name).spec
+
+    def backend_class(self, spec: ModelSpec) -> type[Backend] | None:
+        """The backend class that runs `spec`, without loading it (None: not in this server)."""
+        return self._backends.get(spec.backend)
 
     def knows(self, name: str) -> bool:
         return name in self._entries
@@ -294,7 +303,18 @@ class ModelRegistry:
             value = getattr(spec, field_name)
             if value and (base is None or value != getattr(base, field_name)):
                 self._resolver.check_confined(value, model=name)
+        for role, value in spec.files.items():
+            if base is None or value != base.files.get(role):
+                self._resolver.check_confined(value, model=name)
+        self._check_spec(spec)
         return spec
+
+    def _check_spec(self, spec: ModelSpec) -> None:
+        """Validate the spec's options and file roles against its backend (InvalidArgumentError).
+        A backend this server lacks is left to the load, which says so."""
+        backend_cls = self._backends.get(spec.backend)
+        if backend_cls is not None:
+            backend_cls.check_spec(spec)
 
     # -- use -----------------------------------------------------------------------------------
 
@@ -576,12 +596,16 @@ class ModelRegistry:
             raise FailedPreconditionError(
                 f"backend {spec.backend!r} cannot {', '.join(sorted(t.value for t in unsupported))}"
             )
+        backend_cls.check_spec(spec)
         return backend_cls
 
     def _files(self, spec: ModelSpec) -> ModelFiles:
         return ModelFiles(
             weights=self._resolver.resolve(spec.source, model=spec.name),
             tokenizer=self._resolver.resolve(spec.tokenizer, model=spec.name) if spec.tokenizer else None,
+            extra=MappingProxyType(
+                {role: self._resolver.resolve(source, model=spec.name) for role, source in spec.files.items()}
+            ),
         )
 
     def _load_blocking(self, backend_cls: type[Backend], spec: ModelSpec, files: ModelFiles) -> LoadedModel:
@@ -776,7 +800,8 @@ def limit_heap_arenas(count: int) -> None:
 
 def _size(files: ModelFiles) -> int:
     """Bytes of the model's files: the first estimate of its memory, before a load has measured it."""
-    return sum(path.stat().st_size for path in (files.weights, files.tokenizer) if path is not None)
+    paths = (files.weights, files.tokenizer, *files.extra.values())
+    return sum(path.stat().st_size for path in paths if path is not None)
 
 
 def _rss() -> int:

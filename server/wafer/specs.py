@@ -6,6 +6,7 @@ it says nothing about whether the model is loaded: that is the registry's busine
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -45,6 +46,8 @@ class RerankMethod(StrEnum):
 
 
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+# Roles of a spec's extra files: names a backend declares, e.g. `projection_head`.
+_FILE_ROLE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 class BatchingSpec(BaseModel):
@@ -88,6 +91,16 @@ class ModelSpec(BaseModel):
     tokenizer: str | None = Field(
         default=None, description="tokenizer.json for ONNX models, in the same forms as `source`."
     )
+    files: dict[str, str] = Field(
+        default_factory=dict,
+        description="More files the backend reads, by role (e.g. `projection_head`), in the same forms as "
+        "`source`; which roles a backend requires or accepts is its own (docs/models-yaml.md).",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of the model's backend (e.g. gguf's `attention`), checked against that "
+        "backend's options when the catalog is loaded and when a spec arrives over the API.",
+    )
     tasks: Annotated[list[Task], Field(min_length=1)]
     dimensions: int | None = Field(default=None, gt=0, description="Embedding dimension.")
     matryoshka_dimensions: list[int] = Field(
@@ -122,6 +135,9 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        bad_roles = [role for role in self.files if not _FILE_ROLE.fullmatch(role)]
+        if bad_roles:
+            raise ValueError(f"file roles must be lower-case identifiers, not {', '.join(map(repr, bad_roles))}")
         if Task.EMBED in self.tasks and self.dimensions is None:
             raise ValueError("an embedding model needs `dimensions`")
         if any(d > (self.dimensions or 0) for d in self.matryoshka_dimensions):

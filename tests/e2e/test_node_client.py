@@ -146,6 +146,10 @@ def test_index(smoke: dict[str, Any]) -> None:
 
 
 def test_errors_carry_the_grpc_status(smoke: dict[str, Any]) -> None:
+    # The default embedder takes no context: refused, and the vectors it returns name none.
+    assert smoke["context_error"]["code_name"] == "INVALID_ARGUMENT"
+    assert "takes no context" in smoke["context_error"]["details"]
+    assert smoke["embed"]["context_id"] == ""
     for error in (smoke["error"], smoke["stream_error"]):
         assert (error["code"], error["code_name"]) == (5, "NOT_FOUND")
         assert "unknown model 'nope'" in error["details"]

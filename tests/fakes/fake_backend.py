@@ -23,7 +23,7 @@ from wafer.backends.base import (
     ModelFiles,
     RelevanceScores,
 )
-from wafer.domain import ChatMessage, FinishReason, GenerationDelta, SamplingParams
+from wafer.domain import ChatMessage, Context, FinishReason, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError
 from wafer.specs import ModelSpec, Task
 
@@ -69,7 +69,8 @@ class FakeBackend(Backend):
         if not self.gate.wait(timeout=30):
             raise TimeoutError("fake backend gate stayed closed")
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+    def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
+        assert context is None, "a context reached a backend that takes none"
         assert not self.is_closed, "embed on a closed backend"
         self._wait()
         type(self).embedded.extend(texts)
@@ -127,3 +128,32 @@ class FakeBackend(Backend):
         self.weights.close()
         if self.close_error is not None:
             raise self.close_error
+
+
+class FakeContextualBackend(FakeBackend):
+    """A fake whose vectors depend on a context (as cde's do): the text's fake vector plus the mean
+    of the context's rows. Records the context id of every backend call."""
+
+    contextual: ClassVar[bool] = True
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBED})
+    calls: ClassVar[list[tuple[str, list[str]]]] = []
+    contexts_built: ClassVar[list[list[str]]] = []
+
+    @property
+    def context_size(self) -> int:
+        return 4
+
+    def build_context(self, documents: Sequence[str]) -> FloatMatrix:
+        type(self).contexts_built.append(list(documents))
+        return self._embed(documents, truncate=True).vectors
+
+    def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
+        assert not self.is_closed, "embed on a closed backend"
+        self._wait()
+        type(self).calls.append((context.id if context is not None else "", list(texts)))
+        out = self._embed(texts, truncate=truncate)
+        if context is None:
+            return out
+        return Embeddings(
+            vectors=(out.vectors + context.vectors.mean(axis=0)).astype(np.float32), token_counts=out.token_counts
+        )

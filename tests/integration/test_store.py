@@ -221,6 +221,20 @@ def test_delete_removes_documents_and_ignores_unknown_ids(
     store.delete("docs", [])
 
 
+def test_drop_collection_removes_it_and_a_new_one_starts_empty(
+    filled: tuple[VectorStore, NDArray[np.float32]],
+) -> None:
+    store, vectors = filled
+    assert store.drop_collection("docs") is True
+    with pytest.raises(NotFoundError):
+        store.collection("docs")
+    assert [c.name for c in store.list_collections()] == []
+    assert store.drop_collection("docs") is False
+    store.ensure_collection("docs", dimensions=DIM, model=MODEL)
+    assert store.collection("docs").documents == 0
+    assert store.search("docs", vectors[0], top_k=10) == []
+
+
 def test_data_and_model_survive_close_and_reopen(kind: str, folder: Path) -> None:
     vectors = unit_vectors(4)
     first = open_store(kind, folder)

@@ -87,6 +87,19 @@ def test_models_yaml_reference_covers_every_field() -> None:
     assert not missing, f"docs/models-yaml.md does not describe {missing}"
 
 
+def test_models_yaml_reference_lists_every_backend_option_and_file_role() -> None:
+    from wafer.backends import available_backends
+
+    text = (ROOT / "docs" / "models-yaml.md").read_text(encoding="utf-8")
+    section = text[text.index("## Backend options and extra files") :]
+    for name, backend in available_backends().items():
+        row = next((line for line in section.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/models-yaml.md has no options row for backend {name!r}"
+        names = [*backend.options_model.model_fields, *backend.required_files, *backend.optional_files]
+        missing = [n for n in names if f"`{n}`" not in row]
+        assert not missing, f"docs/models-yaml.md does not describe {name}'s {missing}"
+
+
 def test_operations_lists_every_setting() -> None:
     from wafer.config import Settings
 

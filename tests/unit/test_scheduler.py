@@ -14,7 +14,7 @@ import pytest
 
 from tests.fakes.fake_backend import FakeBackend
 from wafer.backends.base import ComputeInterrupted, Embeddings, InputTooLongError
-from wafer.domain import FloatMatrix, Priority
+from wafer.domain import Context, FloatMatrix, Priority
 from wafer.errors import ResourceExhaustedError
 from wafer.scheduler import ComputeGate, ModelScheduler
 from wafer.specs import BatchingSpec, ModelSpec, Task
@@ -34,7 +34,7 @@ class RecordingBackend(FakeBackend):
         # Simulated compute time, for tests of how work is cut by time.
         self.seconds_per_text = 0.0
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+    def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         self.calls.append(list(texts))
         self.entered.set()
         if not self.hold.wait(10):
@@ -470,7 +470,7 @@ class InterruptibleBackend(RecordingBackend):
         self._stop = threading.Event()
         self.interrupted_calls: list[list[str]] = []
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+    def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         stop = self._stop
         try:
             self.entered.set()

@@ -19,7 +19,12 @@ def test_repository_catalog_declares_the_default_and_user_models(catalog: Catalo
     gte = catalog.models["gte-qwen2-1.5b-instruct"]
     assert (gte.dimensions, gte.pooling) == (1536, Pooling.LAST)
     assert gte.query_prompt.startswith("Instruct: ") and gte.document_prompt == ""
-    assert catalog.models["cde-small-v1"].requires
+    cde = catalog.models["cde-small-v1"]
+    assert (cde.backend, cde.dimensions, cde.query_prompt) == ("cde", 768, "search_query: ")
+    assert cde.files == {
+        "config": "hf://jxm/cde-small-v1/config.json",
+        "backbone_config": "hf://nomic-ai/nomic-bert-2048/config.json",
+    }
     for name in ("kalm-embedding-multilingual-mini-v1", "ember-v1", "stella-en-1.5b-v5"):
         assert catalog.models[name].source.startswith("hf://")
         assert catalog.models[name].load is LoadPolicy.ON_DEMAND

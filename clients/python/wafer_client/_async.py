@@ -203,12 +203,17 @@ class AsyncWaferClient(BaseClient):
         normalize: bool | None = None,
         priority: Priority = "interactive",
         pool_chunks: bool = False,
+        context_collection: str = "",
+        context_documents: Sequence[str] = (),
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> EmbedResult:
         """Embeds each input into one vector: ``result.vectors`` is float32 [len(inputs), dimensions].
 
         ``pool_chunks``: an input longer than the model's window is read whole, as the mean of its
         overlapping windows' vectors, instead of being refused (or cut, with ``truncate``).
+        Contextual models (cde-small-v1) only: ``context_collection`` embeds in the context stored
+        with that collection, ``context_documents`` in a context built from those corpus documents;
+        ``result.context_id`` names the context used.
         """
         request = _convert.embed_request(
             inputs,
@@ -219,6 +224,8 @@ class AsyncWaferClient(BaseClient):
             normalize=normalize,
             priority=priority,
             pool_chunks=pool_chunks,
+            context_collection=context_collection,
+            context_documents=context_documents,
         )
         return _convert.embed_result(await self._unary(self._inference.Embed, request, timeout))
 
@@ -441,12 +448,15 @@ class AsyncWaferClient(BaseClient):
         when_charging: bool = False,
         batch_size: int = 0,
         truncate: bool = False,
+        fresh_context: bool = False,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> Job:
         """Queues a background job that embeds ``source`` (a :class:`JsonlSource`, a :class:`SqliteSource`
         or documents as for :meth:`upsert`) into ``collection``. ``when_idle`` / ``when_charging`` hold it
         until the server has seen no interactive request for ``idle_seconds`` (0: the server's default) /
-        the machine is on mains power. Not retried: a retry could queue the job twice."""
+        the machine is on mains power. ``fresh_context`` (contextual models): empty the collection and
+        re-index it with a context sampled afresh from ``source``. Not retried: a retry could queue the job
+        twice."""
         request = _convert.submit_job_request(
             collection,
             source,
@@ -456,6 +466,7 @@ class AsyncWaferClient(BaseClient):
             when_charging=when_charging,
             batch_size=batch_size,
             truncate=truncate,
+            fresh_context=fresh_context,
         )
         return _convert.job(await self._unary(self._jobs.SubmitJob, request, timeout, retry=False))
 

@@ -98,8 +98,12 @@ def embed_request(
     normalize: bool | None,
     priority: str,
     pool_chunks: bool = False,
+    context_collection: str = "",
+    context_documents: Sequence[str] = (),
 ) -> inference_pb2.EmbedRequest:
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    if context_collection and context_documents:
+        raise ValueError("set at most one of context_collection and context_documents")
     request = inference_pb2.EmbedRequest(
         model=model,
         inputs=texts,
@@ -108,6 +112,8 @@ def embed_request(
         truncate=truncate,
         priority=_choice(_PRIORITY, priority, "priority"),
         pool_chunks=pool_chunks,
+        context_collection=context_collection,
+        context_documents=list(context_documents),
     )
     if normalize is not None:
         request.normalize = normalize
@@ -268,6 +274,7 @@ def embed_result(response: inference_pb2.EmbedResponse) -> EmbedResult:
         usage=usage(response.usage),
         timings=timings(response.timings),
         cached=response.cached,
+        context_id=response.context_id,
     )
 
 
@@ -404,7 +411,9 @@ def stored_documents(response: index_pb2.GetDocumentsResponse) -> list[StoredDoc
 
 def collections(response: index_pb2.ListCollectionsResponse) -> list[CollectionInfo]:
     return [
-        CollectionInfo(name=c.name, model=c.model, dimensions=c.dimensions, documents=c.documents)
+        CollectionInfo(
+            name=c.name, model=c.model, dimensions=c.dimensions, documents=c.documents, context_id=c.context_id
+        )
         for c in response.collections
     ]
 
@@ -434,6 +443,7 @@ def submit_job_request(
     when_charging: bool,
     batch_size: int,
     truncate: bool,
+    fresh_context: bool = False,
 ) -> jobs_pb2.SubmitJobRequest:
     if batch_size < 0:
         raise ValueError("batch_size must be >= 0")
@@ -445,6 +455,7 @@ def submit_job_request(
         policy=jobs_pb2.RunPolicy(when_idle=when_idle, idle_seconds=idle_seconds, when_charging=when_charging),
         batch_size=batch_size,
         truncate=truncate,
+        fresh_context=fresh_context,
     )
     if isinstance(source, JsonlSource):
         request.jsonl.CopyFrom(

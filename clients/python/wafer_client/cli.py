@@ -301,6 +301,13 @@ def embed(
     pool_chunks: Annotated[
         bool, typer.Option(help="Read long texts whole: average the vectors of their overlapping windows.")
     ] = False,
+    context_collection: Annotated[
+        str, typer.Option(help="Contextual models (cde): embed in the context stored with this collection.")
+    ] = "",
+    context_document: Annotated[
+        list[str] | None,
+        typer.Option(help="Contextual models (cde): a corpus document to build the context from (repeatable)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with the full vectors.")] = False,
 ) -> None:
     """Embed texts and show the vectors."""
@@ -312,6 +319,8 @@ def embed(
             dimensions=dimensions,
             truncate=truncate,
             pool_chunks=pool_chunks,
+            context_collection=context_collection,
+            context_documents=context_document or (),
         )
     if as_json:
         _echo_json(
@@ -320,6 +329,7 @@ def embed(
                 "dimensions": result.dimensions,
                 "embeddings": result.vectors.tolist(),
                 "cached": result.cached,
+                "context_id": result.context_id,
                 "usage": asdict(result.usage),
                 "timings": asdict(result.timings),
             }
@@ -330,6 +340,7 @@ def embed(
         f"[bold]{escape(result.model)}[/]: {len(result)} x {result.dimensions}, "
         f"{result.usage.prompt_tokens} tokens, {result.timings.inference_ms:.1f} ms"
         + (f", {result.cached} from the cache" if result.cached else "")
+        + (f", context {result.context_id[:12]}" if result.context_id else "")
     )
     table = Table(show_edge=False)
     table.add_column("#", justify="right")
@@ -724,10 +735,10 @@ def collections(
         _echo_json([asdict(c) for c in found])
         return
     table = Table(show_edge=False)
-    for name in ("name", "model", "dims", "documents"):
+    for name in ("name", "model", "dims", "documents", "context"):
         table.add_column(name, justify="right" if name in ("dims", "documents") else "left")
     for c in found:
-        table.add_row(escape(c.name), escape(c.model), str(c.dimensions), str(c.documents))
+        table.add_row(escape(c.name), escape(c.model), str(c.dimensions), str(c.documents), c.context_id[:12])
     Console().print(table)
 
 
@@ -855,6 +866,14 @@ def index(
     truncate: Annotated[
         bool, typer.Option(help="Cut texts longer than the model's window rather than fail the job.")
     ] = True,
+    fresh_context: Annotated[
+        bool,
+        typer.Option(
+            "--fresh-context",
+            help="Contextual models (cde): empty the collection and re-index it with a context sampled "
+            "afresh from SOURCE.",
+        ),
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -870,6 +889,7 @@ def index(
             when_charging=policy in (Policy.charging, Policy.idle_and_charging),
             batch_size=batch_size,
             truncate=truncate,
+            fresh_context=fresh_context,
         )
         if wait:
             job = _follow(client, job) if not as_json else client.wait_job(job.id)

@@ -72,6 +72,8 @@ class EmbedResult:
     timings: Timings = field(default_factory=Timings)
     # How many vectors the server's embedding cache supplied instead of the model.
     cached: int = 0
+    # Contextual models (cde): the identity of the context the vectors were computed in; "" without one.
+    context_id: str = ""
 
     @property
     def dimensions(self) -> int:
@@ -257,6 +259,8 @@ class CollectionInfo:
     model: str
     dimensions: int
     documents: int
+    # Collections of contextual models (cde): the identity of the collection's context; "" otherwise.
+    context_id: str = ""
 
 
 @dataclass(frozen=True)

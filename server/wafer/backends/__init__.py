@@ -7,7 +7,8 @@ from wafer.backends.base import Backend
 
 def available_backends() -> dict[str, type[Backend]]:
     """The backend table the registry loads models with: one mapping, one place."""
+    from wafer.backends.cde import CdeBackend
     from wafer.backends.gguf import GgufBackend
     from wafer.backends.onnx import OnnxBackend
 
-    return {"onnx": OnnxBackend, "gguf": GgufBackend}
+    return {"onnx": OnnxBackend, "gguf": GgufBackend, "cde": CdeBackend}

@@ -7,12 +7,15 @@ at a time (the registry guarantees it), so it needs no locks of its own.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import ClassVar
 
-from wafer.domain import ChatMessage, FloatMatrix, GenerationDelta, SamplingParams
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from wafer.domain import ChatMessage, Context, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError, InvalidArgumentError
 from wafer.specs import ModelSpec, Task
 
@@ -42,10 +45,17 @@ class ComputeInterrupted(Exception):  # noqa: N818 - a signal between scheduler 
 
 @dataclass(frozen=True, slots=True)
 class ModelFiles:
-    """Local files a spec's sources resolved to."""
+    """Local files a spec's sources resolved to; `extra` holds its `files`, by role."""
 
     weights: Path
     tokenizer: Path | None = None
+    extra: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class NoOptions(BaseModel):
+    """The options of a backend that has none: any key in a spec's `options` is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,19 +83,71 @@ class Backend(abc.ABC):
     tasks: ClassVar[frozenset[Task]] = frozenset()
     # Whether `interrupt` can stop a running `embed` (the scheduler then pre-empts batch work).
     interruptible: ClassVar[bool] = False
+    # What a spec's `options` mapping may hold: a frozen model with extra="forbid", every field
+    # described and defaulted.
+    options_model: ClassVar[type[BaseModel]] = NoOptions
+    # Roles of a spec's `files` this backend cannot load without, and those it can use if given.
+    required_files: ClassVar[frozenset[str]] = frozenset()
+    optional_files: ClassVar[frozenset[str]] = frozenset()
+    # Whether the model's vectors depend on a context as well as the text (cde's corpus). Only such a
+    # backend is handed a context; the engine refuses one for the others (INVALID_ARGUMENT).
+    contextual: ClassVar[bool] = False
+    # A contextual backend whose context is one row per document, each row `embed(document)` without a
+    # context (cde: stage 1). The engine then builds contexts through the scheduler's embed, in
+    # micro-batches that interactive work can pass, instead of one long `build_context` call.
+    context_rows_are_embeddings: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        self.options: BaseModel = self.check_spec(spec)
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> BaseModel:
+        """The spec's options, validated; raises InvalidArgumentError naming the model and what is
+        wrong with its options or its files' roles. Called when the catalog is loaded, when a spec
+        arrives over the API, and by every load."""
+        missing = sorted(cls.required_files - spec.files.keys())
+        if missing:
+            raise InvalidArgumentError(
+                f"model {spec.name!r}: backend {spec.backend!r} needs `files` with the role(s) {', '.join(missing)}"
+            )
+        accepted = cls.required_files | cls.optional_files
+        unknown = sorted(spec.files.keys() - accepted)
+        if unknown:
+            roles = ", ".join(sorted(accepted)) or "none"
+            raise InvalidArgumentError(
+                f"model {spec.name!r}: backend {spec.backend!r} has no use for `files` role(s) "
+                f"{', '.join(unknown)} (it reads: {roles})"
+            )
+        try:
+            return cls.options_model.model_validate(spec.options)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"options.{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+            )
+            raise InvalidArgumentError(
+                f"model {spec.name!r}: invalid options for backend {spec.backend!r}: {problems}"
+            ) from None
 
     @classmethod
     @abc.abstractmethod
     def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> Backend:
         """Read the model into memory; raise FailedPreconditionError if it cannot be used."""
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+    def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         """Embed texts (prompts already applied). Too-long inputs raise InputTooLongError
-        unless `truncate`, which keeps the first `spec.max_tokens` tokens."""
+        unless `truncate`, which keeps the first `spec.max_tokens` tokens. `context` is given to
+        contextual backends only, and may be None (the model's vectors without a context)."""
         raise self._unsupported(Task.EMBED)
+
+    @property
+    def context_size(self) -> int:
+        """How many corpus documents a context is built from (contextual backends)."""
+        return 0
+
+    def build_context(self, documents: Sequence[str]) -> FloatMatrix:
+        """A contextual backend's context from `context_size` corpus documents (prompts applied)."""
+        raise FailedPreconditionError(f"model {self.spec.name!r} ({self.spec.backend}) takes no context")
 
     def score_relevance(
         self, query: str, documents: Sequence[str], *, instruction: str, truncate: bool

@@ -38,7 +38,7 @@ from wafer.backends.base import (
     ModelFiles,
     RelevanceScores,
 )
-from wafer.domain import ChatMessage, FinishReason, FloatMatrix, GenerationDelta, SamplingParams
+from wafer.domain import ChatMessage, Context, FinishReason, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
 
@@ -445,7 +445,7 @@ class GgufBackend(Backend):
 
     # -- Embeddings ----------------------------------------------------------------------------
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+    def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         ctx = self._context(self._emb, Task.EMBED)
         limit = self._embed_limit
         inputs: list[list[int]] = []

@@ -25,6 +25,7 @@ from wafer.backends.base import (
     ModelFiles,
 )
 from wafer.backends.pooling import pool
+from wafer.domain import Context
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
 
@@ -157,7 +158,7 @@ class OnnxBackend(Backend):
 
     # -- Backend -------------------------------------------------------------------------------
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> Embeddings:
+    def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         encodings = self._encode(texts, truncate=truncate)
         token_counts = [len(encoding.ids) for encoding in encodings]
         vectors = np.empty((len(encodings), self._dimensions), dtype=np.float32)

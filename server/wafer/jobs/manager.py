@@ -32,6 +32,7 @@ import structlog
 
 from wafer.backends.base import InputTooLongError
 from wafer.config import Settings
+from wafer.contexts import Reservoir
 from wafer.domain import Priority, StoredDocument
 from wafer.errors import (
     FailedPreconditionError,
@@ -78,6 +79,9 @@ class JobRequest:
     # 0: the server's jobs_batch_size.
     batch_size: int = 0
     truncate: bool = False
+    # Contextual models (cde): re-index the collection with a fresh context sampled from this source
+    # (the collection is emptied first).
+    fresh_context: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +276,7 @@ class JobManager:
             policy=request.policy,
             batch_size=batch_size,
             truncate=request.truncate,
+            fresh_context=request.fresh_context,
             inline=inline,
             total=total,
         )
@@ -393,6 +398,7 @@ class JobManager:
             await self._count(job, reader, thread)
             if record.started is None:
                 record.started = _now()
+            await self._prepare_context(job, thread)
             exhausted = False
             while not exhausted or in_flight:
                 if not exhausted:
@@ -425,6 +431,39 @@ class JobManager:
         job.samples.clear()
         await self._end(job)
         log.info("job finished", job=record.id, done=record.done, skipped=record.skipped)
+
+    async def _prepare_context(self, job: _Job, thread: _ReaderThread) -> None:
+        """For a contextual model (cde), before anything is embedded: a collection without a context
+        gets one sampled from the whole source (a uniform sample of the model's corpus size; all of it,
+        oversampled, when the source is smaller). With `fresh_context` the collection is emptied first."""
+        record = job.record
+        model = record.model or self._index.default_embed_model()
+        if not self._index.is_contextual(model):
+            return
+        if record.fresh_context and not record.context_ready:
+            await self._index.drop_collection(record.collection)
+        elif await self._index.has_context(record.collection, model):
+            return
+        size = await self._index.context_size(model)
+        reservoir = Reservoir(size, seed=f"{record.collection}\x00{record.id}")
+        sampler = await thread.run(lambda: open_reader(record.source, Cursor()))
+        try:
+            while True:
+                batch = await thread.run(partial(sampler.read, record.batch_size))
+                for document in batch.documents:
+                    reservoir.add(document.text)
+                if batch.exhausted:
+                    break
+        finally:
+            await thread.run(sampler.close)
+        if not reservoir.items:
+            return  # an empty source writes nothing, and needs no context
+        record.reason = f"building the context from {len(reservoir.items)} sampled documents"
+        self._notify()
+        await self._index.set_context(record.collection, model, reservoir.items, priority=Priority.BATCH)
+        record.context_ready, record.reason = True, ""
+        await self._save(job)
+        log.info("job context built", job=record.id, collection=record.collection, sampled=len(reservoir.items))
 
     @staticmethod
     async def _count(job: _Job, reader: SourceReader, thread: _ReaderThread) -> None:

@@ -56,6 +56,10 @@ class JobRecord:
     policy: RunPolicy
     batch_size: int
     truncate: bool = False
+    # Contextual models (cde): drop the collection and build its context afresh from this source,
+    # once (`context_ready` records that it was done, so a resumed job does not do it again).
+    fresh_context: bool = False
+    context_ready: bool = False
     # The source is a file this job wrote from inline documents, deleted when the job ends.
     inline: bool = False
     state: JobState = JobState.QUEUED
@@ -114,6 +118,8 @@ def to_json(record: JobRecord) -> dict[str, Any]:
         },
         "batch_size": record.batch_size,
         "truncate": record.truncate,
+        "fresh_context": record.fresh_context,
+        "context_ready": record.context_ready,
         "state": record.state.value,
         "reason": record.reason,
         "cursor": {"position": record.cursor.position, "rows": record.cursor.rows},
@@ -150,6 +156,9 @@ def from_json(data: dict[str, Any]) -> JobRecord:
         ),
         batch_size=int(data["batch_size"]),
         truncate=bool(data["truncate"]),
+        # Records written before contexts existed have neither.
+        fresh_context=bool(data.get("fresh_context", False)),
+        context_ready=bool(data.get("context_ready", False)),
         state=JobState(data["state"]),
         reason=data["reason"],
         cursor=Cursor(position=int(data["cursor"]["position"]), rows=int(data["cursor"]["rows"])),

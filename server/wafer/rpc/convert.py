@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from wafer.config import Settings
 from wafer.domain import (
     ChatMessage,
+    ContextRequest,
     EmbedRequest,
     EmbedResult,
     FinishReason,
@@ -103,7 +104,14 @@ def embed_request(message: inference_pb2.EmbedRequest) -> EmbedRequest:
         normalize=message.normalize if message.HasField("normalize") else None,
         priority=priority(message.priority),
         pool_chunks=message.pool_chunks,
+        context=_context_request(message),
     )
+
+
+def _context_request(message: inference_pb2.EmbedRequest) -> ContextRequest | None:
+    if not message.context_collection and not message.context_documents:
+        return None
+    return ContextRequest(collection=message.context_collection, documents=tuple(message.context_documents))
 
 
 def embed_response(result: EmbedResult) -> inference_pb2.EmbedResponse:
@@ -113,6 +121,7 @@ def embed_response(result: EmbedResult) -> inference_pb2.EmbedResponse:
         usage=usage_to_proto(result.usage),
         timings=timings_to_proto(result.timings),
         cached=result.cached,
+        context_id=result.context_id,
     )
 
 
@@ -282,5 +291,9 @@ def search_response(result: SearchResult) -> index_pb2.SearchResponse:
 
 def collection_info(info: CollectionInfo) -> index_pb2.CollectionInfo:
     return index_pb2.CollectionInfo(
-        name=info.name, model=info.model, dimensions=info.dimensions, documents=info.documents
+        name=info.name,
+        model=info.model,
+        dimensions=info.dimensions,
+        documents=info.documents,
+        context_id=info.context_id,
     )

@@ -72,6 +72,7 @@ def job_request(message: jobs_pb2.SubmitJobRequest) -> JobRequest:
         policy=_policy(message.policy),
         batch_size=message.batch_size,
         truncate=message.truncate,
+        fresh_context=message.fresh_context,
     )
 
 

@@ -38,7 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from wafer.backends.base import Backend, ComputeInterrupted, Embeddings, InputTooLongError
-from wafer.domain import FloatMatrix, Priority
+from wafer.domain import Context, FloatMatrix, Priority
 from wafer.errors import ResourceExhaustedError, UnavailableError
 from wafer.scheduler.gate import ComputeGate
 from wafer.specs import BatchingSpec, Task
@@ -111,10 +111,13 @@ class _EmbedWork(_Work):
         estimates: list[int],
         lane: Priority,
         loop: asyncio.AbstractEventLoop,
+        context: Context | None = None,
     ) -> None:
         super().__init__(lane, loop)
         self.texts = list(texts)
         self.truncate = truncate
+        # The model's context (cde's corpus), not the contextvars one `context` holds.
+        self.embed_context = context
         self.task = task
         self.estimates = estimates
         self.rows = len(self.texts)
@@ -187,6 +190,10 @@ class _Slice:
     stop: int
 
 
+def _context_id(work: _EmbedWork) -> str:
+    return "" if work.embed_context is None else work.embed_context.id
+
+
 def _settle(future: asyncio.Future[Any], value: object) -> None:
     if future.done():
         return
@@ -239,11 +246,19 @@ class ModelScheduler:
         truncate: bool,
         lane: Priority = Priority.INTERACTIVE,
         task: Task = Task.EMBED,
+        context: Context | None = None,
     ) -> Scheduled[Embeddings]:
-        """Embed `texts`, merged with other waiting requests into as few backend calls as fit."""
+        """Embed `texts`, merged with other waiting requests into as few backend calls as fit.
+        Requests are merged only with requests of the same context (none, or the same id)."""
         estimates = [estimate_tokens(text, self._max_tokens) for text in texts]
         work = _EmbedWork(
-            texts, truncate=truncate, task=task, estimates=estimates, lane=lane, loop=asyncio.get_running_loop()
+            texts,
+            truncate=truncate,
+            task=task,
+            estimates=estimates,
+            lane=lane,
+            loop=asyncio.get_running_loop(),
+            context=context,
         )
         result: Scheduled[Embeddings] = await self._wait(work)
         return result
@@ -395,7 +410,11 @@ class ModelScheduler:
         rows = tokens = 0
         unit: list[_Slice] = []
         for work in list(queue):
-            if not isinstance(work, _EmbedWork) or work.truncate != head.truncate:
+            if (
+                not isinstance(work, _EmbedWork)
+                or work.truncate != head.truncate
+                or _context_id(work) != _context_id(head)
+            ):
                 continue  # waits for the next unit, which starts with the oldest request
             start = work.taken
             stop = start
@@ -451,7 +470,8 @@ class ModelScheduler:
         texts = [text for part in unit for text in part.work.texts[part.start : part.stop]]
         started = time.perf_counter()
         try:
-            output = self._backend.embed(texts, truncate=unit[0].work.truncate)
+            head = unit[0].work
+            output = self._backend.embed(texts, truncate=head.truncate, context=head.embed_context)
         except ComputeInterrupted:
             self._requeue(unit)
             return

@@ -56,6 +56,9 @@ class CollectionInfo:
     dimensions: int
     # Documents, not points: a document split into chunks counts once.
     documents: int
+    # The id of the collection's context, for contextual models (cde); "" otherwise. Filled by the
+    # index service, which keeps contexts; stores leave it empty.
+    context_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,10 @@ class VectorStore(Protocol):
 
     def delete(self, name: str, ids: Sequence[str]) -> None:
         """Deletes documents (all their chunks) by id; unknown ids are ignored."""
+        ...
+
+    def drop_collection(self, name: str) -> bool:
+        """Deletes the collection and everything in it; False if there was none."""
         ...
 
     def close(self) -> None:

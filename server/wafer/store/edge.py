@@ -179,6 +179,19 @@ class EdgeStore(VectorStore):
             if counts:
                 shard.update(edge.UpdateOperation.delete_points(list(all_point_ids(name, counts))))
 
+    def drop_collection(self, name: str) -> bool:
+        _check_name(name)
+        with self._open():
+            opened = self._shards.pop(name, None)
+            if opened is not None:
+                opened[1].close()
+            folder = self._root / name
+            existed = (folder / META_FILE).is_file()
+            # The metadata goes first: a folder without it is an unfinished collection either way.
+            (folder / META_FILE).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            return existed
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

@@ -228,6 +228,13 @@ class QdrantStore(VectorStore):
                 selector = models.PointIdsList(points=list(all_point_ids(name, counts)))
                 self._call(client, name, lambda: client.delete(name, points_selector=selector, wait=True))
 
+    def drop_collection(self, name: str) -> bool:
+        with self._open() as client:
+            if not client.collection_exists(name):
+                return False
+            client.delete_collection(name)
+            return True
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

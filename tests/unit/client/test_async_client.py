@@ -28,6 +28,11 @@ async def test_embed(client: AsyncWaferClient) -> None:
     np.testing.assert_allclose(result.vectors[1], [1.0, 1.1, 1.2], rtol=1e-6)
 
 
+async def test_embed_sends_a_context(client: AsyncWaferClient, script: Script) -> None:
+    await client.embed("x", context_documents=["a corpus document"])
+    assert list(script.requests["Embed"][-1].context_documents) == ["a corpus document"]
+
+
 async def test_rerank_and_models(client: AsyncWaferClient) -> None:
     result = await client.rerank("cat mat", ["dogs", "cat on mat", "cat"])
     assert [h.index for h in result.results] == [1, 2, 0]

@@ -163,7 +163,9 @@ def test_search_collections_and_health(fake_server: FakeServer, script: Script) 
     code, _, err = wafer(fake_server, "search", "tea", "-c", "docs", "--filter", "nokey")
     assert code != 0 and "KEY=VALUE" in err
     code, out, _ = wafer(fake_server, "collections", "--json")
-    assert json.loads(out) == [{"name": "docs", "model": "fake-embed", "dimensions": 4, "documents": 2}]
+    assert json.loads(out) == [
+        {"name": "docs", "model": "fake-embed", "dimensions": 4, "documents": 2, "context_id": ""}
+    ]
     code, out, _ = wafer(fake_server, "health")
     assert code == 0 and out.strip() == "SERVING"
     code, out, _ = wafer(fake_server, "health", "--service", "wafer.v1.Index")

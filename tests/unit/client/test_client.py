@@ -53,6 +53,34 @@ def test_embed_single_string_dimensions_and_normalize(client: WaferClient, scrip
     assert request.priority == 2 and request.truncate
 
 
+def test_embed_sends_a_context(client: WaferClient, script: Script) -> None:
+    client.embed("x", context_collection="notes")
+    client.embed("x", context_documents=["first", "second"])
+    named, built = script.requests["Embed"]
+    assert (named.context_collection, list(named.context_documents)) == ("notes", [])
+    assert (built.context_collection, list(built.context_documents)) == ("", ["first", "second"])
+    with pytest.raises(ValueError, match="at most one"):
+        client.embed("x", context_collection="notes", context_documents=["a"])
+    assert script.calls["Embed"] == 2
+
+
+def test_submit_job_request_carries_fresh_context() -> None:
+    from wafer_client import _convert
+
+    request = _convert.submit_job_request(
+        "notes",
+        [{"text": "a"}],
+        model="cde-small-v1",
+        when_idle=False,
+        idle_seconds=0,
+        when_charging=False,
+        batch_size=0,
+        truncate=True,
+        fresh_context=True,
+    )
+    assert request.fresh_context and request.collection == "notes"
+
+
 def test_embed_rejects_bad_choice_locally(client: WaferClient, script: Script) -> None:
     with pytest.raises(ValueError, match="input_type"):
         client.embed("x", input_type="passage")  # type: ignore[arg-type]

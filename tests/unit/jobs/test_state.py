@@ -38,6 +38,15 @@ def test_round_trip_is_exact() -> None:
         assert from_json(json.loads(json.dumps(to_json(original)))) == original
 
 
+def test_fresh_context_round_trips_and_old_records_have_none() -> None:
+    fresh = record("c", fresh_context=True, context_ready=True)
+    assert from_json(json.loads(json.dumps(to_json(fresh)))) == fresh
+    old = to_json(record("d"))
+    del old["fresh_context"], old["context_ready"]  # a record written before contexts existed
+    loaded = from_json(old)
+    assert (loaded.fresh_context, loaded.context_ready) == (False, False)
+
+
 def test_store_saves_replaces_and_loads(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs")
     store.save(to_json(record("a")))

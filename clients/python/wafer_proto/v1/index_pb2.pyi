@@ -400,10 +400,16 @@ class CollectionInfo(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     DOCUMENTS_FIELD_NUMBER: _builtins.int
+    CONTEXT_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     dimensions: _builtins.int
     documents: _builtins.int
+    context_id: _builtins.str
+    """For collections of contextual models (cde-small-v1): the identity of the
+    collection's context, which every upsert and search of it uses. Empty
+    otherwise.
+    """
     def __init__(
         self,
         *,
@@ -411,10 +417,11 @@ class CollectionInfo(_message.Message):
         model: _builtins.str = ...,
         dimensions: _builtins.int = ...,
         documents: _builtins.int = ...,
+        context_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "documents", b"documents", "model", b"model", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_id", b"context_id", "dimensions", b"dimensions", "documents", b"documents", "model", b"model", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from wafer_proto.v1 import common_pb2 as wafer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18wafer/v1/inference.proto\x12\x08wafer.v1\x1a\x15wafer/v1/common.proto\"\xdd\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\'\n\ninput_type\x18\x03 \x01(\x0e\x32\x13.wafer.v1.InputType\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12$\n\x08priority\x18\x07 \x01(\x0e\x32\x12.wafer.v1.Priority\x12\x13\n\x0bpool_chunks\x18\x08 \x01(\x08\x42\x0c\n\n_normalize\"\x1f\n\tEmbedding\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"\x9b\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\nembeddings\x18\x02 \x03(\x0b\x32\x13.wafer.v1.Embedding\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.wafer.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\r\"\xa1\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x10\n\x08truncate\x18\x06 \x01(\x08\x12$\n\x08priority\x18\x07 \x01(\x0e\x32\x12.wafer.v1.Priority\">\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x8c\x01\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.wafer.v1.RerankResult\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.wafer.v1.Timings\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x94\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.wafer.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12$\n\x08priority\x18\t \x01(\x0e\x32\x12.wafer.v1.Priority\x12\r\n\x05top_k\x18\n \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa2\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.wafer.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x05 \x01(\x0b\x32\x11.wafer.v1.Timings*V\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_TYPE_QUERY\x10\x01\x12\x17\n\x13INPUT_TYPE_DOCUMENT\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc7\x01\n\tInference\x12\x38\n\x05\x45mbed\x12\x16.wafer.v1.EmbedRequest\x1a\x17.wafer.v1.EmbedResponse\x12;\n\x06Rerank\x12\x17.wafer.v1.RerankRequest\x1a\x18.wafer.v1.RerankResponse\x12\x43\n\x08Generate\x12\x19.wafer.v1.GenerateRequest\x1a\x1a.wafer.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18wafer/v1/inference.proto\x12\x08wafer.v1\x1a\x15wafer/v1/common.proto\"\x94\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\'\n\ninput_type\x18\x03 \x01(\x0e\x32\x13.wafer.v1.InputType\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12$\n\x08priority\x18\x07 \x01(\x0e\x32\x12.wafer.v1.Priority\x12\x13\n\x0bpool_chunks\x18\x08 \x01(\x08\x12\x1a\n\x12\x63ontext_collection\x18\t \x01(\t\x12\x19\n\x11\x63ontext_documents\x18\n \x03(\tB\x0c\n\n_normalize\"\x1f\n\tEmbedding\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"\xaf\x01\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\nembeddings\x18\x02 \x03(\x0b\x32\x13.wafer.v1.Embedding\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.wafer.v1.Timings\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\r\x12\x12\n\ncontext_id\x18\x06 \x01(\t\"\xa1\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\x10\n\x08truncate\x18\x06 \x01(\x08\x12$\n\x08priority\x18\x07 \x01(\x0e\x32\x12.wafer.v1.Priority\">\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x8c\x01\n\x0eRerankResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.wafer.v1.RerankResult\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x04 \x01(\x0b\x32\x11.wafer.v1.Timings\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x94\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.wafer.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12$\n\x08priority\x18\t \x01(\x0e\x32\x12.wafer.v1.Priority\x12\r\n\x05top_k\x18\n \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa2\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.wafer.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.wafer.v1.Usage\x12\"\n\x07timings\x18\x05 \x01(\x0b\x32\x11.wafer.v1.Timings*V\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_TYPE_QUERY\x10\x01\x12\x17\n\x13INPUT_TYPE_DOCUMENT\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc7\x01\n\tInference\x12\x38\n\x05\x45mbed\x12\x16.wafer.v1.EmbedRequest\x1a\x17.wafer.v1.EmbedResponse\x12;\n\x06Rerank\x12\x17.wafer.v1.RerankRequest\x1a\x18.wafer.v1.RerankResponse\x12\x43\n\x08Generate\x12\x19.wafer.v1.GenerateRequest\x1a\x1a.wafer.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMBEDDING'].fields_by_name['values']._loaded_options = None
   _globals['_EMBEDDING'].fields_by_name['values']._serialized_options = b'\020\001'
-  _globals['_INPUTTYPE']._serialized_start=1337
-  _globals['_INPUTTYPE']._serialized_end=1423
-  _globals['_FINISHREASON']._serialized_start=1425
-  _globals['_FINISHREASON']._serialized_end=1520
+  _globals['_INPUTTYPE']._serialized_start=1412
+  _globals['_INPUTTYPE']._serialized_end=1498
+  _globals['_FINISHREASON']._serialized_start=1500
+  _globals['_FINISHREASON']._serialized_end=1595
   _globals['_EMBEDREQUEST']._serialized_start=62
-  _globals['_EMBEDREQUEST']._serialized_end=283
-  _globals['_EMBEDDING']._serialized_start=285
-  _globals['_EMBEDDING']._serialized_end=316
-  _globals['_EMBEDRESPONSE']._serialized_start=319
-  _globals['_EMBEDRESPONSE']._serialized_end=474
-  _globals['_RERANKREQUEST']._serialized_start=477
-  _globals['_RERANKREQUEST']._serialized_end=638
-  _globals['_RERANKRESULT']._serialized_start=640
-  _globals['_RERANKRESULT']._serialized_end=702
-  _globals['_RERANKRESPONSE']._serialized_start=705
-  _globals['_RERANKRESPONSE']._serialized_end=845
-  _globals['_CHATMESSAGE']._serialized_start=847
-  _globals['_CHATMESSAGE']._serialized_end=891
-  _globals['_GENERATEREQUEST']._serialized_start=894
-  _globals['_GENERATEREQUEST']._serialized_end=1170
-  _globals['_GENERATERESPONSE']._serialized_start=1173
-  _globals['_GENERATERESPONSE']._serialized_end=1335
-  _globals['_INFERENCE']._serialized_start=1523
-  _globals['_INFERENCE']._serialized_end=1722
+  _globals['_EMBEDREQUEST']._serialized_end=338
+  _globals['_EMBEDDING']._serialized_start=340
+  _globals['_EMBEDDING']._serialized_end=371
+  _globals['_EMBEDRESPONSE']._serialized_start=374
+  _globals['_EMBEDRESPONSE']._serialized_end=549
+  _globals['_RERANKREQUEST']._serialized_start=552
+  _globals['_RERANKREQUEST']._serialized_end=713
+  _globals['_RERANKRESULT']._serialized_start=715
+  _globals['_RERANKRESULT']._serialized_end=777
+  _globals['_RERANKRESPONSE']._serialized_start=780
+  _globals['_RERANKRESPONSE']._serialized_end=920
+  _globals['_CHATMESSAGE']._serialized_start=922
+  _globals['_CHATMESSAGE']._serialized_end=966
+  _globals['_GENERATEREQUEST']._serialized_start=969
+  _globals['_GENERATEREQUEST']._serialized_end=1245
+  _globals['_GENERATERESPONSE']._serialized_start=1248
+  _globals['_GENERATERESPONSE']._serialized_end=1410
+  _globals['_INFERENCE']._serialized_start=1598
+  _globals['_INFERENCE']._serialized_end=1797
 # @@protoc_insertion_point(module_scope)

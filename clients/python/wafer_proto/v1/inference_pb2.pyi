@@ -79,6 +79,8 @@ class EmbedRequest(_message.Message):
     NORMALIZE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     POOL_CHUNKS_FIELD_NUMBER: _builtins.int
+    CONTEXT_COLLECTION_FIELD_NUMBER: _builtins.int
+    CONTEXT_DOCUMENTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from models.yaml; empty for the default embedding model."""
     input_type: Global___InputType.ValueType
@@ -99,9 +101,22 @@ class EmbedRequest(_message.Message):
     Inputs that fit are embedded as they are. Takes precedence over
     `truncate`.
     """
+    context_collection: _builtins.str
+    """Contextual models (cde-small-v1) only; other models refuse a context with
+    INVALID_ARGUMENT. Set at most one of the two. Without either, a contextual
+    model returns its vectors without a context (cde: its first stage).
+    The context stored with this collection (the one its documents and
+    searches use); NOT_FOUND if the collection has none.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Texts to embed, one vector each. Empty strings are refused."""
+
+    @_builtins.property
+    def context_documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Or: build a context from these documents of the corpus (sampled to the
+        model's corpus size, 512 for cde; with replacement when fewer).
+        """
 
     def __init__(
         self,
@@ -114,10 +129,12 @@ class EmbedRequest(_message.Message):
         normalize: _builtins.bool | None = ...,
         priority: _common_pb2.Priority.ValueType = ...,
         pool_chunks: _builtins.bool = ...,
+        context_collection: _builtins.str = ...,
+        context_documents: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "dimensions", b"dimensions", "input_type", b"input_type", "inputs", b"inputs", "model", b"model", "normalize", b"normalize", "pool_chunks", b"pool_chunks", "priority", b"priority", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "context_collection", b"context_collection", "context_documents", b"context_documents", "dimensions", b"dimensions", "input_type", b"input_type", "inputs", b"inputs", "model", b"model", "normalize", b"normalize", "pool_chunks", b"pool_chunks", "priority", b"priority", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
@@ -154,12 +171,17 @@ class EmbedResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
+    CONTEXT_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that answered."""
     cached: _builtins.int
     """How many of the embeddings came from the server's embedding cache
     instead of the model: same model, prompt, dimensions, normalize
     and text. 0 when the cache is disabled (WAFER_EMBEDDING_CACHE=false).
+    """
+    context_id: _builtins.str
+    """The identity (SHA-256 of its values) of the context the vectors were
+    computed in; empty without one.
     """
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
@@ -183,10 +205,11 @@ class EmbedResponse(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         timings: _common_pb2.Timings | None = ...,
         cached: _builtins.int = ...,
+        context_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "embeddings", b"embeddings", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "context_id", b"context_id", "embeddings", b"embeddings", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

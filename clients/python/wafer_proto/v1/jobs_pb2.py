@@ -27,15 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from wafer_proto.v1 import index_pb2 as wafer_dot_v1_dot_index__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13wafer/v1/jobs.proto\x12\x08wafer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14wafer/v1/index.proto\"5\n\x0cInlineSource\x12%\n\tdocuments\x18\x01 \x03(\x0b\x32\x12.wafer.v1.Document\"A\n\x0bJsonlSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08id_field\x18\x02 \x01(\t\x12\x12\n\ntext_field\x18\x03 \x01(\t\"S\n\x0cSqliteSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tid_column\x18\x03 \x01(\t\x12\x13\n\x0btext_column\x18\x04 \x01(\t\"K\n\tRunPolicy\x12\x11\n\twhen_idle\x18\x01 \x01(\x08\x12\x14\n\x0cidle_seconds\x18\x02 \x01(\x01\x12\x15\n\rwhen_charging\x18\x03 \x01(\x08\"\x86\x02\n\x10SubmitJobRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x06inline\x18\x03 \x01(\x0b\x32\x16.wafer.v1.InlineSourceH\x00\x12&\n\x05jsonl\x18\x04 \x01(\x0b\x32\x15.wafer.v1.JsonlSourceH\x00\x12(\n\x06sqlite\x18\x05 \x01(\x0b\x32\x16.wafer.v1.SqliteSourceH\x00\x12#\n\x06policy\x18\x06 \x01(\x0b\x32\x13.wafer.v1.RunPolicy\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x10\n\x08truncate\x18\x08 \x01(\x08\x42\x08\n\x06source\"\xc7\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.wafer.v1.JobState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ncollection\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12#\n\x06policy\x18\x07 \x01(\x0b\x32\x13.wafer.v1.RunPolicy\x12\x0c\n\x04\x64one\x18\x08 \x01(\x04\x12\x0f\n\x07skipped\x18\t \x01(\x04\x12\x12\n\x05total\x18\n \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0f\x64ocs_per_second\x18\x0b \x01(\x01\x12\x18\n\x0b\x65ta_seconds\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x65rror\x18\r \x01(\t\x12+\n\x07\x63reated\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07started\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nbatch_size\x18\x11 \x01(\rB\x08\n\x06_totalB\x0e\n\x0c_eta_seconds\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fPauseJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10ResumeJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.wafer.v1.Job*\xc7\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x15\n\x11JOB_STATE_WAITING\x10\x03\x12\x14\n\x10JOB_STATE_PAUSED\x10\x04\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x32\x91\x03\n\x04Jobs\x12\x36\n\tSubmitJob\x12\x1a.wafer.v1.SubmitJobRequest\x1a\r.wafer.v1.Job\x12\x30\n\x06GetJob\x12\x17.wafer.v1.GetJobRequest\x1a\r.wafer.v1.Job\x12\x36\n\x08WatchJob\x12\x19.wafer.v1.WatchJobRequest\x1a\r.wafer.v1.Job0\x01\x12\x34\n\x08PauseJob\x12\x19.wafer.v1.PauseJobRequest\x1a\r.wafer.v1.Job\x12\x36\n\tResumeJob\x12\x1a.wafer.v1.ResumeJobRequest\x1a\r.wafer.v1.Job\x12\x36\n\tCancelJob\x12\x1a.wafer.v1.CancelJobRequest\x1a\r.wafer.v1.Job\x12\x41\n\x08ListJobs\x12\x19.wafer.v1.ListJobsRequest\x1a\x1a.wafer.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13wafer/v1/jobs.proto\x12\x08wafer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14wafer/v1/index.proto\"5\n\x0cInlineSource\x12%\n\tdocuments\x18\x01 \x03(\x0b\x32\x12.wafer.v1.Document\"A\n\x0bJsonlSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08id_field\x18\x02 \x01(\t\x12\x12\n\ntext_field\x18\x03 \x01(\t\"S\n\x0cSqliteSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tid_column\x18\x03 \x01(\t\x12\x13\n\x0btext_column\x18\x04 \x01(\t\"K\n\tRunPolicy\x12\x11\n\twhen_idle\x18\x01 \x01(\x08\x12\x14\n\x0cidle_seconds\x18\x02 \x01(\x01\x12\x15\n\rwhen_charging\x18\x03 \x01(\x08\"\x9d\x02\n\x10SubmitJobRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x06inline\x18\x03 \x01(\x0b\x32\x16.wafer.v1.InlineSourceH\x00\x12&\n\x05jsonl\x18\x04 \x01(\x0b\x32\x15.wafer.v1.JsonlSourceH\x00\x12(\n\x06sqlite\x18\x05 \x01(\x0b\x32\x16.wafer.v1.SqliteSourceH\x00\x12#\n\x06policy\x18\x06 \x01(\x0b\x32\x13.wafer.v1.RunPolicy\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x10\n\x08truncate\x18\x08 \x01(\x08\x12\x15\n\rfresh_context\x18\t \x01(\x08\x42\x08\n\x06source\"\xc7\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.wafer.v1.JobState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ncollection\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12#\n\x06policy\x18\x07 \x01(\x0b\x32\x13.wafer.v1.RunPolicy\x12\x0c\n\x04\x64one\x18\x08 \x01(\x04\x12\x0f\n\x07skipped\x18\t \x01(\x04\x12\x12\n\x05total\x18\n \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0f\x64ocs_per_second\x18\x0b \x01(\x01\x12\x18\n\x0b\x65ta_seconds\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x65rror\x18\r \x01(\t\x12+\n\x07\x63reated\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07started\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nbatch_size\x18\x11 \x01(\rB\x08\n\x06_totalB\x0e\n\x0c_eta_seconds\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fPauseJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10ResumeJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.wafer.v1.Job*\xc7\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x15\n\x11JOB_STATE_WAITING\x10\x03\x12\x14\n\x10JOB_STATE_PAUSED\x10\x04\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x32\x91\x03\n\x04Jobs\x12\x36\n\tSubmitJob\x12\x1a.wafer.v1.SubmitJobRequest\x1a\r.wafer.v1.Job\x12\x30\n\x06GetJob\x12\x17.wafer.v1.GetJobRequest\x1a\r.wafer.v1.Job\x12\x36\n\x08WatchJob\x12\x19.wafer.v1.WatchJobRequest\x1a\r.wafer.v1.Job0\x01\x12\x34\n\x08PauseJob\x12\x19.wafer.v1.PauseJobRequest\x1a\r.wafer.v1.Job\x12\x36\n\tResumeJob\x12\x1a.wafer.v1.ResumeJobRequest\x1a\r.wafer.v1.Job\x12\x36\n\tCancelJob\x12\x1a.wafer.v1.CancelJobRequest\x1a\r.wafer.v1.Job\x12\x41\n\x08ListJobs\x12\x19.wafer.v1.ListJobsRequest\x1a\x1a.wafer.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wafer.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1319
-  _globals['_JOBSTATE']._serialized_end=1518
+  _globals['_JOBSTATE']._serialized_start=1342
+  _globals['_JOBSTATE']._serialized_end=1541
   _globals['_INLINESOURCE']._serialized_start=88
   _globals['_INLINESOURCE']._serialized_end=141
   _globals['_JSONLSOURCE']._serialized_start=143
@@ -45,23 +45,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNPOLICY']._serialized_start=295
   _globals['_RUNPOLICY']._serialized_end=370
   _globals['_SUBMITJOBREQUEST']._serialized_start=373
-  _globals['_SUBMITJOBREQUEST']._serialized_end=635
-  _globals['_JOB']._serialized_start=638
-  _globals['_JOB']._serialized_end=1093
-  _globals['_GETJOBREQUEST']._serialized_start=1095
-  _globals['_GETJOBREQUEST']._serialized_end=1122
-  _globals['_WATCHJOBREQUEST']._serialized_start=1124
-  _globals['_WATCHJOBREQUEST']._serialized_end=1153
-  _globals['_PAUSEJOBREQUEST']._serialized_start=1155
-  _globals['_PAUSEJOBREQUEST']._serialized_end=1184
-  _globals['_RESUMEJOBREQUEST']._serialized_start=1186
-  _globals['_RESUMEJOBREQUEST']._serialized_end=1216
-  _globals['_CANCELJOBREQUEST']._serialized_start=1218
-  _globals['_CANCELJOBREQUEST']._serialized_end=1248
-  _globals['_LISTJOBSREQUEST']._serialized_start=1250
-  _globals['_LISTJOBSREQUEST']._serialized_end=1267
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1269
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1316
-  _globals['_JOBS']._serialized_start=1521
-  _globals['_JOBS']._serialized_end=1922
+  _globals['_SUBMITJOBREQUEST']._serialized_end=658
+  _globals['_JOB']._serialized_start=661
+  _globals['_JOB']._serialized_end=1116
+  _globals['_GETJOBREQUEST']._serialized_start=1118
+  _globals['_GETJOBREQUEST']._serialized_end=1145
+  _globals['_WATCHJOBREQUEST']._serialized_start=1147
+  _globals['_WATCHJOBREQUEST']._serialized_end=1176
+  _globals['_PAUSEJOBREQUEST']._serialized_start=1178
+  _globals['_PAUSEJOBREQUEST']._serialized_end=1207
+  _globals['_RESUMEJOBREQUEST']._serialized_start=1209
+  _globals['_RESUMEJOBREQUEST']._serialized_end=1239
+  _globals['_CANCELJOBREQUEST']._serialized_start=1241
+  _globals['_CANCELJOBREQUEST']._serialized_end=1271
+  _globals['_LISTJOBSREQUEST']._serialized_start=1273
+  _globals['_LISTJOBSREQUEST']._serialized_end=1290
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1292
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1339
+  _globals['_JOBS']._serialized_start=1544
+  _globals['_JOBS']._serialized_end=1945
 # @@protoc_insertion_point(module_scope)

@@ -201,6 +201,7 @@ class SubmitJobRequest(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
+    FRESH_CONTEXT_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """The collection to write to (created on the first batch)."""
     model: _builtins.str
@@ -211,6 +212,13 @@ class SubmitJobRequest(_message.Message):
     """
     truncate: _builtins.bool
     """Cut texts longer than the model's window instead of failing the job."""
+    fresh_context: _builtins.bool
+    """Contextual models (cde-small-v1): re-index the collection with a fresh
+    context. The collection (its documents and context) is deleted, a new
+    context is sampled from this source, then the source is indexed. Without
+    it, a new collection's context is sampled from the source and an existing
+    collection keeps its own.
+    """
     @_builtins.property
     def inline(self) -> Global___InlineSource: ...
     @_builtins.property
@@ -230,10 +238,11 @@ class SubmitJobRequest(_message.Message):
         policy: Global___RunPolicy | None = ...,
         batch_size: _builtins.int = ...,
         truncate: _builtins.bool = ...,
+        fresh_context: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inline", b"inline", "jsonl", b"jsonl", "policy", b"policy", "source", b"source", "sqlite", b"sqlite"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "collection", b"collection", "inline", b"inline", "jsonl", b"jsonl", "model", b"model", "policy", b"policy", "source", b"source", "sqlite", b"sqlite", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "collection", b"collection", "fresh_context", b"fresh_context", "inline", b"inline", "jsonl", b"jsonl", "model", b"model", "policy", b"policy", "source", b"source", "sqlite", b"sqlite", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["inline", "jsonl", "sqlite"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
