@@ -93,6 +93,7 @@ bench: install
 	$(BIN)/python -m bench.search --write
 	$(BIN)/python -m bench.indexing --write
 	$(BIN)/python -m bench.jobs --write
+	$(BIN)/python -m bench.decoder_embed --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_CLIENT)/node_modules
