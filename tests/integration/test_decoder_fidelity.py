@@ -1,4 +1,4 @@
-"""gte-Qwen2 and stella served as their authors serve them, proven without their weights.
+"""gte-Qwen2, stella and ember served as their authors serve them, proven without their weights.
 
 Tiny random-weight Qwen2 GGUFs laid out like the public conversions (no causal flag, no
 `add_eos_token`) and a tiny `2_Dense_<dims>` head are served by the fake Hub under the real
@@ -6,7 +6,8 @@ repositories' names; the entries are the repository's own models.yaml entries, w
 changed to the tiny model's. Every served vector is compared with an independent numpy forward pass
 of the authors' architecture (tests/qwen2_reference.py): bidirectional attention, `<|endoftext|>`
 appended before last-token pooling (gte-Qwen2), mean pooling then the Dense head (stella).
-The same comparison fails for causal attention and for a missing end-of-text token.
+The same comparison fails for causal attention and for a missing end-of-text token. ember-v1 (BERT)
+is checked the same way against a numpy BERT (tests/bert_reference.py), CLS pooling.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import pytest
 from numpy.typing import NDArray
 from safetensors.numpy import load_file
 
+from tests.bert_reference import BertReference
 from tests.conftest import MODELS_YAML
 from tests.fakes.fake_hub import FakeHub, running_fake_hub
+from tests.fakes.tiny_bert import write_tiny_bert
 from tests.fakes.tiny_qwen2 import TinyQwen2, write_dense_head, write_tiny_qwen2
 from tests.qwen2_reference import Qwen2Reference, Tokenizer
 from wafer.backends.base import LoadOptions, ModelFiles
@@ -40,6 +43,7 @@ pytestmark = pytest.mark.integration
 REPOSITORY = Catalog.from_yaml(MODELS_YAML)
 GTE = "gte-qwen2-1.5b-instruct"
 STELLA = "stella-en-1.5b-v5"
+EMBER = "ember-v1"
 # As the public conversions are: nothing says the model attends bidirectionally, and the tokenizer
 # does not append <|endoftext|>.
 GTE_CONFIG = TinyQwen2(add_eos=False, seed=11)
@@ -90,6 +94,7 @@ class World:
     gte: Served
     stella: Served
     heads: dict[int, Path]  # stella's 2_Dense_<dims> files, by dims
+    ember: Path
 
 
 def _serve(hub: FakeHub, source: str, path: Path) -> None:
@@ -103,6 +108,7 @@ def _serve(hub: FakeHub, source: str, path: Path) -> None:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     folder = tmp_path_factory.mktemp("decoders")
     gte = write_tiny_qwen2(folder / "gte.gguf", GTE_CONFIG)
+    ember = write_tiny_bert(folder / "ember.gguf")
     stella = write_tiny_qwen2(folder / "stella.gguf", STELLA_CONFIG)
     head_source = REPOSITORY.models[STELLA].files["projection_head"]
     assert "/2_Dense_1024/" in head_source
@@ -114,6 +120,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with running_fake_hub() as hub:
         _serve(hub, REPOSITORY.models[GTE].source, gte)
         _serve(hub, REPOSITORY.models[STELLA].source, stella)
+        _serve(hub, REPOSITORY.models[EMBER].source, ember)
         for dims, path in heads.items():
             _serve(hub, head_source.replace("/2_Dense_1024/", f"/2_Dense_{dims}/"), path)
         yield World(
@@ -121,6 +128,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             gte=Served(gte, Qwen2Reference(gte), tokenizers[0]),
             stella=Served(stella, Qwen2Reference(stella), tokenizers[1]),
             heads=heads,
+            ember=ember,
         )
     for tokenizer in tokenizers:
         tokenizer.close()
@@ -128,7 +136,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 @pytest.fixture
 async def engine(world: World, tmp_path: Path) -> AsyncIterator[InferenceEngine]:
-    catalog = Catalog(models={GTE: tiny(GTE), STELLA: tiny(STELLA)}, base_dir=tmp_path)
+    catalog = Catalog(models={GTE: tiny(GTE), STELLA: tiny(STELLA), EMBER: tiny(EMBER)}, base_dir=tmp_path)
     registry = ModelRegistry(
         catalog,
         SourceResolver(catalog.base_dir, tmp_path / "hub-cache", hub_endpoint=world.hub.url),
@@ -201,6 +209,21 @@ async def test_another_shipped_head_gives_its_dimension(engine: InferenceEngine,
     assert result.vectors.shape == (len(TEXTS), 256)
     for text, vector in zip(TEXTS, result.vectors, strict=True):
         assert cosine(vector, stella_reference(world, text, dims=256)) >= FIDELITY, text[:30]
+
+
+async def test_ember_is_bert_with_cls_pooling(engine: InferenceEngine, world: World) -> None:
+    texts = ["hello there, you!", "are we still on for lunch tomorrow?", "the bakery opens at seven."]
+    result = await engine.embed(EmbedRequest(inputs=texts, model=EMBER))
+    assert result.vectors.shape == (len(texts), N_EMBD)
+    tokenize, reference = Tokenizer(world.ember), BertReference(world.ember)
+    try:
+        for text, vector in zip(texts, result.vectors, strict=True):
+            tokens = tokenize(text)  # [CLS] ... [SEP], as BERT's tokenizer frames a text
+            assert cosine(vector, reference.cls(tokens)) >= FIDELITY, text
+            # The pooling setting matters: the mean of the states is another vector.
+            assert cosine(vector, reference.states(tokens).mean(axis=0)) < FIDELITY, text
+    finally:
+        tokenize.close()
 
 
 async def test_pool_chunks_take_the_window_from_the_spec(engine: InferenceEngine, world: World) -> None:
