@@ -38,10 +38,11 @@ def test_decoder_entries_state_how_their_authors_run_them(catalog: Catalog) -> N
         Pooling.MEAN,
         896,
         512,
-        {"attention": "causal"},
+        {"attention": "causal", "append_tokens": []},
     )
     ember = catalog.models["ember-v1"]
     assert (ember.pooling, ember.dimensions, ember.max_tokens) == (Pooling.CLS, 1024, 512)
+    assert ember.options == {"attention": "bidirectional", "append_tokens": []}
 
 
 def _write(tmp_path: Path, text: str) -> Path:
