@@ -217,7 +217,7 @@ async def compare(label: str, path: Path, config: TinyQwen2, texts: list[str], *
     tokens = raws[0].tokens
     line = (
         f"| {label} | {size_mb:,.1f} | {len(texts)} | {tokens / len(texts):.0f} | "
-        f"{raw_texts:.1f} | {raw_tps:,.0f} | {wafer_texts:.1f} | {wafer_tps:,.0f} | {wafer_tps / raw_tps:.2f} | "
+        f"{raw_texts:.3g} | {raw_tps:,.3g} | {wafer_texts:.3g} | {wafer_tps:,.3g} | {wafer_tps / raw_tps:.2f} | "
         f"{agreement:.5f} | {os.getloadavg()[0]:.1f} |"
     )
     print(line, flush=True)
