@@ -94,6 +94,7 @@ bench: install
 	$(BIN)/python -m bench.indexing --write
 	$(BIN)/python -m bench.jobs --write
 	$(BIN)/python -m bench.cde --write
+	$(BIN)/python -m bench.decoder_embed --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_CLIENT)/node_modules

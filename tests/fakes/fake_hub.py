@@ -80,13 +80,16 @@ class FakeHub:
     def cdn_url(self) -> str:
         return f"http://127.0.0.1:{self._cdn.server_address[1]}"
 
-    def add_file(self, repo_id: str, filename: str, content: bytes, *, revision: str = DEFAULT_BRANCH) -> str:
-        """Adds a file to a branch (created on first use) and returns the branch's commit hash."""
+    def add_file(
+        self, repo_id: str, filename: str, content: bytes, *, revision: str = DEFAULT_BRANCH, commit: str | None = None
+    ) -> str:
+        """Adds a file to a branch (created on first use) and returns the branch's commit hash.
+        `commit` gives a new branch that hash (a real repository's, for sources pinned to it)."""
         with self._lock:
             branches = self._repos.setdefault(repo_id, {})
             branch = branches.get(revision)
             if branch is None:
-                commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+                commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
                 branch = branches[revision] = _Revision(commit=commit)
             branch.files[filename] = content
             if len(content) >= self.lfs_threshold:

@@ -23,11 +23,17 @@ class TinyQwen2:
     n_head: int = 4
     n_head_kv: int = 2
     n_ff: int = 128
-    n_ctx: int = 256
+    n_ctx: int = 512
     seed: int = 0
-    # gte-Qwen2's tokenizer appends <|endoftext|> to every text; its state is what last-token
-    # pooling reads.
+    # Whether the file says the tokenizer appends <|endoftext|> (`add_eos_token`). gte-Qwen2 pools that
+    # token's state; conversions of it do not record it, which `append_tokens` makes up for.
     add_eos: bool = True
+    # Benchmarks write the real sizes: a vocabulary padded with unused tokens to `n_vocab` (0: bytes
+    # and special tokens only), matrices stored as `weight_type` ("F32", "F16" or "Q8_0", as
+    # published conversions store them), drawn with standard deviation `scale`.
+    n_vocab: int = 0
+    weight_type: str = "F32"
+    scale: float = 0.2
 
 
 ENDOFTEXT = "<|endoftext|>"
@@ -56,34 +62,48 @@ def write_tiny_qwen2(path: Path, config: TinyQwen2 = TinyQwen2()) -> Path:
     tokens = [*_byte_tokens(), "Ġt", *SPECIAL_TOKENS]
     types = [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIAL_TOKENS))
     types += [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS)
+    padding = max(0, config.n_vocab - len(tokens))
+    tokens += [f"<|unused_{i}|>" for i in range(padding)]
+    types += [gguf.TokenType.UNUSED] * padding
     n_vocab = len(tokens)
+    matrix_type = gguf.GGMLQuantizationType[config.weight_type]
 
     writer = gguf.GGUFWriter(str(path), "qwen2")
     _write_metadata(writer, config, tokens, types)
 
-    def weight(*shape: int, scale: float = 0.2) -> np.ndarray[tuple[int, ...], np.dtype[np.float32]]:
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
+    def weight(*shape: int, scale: float = config.scale) -> np.ndarray[tuple[int, ...], np.dtype[np.float32]]:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+
+    def add(name: str, data: np.ndarray[tuple[int, ...], np.dtype[np.float32]]) -> None:
+        # Vectors (norms, biases) stay F32, as llama.cpp's converter keeps them.
+        if data.ndim == 1 or matrix_type is gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, data)
+        elif matrix_type is gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            packed = gguf.quants.quantize(data, matrix_type)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=matrix_type)
 
     def norm() -> np.ndarray[tuple[int, ...], np.dtype[np.float32]]:
         return (1.0 + rng.standard_normal(config.n_embd) * 0.1).astype(np.float32)
 
     # numpy shapes are ggml's dimensions reversed: a [rows, n_embd] array multiplies n_embd inputs.
-    writer.add_tensor("token_embd.weight", weight(n_vocab, config.n_embd, scale=1.0))
+    add("token_embd.weight", weight(n_vocab, config.n_embd, scale=1.0 if config.scale >= 0.2 else config.scale))
     for i in range(config.n_layer):
         blk = f"blk.{i}"
-        writer.add_tensor(f"{blk}.attn_norm.weight", norm())
-        writer.add_tensor(f"{blk}.attn_q.weight", weight(config.n_embd, config.n_embd))
-        writer.add_tensor(f"{blk}.attn_q.bias", weight(config.n_embd))
-        writer.add_tensor(f"{blk}.attn_k.weight", weight(n_kv, config.n_embd))
-        writer.add_tensor(f"{blk}.attn_k.bias", weight(n_kv))
-        writer.add_tensor(f"{blk}.attn_v.weight", weight(n_kv, config.n_embd))
-        writer.add_tensor(f"{blk}.attn_v.bias", weight(n_kv))
-        writer.add_tensor(f"{blk}.attn_output.weight", weight(config.n_embd, config.n_embd))
-        writer.add_tensor(f"{blk}.ffn_norm.weight", norm())
-        writer.add_tensor(f"{blk}.ffn_gate.weight", weight(config.n_ff, config.n_embd))
-        writer.add_tensor(f"{blk}.ffn_up.weight", weight(config.n_ff, config.n_embd))
-        writer.add_tensor(f"{blk}.ffn_down.weight", weight(config.n_embd, config.n_ff))
-    writer.add_tensor("output_norm.weight", norm())
+        add(f"{blk}.attn_norm.weight", norm())
+        add(f"{blk}.attn_q.weight", weight(config.n_embd, config.n_embd))
+        add(f"{blk}.attn_q.bias", weight(config.n_embd))
+        add(f"{blk}.attn_k.weight", weight(n_kv, config.n_embd))
+        add(f"{blk}.attn_k.bias", weight(n_kv))
+        add(f"{blk}.attn_v.weight", weight(n_kv, config.n_embd))
+        add(f"{blk}.attn_v.bias", weight(n_kv))
+        add(f"{blk}.attn_output.weight", weight(config.n_embd, config.n_embd))
+        add(f"{blk}.ffn_norm.weight", norm())
+        add(f"{blk}.ffn_gate.weight", weight(config.n_ff, config.n_embd))
+        add(f"{blk}.ffn_up.weight", weight(config.n_ff, config.n_embd))
+        add(f"{blk}.ffn_down.weight", weight(config.n_embd, config.n_ff))
+    add("output_norm.weight", norm())
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -103,7 +123,8 @@ def _write_metadata(writer: Any, config: TinyQwen2, tokens: list[str], types: li
     writer.add_head_count_kv(config.n_head_kv)
     writer.add_rope_freq_base(1_000_000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    file_types = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}
+    writer.add_file_type(file_types.get(config.weight_type, gguf.LlamaFileType.MOSTLY_Q8_0))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
@@ -114,3 +135,20 @@ def _write_metadata(writer: Any, config: TinyQwen2, tokens: list[str], types: li
     writer.add_pad_token_id(eos)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(config.add_eos)
+
+
+def write_dense_head(path: Path, *, inputs: int, outputs: int, seed: int = 1) -> Path:
+    """A sentence-transformers Dense module's weights, as stella ships in `2_Dense_<dims>/model.safetensors`:
+    `linear.weight` [outputs, inputs] and `linear.bias` [outputs]."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            "linear.weight": (rng.standard_normal((outputs, inputs)) / np.sqrt(inputs)).astype(np.float32),
+            "linear.bias": (rng.standard_normal(outputs) * 0.1).astype(np.float32),
+        },
+        str(path),
+    )
+    return path

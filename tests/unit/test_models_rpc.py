@@ -96,6 +96,16 @@ async def test_swap_over_the_wire_and_its_refusals(stub: models_pb2_grpc.ModelsA
     assert code is grpc.StatusCode.PERMISSION_DENIED and "outside the folders" in details
     code, _ = await code_of(stub.LoadModel(models_pb2.LoadModelRequest(name="lazy", keep_alive_seconds=-1)))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
+    # Options and file roles are the backend's to judge; the fake backend has none of either.
+    code, details = await code_of(stub.LoadModel(models_pb2.LoadModelRequest(name="lazy", spec="options: {x: 1}")))
+    assert (
+        code is grpc.StatusCode.INVALID_ARGUMENT
+        and "model 'lazy': invalid options for backend 'fake': options.x" in details
+    )
+    code, details = await code_of(
+        stub.LoadModel(models_pb2.LoadModelRequest(name="lazy", spec="files: {projection_head: other.bin}"))
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "no use for `files` role(s) projection_head" in details
     code, _ = await code_of(stub.LoadModel(models_pb2.LoadModelRequest(name="nope")))
     assert code is grpc.StatusCode.NOT_FOUND
     assert (await stub.GetModel(models_pb2.GetModelRequest(name="lazy"))).source == "other.bin"

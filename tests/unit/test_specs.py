@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,25 @@ def test_repository_catalog_declares_the_default_and_user_models(catalog: Catalo
     for name in ("kalm-embedding-multilingual-mini-v1", "ember-v1", "stella-en-1.5b-v5"):
         assert catalog.models[name].source.startswith("hf://")
         assert catalog.models[name].load is LoadPolicy.ON_DEMAND
+
+
+def test_decoder_entries_state_how_their_authors_run_them(catalog: Catalog) -> None:
+    gte = catalog.models["gte-qwen2-1.5b-instruct"]
+    assert gte.options == {"attention": "bidirectional", "append_tokens": ["<|endoftext|>"]}
+    stella = catalog.models["stella-en-1.5b-v5"]
+    assert (stella.pooling, stella.dimensions, stella.options) == (Pooling.MEAN, 1024, {"attention": "bidirectional"})
+    head = stella.files["projection_head"]
+    assert re.fullmatch(r"hf://NovaSearch/stella_en_1\.5B_v5/2_Dense_1024/model\.safetensors@[0-9a-f]{40}", head)
+    kalm = catalog.models["kalm-embedding-multilingual-mini-v1"]
+    assert (kalm.pooling, kalm.dimensions, kalm.max_tokens, kalm.options) == (
+        Pooling.MEAN,
+        896,
+        512,
+        {"attention": "causal", "append_tokens": []},
+    )
+    ember = catalog.models["ember-v1"]
+    assert (ember.pooling, ember.dimensions, ember.max_tokens) == (Pooling.CLS, 1024, 512)
+    assert ember.options == {"attention": "bidirectional", "append_tokens": []}
 
 
 def _write(tmp_path: Path, text: str) -> Path:

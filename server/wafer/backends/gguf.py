@@ -21,14 +21,16 @@ import ctypes
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import llama_cpp
 import numpy as np
 import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field
 
 from wafer.backends.base import (
     Backend,
@@ -43,6 +45,59 @@ from wafer.errors import FailedPreconditionError, InvalidArgumentError, Unavaila
 from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
 
 _Vector = NDArray[np.float32]
+
+
+class Attention(StrEnum):
+    """How tokens attend to each other when the model embeds."""
+
+    # Each token sees those before it: decoder LLMs, and embedders trained that way (KaLM).
+    CAUSAL = "causal"
+    # Every token sees the whole text: encoders, and decoders trained with the mask removed
+    # (gte-Qwen2, stella). Public GGUF conversions of those do not record it.
+    BIDIRECTIONAL = "bidirectional"
+
+
+class GgufOptions(BaseModel):
+    """The `options` of a gguf model in models.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    attention: Attention | None = Field(
+        default=None,
+        description="Attention when embedding: causal or bidirectional. Default: what the GGUF file records "
+        "(`<arch>.attention.causal`; causal when it records nothing, as decoder conversions do).",
+    )
+    append_tokens: list[str] = Field(
+        default_factory=list,
+        description="Special tokens, by their text (e.g. '<|endoftext|>'), every input to embed must end with: "
+        "added after the tokenizer's own unless the input already ends with them. Each must be one token of "
+        "the model's vocabulary.",
+    )
+
+
+# Role of `files` holding a sentence-transformers Dense head (`2_Dense_<dims>/model.safetensors`).
+PROJECTION_HEAD = "projection_head"
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """A Linear layer applied to pooled vectors: out = pooled @ weight.T + bias."""
+
+    weight: NDArray[np.float32]
+    bias: NDArray[np.float32]
+
+    @property
+    def inputs(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def outputs(self) -> int:
+        return int(self.weight.shape[0])
+
+    def __call__(self, vectors: FloatMatrix) -> FloatMatrix:
+        projected = vectors.astype(np.float64) @ self.weight.T.astype(np.float64) + self.bias
+        return projected.astype(np.float32)
+
 
 _POOLING: dict[Pooling, int] = {
     Pooling.MEAN: llama_cpp.LLAMA_POOLING_TYPE_MEAN,
@@ -201,6 +256,9 @@ class _StopMatcher:
 
 class GgufBackend(Backend):
     tasks = frozenset({Task.EMBED, Task.RERANK, Task.GENERATE})
+    options_model: ClassVar[type[BaseModel]] = GgufOptions
+    optional_files: ClassVar[frozenset[str]] = frozenset({PROJECTION_HEAD})
+    options: GgufOptions
 
     def __init__(
         self,
@@ -210,8 +268,10 @@ class GgufBackend(Backend):
         gen: _Context | None,
         emb: _Context | None,
         metadata: dict[str, str],
+        head: _Head | None = None,
     ) -> None:
         super().__init__(spec)
+        self._projection = head
         self._model: Any = model
         self._vocab: Any = llama_cpp.llama_model_get_vocab(model)
         self._gen = gen
@@ -228,11 +288,13 @@ class GgufBackend(Backend):
                 bos_token=self._token_text(int(llama_cpp.llama_vocab_bos(self._vocab))),
                 add_generation_prompt=True,
             )
+        self._append = [self._special_token(text) for text in self.options.append_tokens]
         self._head, self._tail = self._special_framing()
         self._yes: list[int] = []
         self._no: list[int] = []
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self._embed_limit = min(spec.max_tokens, n_ctx_train)
+        self._dimensions = head.outputs if head is not None else self._n_embd
 
     # -- Loading -------------------------------------------------------------------------------
 
@@ -240,6 +302,9 @@ class GgufBackend(Backend):
     def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> GgufBackend:
         path = files.weights
         _check_gguf_file(spec.name, path)
+        settings = cast(GgufOptions, cls.check_spec(spec))
+        head_path = files.extra.get(PROJECTION_HEAD)
+        head = _read_head(spec.name, head_path) if head_path is not None else None
         # llama.cpp's own log lines become structured log events: llama-cpp-python's default
         # callback prints raw text into the server's JSON log stream.
         llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
@@ -266,19 +331,16 @@ class GgufBackend(Backend):
         try:
             metadata = _metadata(model)
             n_embd = int(llama_cpp.llama_model_n_embd(model))
-            if embeds and spec.dimensions != n_embd:
-                raise FailedPreconditionError(
-                    f"model {spec.name!r}: models.yaml says dimensions {spec.dimensions}, "
-                    f"but the GGUF file's embedding size is {n_embd}"
-                )
             n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+            if embeds:
+                _check_embedding_shape(spec, n_embd, n_ctx_train, head, head_path)
             if generates:
                 params = _generation_params(spec, options.threads, n_ctx_train)
                 gen = _Context(model, params, what="generation")
             if embeds:
-                params = _embedding_params(spec, options.threads, n_ctx_train, metadata)
+                params = _embedding_params(spec, options.threads, n_ctx_train, _causal(settings, metadata))
                 emb = _Context(model, params, what="embedding")
-            backend = cls(spec, model=model, gen=gen, emb=emb, metadata=metadata)
+            backend = cls(spec, model=model, gen=gen, emb=emb, metadata=metadata, head=head)
             if relevance:
                 backend._prepare_relevance()
             return backend
@@ -292,7 +354,7 @@ class GgufBackend(Backend):
     # -- Backend contract ----------------------------------------------------------------------
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenize(text, special=True, parse=False))
+        return len(self._input_tokens(text))
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Token spans from the byte length of each token's piece.
@@ -339,7 +401,7 @@ class GgufBackend(Backend):
                 raise FailedPreconditionError(f"model {self.spec.name!r} produced non-finite logits")
         if self._emb is not None:
             vectors = self.embed(["ok"], truncate=True).vectors
-            if vectors.shape != (1, self._n_embd) or not bool(np.isfinite(vectors).all()):
+            if vectors.shape != (1, self._dimensions) or not bool(np.isfinite(vectors).all()):
                 raise FailedPreconditionError(f"model {self.spec.name!r} produced an invalid embedding")
 
     def close(self) -> None:
@@ -450,7 +512,7 @@ class GgufBackend(Backend):
         limit = self._embed_limit
         inputs: list[list[int]] = []
         for i, text in enumerate(texts):
-            tokens = self._tokenize(text, special=True, parse=False)
+            tokens = self._input_tokens(text)
             if not tokens:
                 raise InvalidArgumentError(f"input {i} is empty after tokenization")
             if len(tokens) > limit:
@@ -472,6 +534,10 @@ class GgufBackend(Backend):
             used += len(tokens)
         if group:
             self._embed_group(ctx, inputs, group, vectors)
+        if self._projection is not None:
+            # After pooling, before normalization (which the engine applies), as sentence-transformers
+            # runs its modules: Transformer, Pooling, Dense.
+            vectors = self._projection(vectors)
         return Embeddings(vectors=vectors, token_counts=[len(t) for t in inputs])
 
     def _embed_group(self, ctx: _Context, inputs: list[list[int]], rows: list[int], out: FloatMatrix) -> None:
@@ -486,7 +552,8 @@ class GgufBackend(Backend):
         ctx.clear()
 
     def _embed_long(self, ctx: _Context, tokens: list[int]) -> _Vector:
-        """Pool a text longer than one decode: causal attention makes each chunk's states exact."""
+        """Pool a text longer than one decode: causal attention makes each chunk's states exact.
+        Only causal contexts get here: a bidirectional one decodes its whole window at once."""
         pooling = self.spec.pooling
         if pooling is Pooling.CLS:
             tokens = tokens[: ctx.n_batch]  # the first token's state does not depend on later ones
@@ -653,10 +720,28 @@ class GgufBackend(Backend):
             return ""
         return str(llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace"))
 
+    def _input_tokens(self, text: str) -> list[int]:
+        """The tokens embedding reads for `text`: the tokenizer's, special ones included, then the
+        `append_tokens` the model must end with, unless the tokenizer already put them there."""
+        tokens = self._tokenize(text, special=True, parse=False)
+        append = self._append
+        if append and tokens[len(tokens) - len(append) :] != append:
+            tokens += append
+        return tokens
+
+    def _special_token(self, text: str) -> int:
+        tokens = self._tokenize(text, special=False, parse=True)
+        if len(tokens) != 1:
+            raise FailedPreconditionError(
+                f"model {self.spec.name!r}: options.append_tokens names {text!r}, which is not one token of "
+                f"the model's vocabulary (it tokenizes to {len(tokens)})"
+            )
+        return tokens[0]
+
     def _special_framing(self) -> tuple[int, int]:
-        """How many special tokens the tokenizer puts before and after a text."""
+        """How many special tokens an input has before and after its text (appended ones included)."""
         plain = self._tokenize("a", special=False, parse=False)
-        framed = self._tokenize("a", special=True, parse=False)
+        framed = self._input_tokens("a")
         for head in range(len(framed) - len(plain) + 1):
             if framed[head : head + len(plain)] == plain:
                 return head, len(framed) - head - len(plain)
@@ -697,13 +782,24 @@ def _generation_params(spec: ModelSpec, threads: int, n_ctx_train: int) -> Any:
     return params
 
 
-def _embedding_params(spec: ModelSpec, threads: int, n_ctx_train: int, metadata: dict[str, str]) -> Any:
+def _causal(options: GgufOptions, metadata: dict[str, str]) -> bool:
+    """Whether embedding attends causally: the spec's `attention`, else what the file records."""
+    if options.attention is not None:
+        return options.attention is Attention.CAUSAL
     arch = metadata.get("general.architecture", "")
-    causal = metadata.get(f"{arch}.attention.causal", "true") != "false"
+    return metadata.get(f"{arch}.attention.causal", "true") != "false"
+
+
+def _embedding_params(spec: ModelSpec, threads: int, n_ctx_train: int, causal: bool) -> Any:
     limit = min(spec.max_tokens, n_ctx_train)
     params = _context_params(threads)
     params.embeddings = True
     params.pooling_type = _POOLING[spec.pooling]
+    # Set either way: llama.cpp would otherwise take the file's own flag, which conversions of
+    # bidirectionally trained decoders leave out.
+    params.attention_type = (
+        llama_cpp.LLAMA_ATTENTION_TYPE_CAUSAL if causal else llama_cpp.LLAMA_ATTENTION_TYPE_NON_CAUSAL
+    )
     params.n_ctx = limit
     # llama.cpp pools per micro-batch: a non-causal model must see each text whole in one.
     params.n_batch = params.n_ubatch = min(_EMBED_BATCH, limit) if causal else limit
@@ -711,6 +807,52 @@ def _embedding_params(spec: ModelSpec, threads: int, n_ctx_train: int, metadata:
     params.n_seq_max = min(_EMBED_SEQS, params.n_batch)
     params.kv_unified = True
     return params
+
+
+def _check_embedding_shape(
+    spec: ModelSpec, n_embd: int, n_ctx_train: int, head: _Head | None, head_path: Path | None
+) -> None:
+    if head is not None and head.inputs != n_embd:
+        raise FailedPreconditionError(
+            f"model {spec.name!r}: the projection head {head_path} takes {head.inputs}-d vectors, but the GGUF "
+            f"file's embedding size is {n_embd}: it is another model's head"
+        )
+    out = head.outputs if head is not None else n_embd
+    if spec.dimensions != out:
+        what = f"the projection head {head_path} outputs" if head is not None else "the GGUF file's embedding size is"
+        raise FailedPreconditionError(
+            f"model {spec.name!r}: models.yaml says dimensions {spec.dimensions}, but {what} {out}"
+        )
+    if spec.max_tokens > n_ctx_train:
+        # Chunking and pool_chunks cut texts to `max_tokens`: a smaller real window would cut them again.
+        raise FailedPreconditionError(
+            f"model {spec.name!r}: models.yaml says max_tokens {spec.max_tokens}, but the GGUF file's model was "
+            f"trained for {n_ctx_train} tokens; set max_tokens to at most {n_ctx_train}"
+        )
+
+
+def _read_head(name: str, path: Path) -> _Head:
+    """A sentence-transformers Dense module's weights (`linear.weight` [out, in], `linear.bias` [out])."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise FailedPreconditionError(f"model {name!r}: cannot read the projection head {path}: {exc}") from None
+    weight, bias = tensors.get("linear.weight"), tensors.get("linear.bias")
+    if weight is None or weight.ndim != 2:
+        raise FailedPreconditionError(
+            f"model {name!r}: {path} is not a Dense head: it has no 2-d `linear.weight` "
+            f"(tensors: {', '.join(sorted(tensors)) or 'none'})"
+        )
+    if bias is None:
+        bias = np.zeros(weight.shape[0], dtype=np.float32)
+    if bias.shape != (weight.shape[0],):
+        raise FailedPreconditionError(
+            f"model {name!r}: {path}: `linear.bias` has shape {bias.shape}, not ({weight.shape[0]},)"
+        )
+    return _Head(weight=weight.astype(np.float32), bias=bias.astype(np.float32))
 
 
 def _context_params(threads: int) -> Any:
