@@ -43,7 +43,18 @@ from wafer.errors import (
 )
 from wafer.indexing import COLLECTION_NAME, IndexService
 from wafer.jobs.policy import PolicyChecker, RunPolicy
-from wafer.jobs.sources import Batch, Cursor, JsonlSource, SourceReader, SourceSpec, SqliteSource, confine, open_reader
+from wafer.jobs.sources import (
+    Batch,
+    Cursor,
+    JsonlSource,
+    ReadLimits,
+    SourceReader,
+    SourceSpec,
+    SqliteSource,
+    TooManyRowsError,
+    confine,
+    open_reader,
+)
 from wafer.jobs.state import RESUMABLE, JobRecord, JobState, JobStore, to_json
 from wafer.metrics import Metrics
 
@@ -155,16 +166,20 @@ def _now() -> datetime:
 
 class _ReaderThread:
     """One thread per run of a job, so reader calls never overlap, even when the task is cancelled
-    while a read is under way (the close queues behind it)."""
+    while a read is under way (the close queues behind it). Closing it stops a SQLite statement
+    under way (`ReadLimits.stop`): a cancelled, paused or shut-down job leaves no thread working."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, limits: ReadLimits) -> None:
+        self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wafer-job-{job_id}")
 
     async def run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
-    def close(self, reader: SourceReader) -> None:
-        self._pool.submit(reader.close)
+    def close(self, reader: SourceReader | None) -> None:
+        self.limits.stop.set()
+        if reader is not None:
+            self._pool.submit(reader.close)
         self._pool.shutdown(wait=False)
 
 
@@ -263,7 +278,12 @@ class JobManager:
             source, total = JsonlSource(path=path), len(documents)
         else:
             source = self._confined(request.source)
-            await asyncio.to_thread(self._check_source, source)
+            limits = self._read_limits()
+            try:
+                await asyncio.to_thread(self._check_source, source, limits)
+            finally:
+                # A caller gone (deadline, cancel) stops the query it started.
+                limits.stop.set()
         record = JobRecord(
             id=job_id,
             collection=request.collection,
@@ -384,8 +404,12 @@ class JobManager:
 
     async def _execute(self, job: _Job) -> None:
         record = job.record
-        thread = _ReaderThread(record.id)
-        reader = await thread.run(lambda: open_reader(record.source, record.cursor))
+        thread = _ReaderThread(record.id, self._read_limits())
+        try:
+            reader = await thread.run(lambda: open_reader(record.source, record.cursor, thread.limits))
+        except BaseException:
+            thread.close(None)
+            raise
         # Batches written but not yet checkpointed, oldest first: the next batch embeds while the
         # previous one is written, and checkpoints advance strictly in source order.
         in_flight: deque[tuple[asyncio.Task[bool], Batch]] = deque()
@@ -412,7 +436,7 @@ class JobManager:
                     # A transient refusal: drop what followed it and read again from the checkpoint.
                     await _cancel_all(in_flight)
                     await thread.run(reader.close)
-                    reader = await thread.run(lambda: open_reader(record.source, record.cursor))
+                    reader = await thread.run(lambda: open_reader(record.source, record.cursor, thread.limits))
                     exhausted = False
                     continue
                 self._advance(job, batch)
@@ -433,6 +457,8 @@ class JobManager:
             return
         try:
             record.total = await thread.run(reader.count)
+        except TooManyRowsError:
+            raise
         except WaferError as error:
             # Progress without a total (and an ETA) is still progress.
             log.warning("cannot count the source; no total or ETA", job=record.id, error=error.message)
@@ -524,10 +550,20 @@ class JobManager:
             text_column=source.text_column or "text",
         )
 
+    def _read_limits(self) -> ReadLimits:
+        """Fresh limits (and stop event) for one run of a reader."""
+        settings = self._settings
+        return ReadLimits(
+            roots=tuple(self._roots),
+            query_seconds=settings.jobs_sqlite_query_seconds,
+            max_rows=settings.jobs_sqlite_max_rows,
+            max_line_bytes=settings.jobs_max_line_bytes,
+        )
+
     @staticmethod
-    def _check_source(source: SourceSpec) -> None:
+    def _check_source(source: SourceSpec, limits: ReadLimits) -> None:
         """Open the source and read nothing: a wrong query or column fails the submit, not the job."""
-        reader: SourceReader = open_reader(source, Cursor())
+        reader: SourceReader = open_reader(source, Cursor(), limits)
         reader.close()
 
     async def _save(self, job: _Job, *, notify: bool = True) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from wafer.jobs import (
     PolicyChecker,
     PowerProbe,
     RunPolicy,
+    SqliteSource,
 )
 from wafer.jobs.state import JobStore
 from wafer.metrics import Metrics
@@ -324,3 +328,62 @@ async def test_a_failed_inline_job_keeps_its_documents_to_retry(stack: Stack) ->
         assert copy.exists()
     finally:
         await second.close()
+
+
+# -- issue 13: work nobody waits for stops -----------------------------------------------------------
+
+ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x AS id, 'a' AS text FROM c"
+
+
+def job_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("wafer-job-") and t.is_alive()]
+
+
+async def no_job_threads_within(seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / 0.05) + 1):
+        if not job_threads() or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return not job_threads()
+
+
+async def test_cancel_stops_a_sqlite_count_that_never_ends(stack: Stack, manager: JobManager) -> None:
+    db = stack.settings.jobs_allowed_roots[0] / "one.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    submitted = await manager.submit(JobRequest(collection="endless", source=SqliteSource(db, ENDLESS)))
+    await asyncio.sleep(0.5)
+    assert job_threads(), "the job is counting its endless query"
+    cancelled = await manager.cancel(submitted.id)
+    assert cancelled.state is JobState.CANCELLED
+    assert await no_job_threads_within(3), "the count kept running after the cancel"
+
+
+async def test_closing_the_manager_stops_a_sqlite_count_that_never_ends(stack: Stack) -> None:
+    db = stack.settings.jobs_allowed_roots[0] / "one.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    manager = stack.manager()
+    await manager.start()
+    await manager.submit(JobRequest(collection="endless", source=SqliteSource(db, ENDLESS)))
+    await asyncio.sleep(0.5)
+    await manager.close()
+    assert await no_job_threads_within(3), "shutdown left the count running (the process could not exit)"
+
+
+async def test_submit_refuses_a_query_that_returns_no_row_in_time(stack: Stack) -> None:
+    db = stack.settings.jobs_allowed_roots[0] / "one.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    stack.settings = stack.settings.model_copy(update={"jobs_sqlite_query_seconds": 0.5})
+    manager = stack.manager()
+    await manager.start()
+    try:
+        with pytest.raises(InvalidArgumentError, match="jobs_sqlite_query_seconds"):
+            await manager.submit(JobRequest(collection="endless", source=SqliteSource(db, ENDLESS + " WHERE x < 0")))
+    finally:
+        await manager.close()
