@@ -57,7 +57,7 @@ async def serve(settings: Settings) -> None:
         else None
     )
     engine = InferenceEngine(registry, settings, metrics, cache)
-    index = IndexService(engine, open_store(settings))
+    index = IndexService(engine, open_store(settings), max_payload_bytes=settings.max_payload_bytes)
     jobs = JobManager(
         settings,
         index,

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, gt=0, description="Largest single input text or prompt, in bytes."
     )
     max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest gRPC message.")
+    max_payload_bytes: int = Field(
+        default=64 * 1024,
+        gt=0,
+        description="Largest payload of one stored document, as JSON, in bytes (searches return payloads).",
+    )
     default_max_new_tokens: int = Field(default=256, gt=0, description="Generate's max_tokens when unset.")
     max_new_tokens_limit: int = Field(default=4096, gt=0, description="Largest max_tokens a call may ask.")
     unload_drain_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -170,3 +170,109 @@ def test_cancelling_a_job_stuck_in_its_count_frees_the_slot(fresh_server: Server
             time.sleep(0.2)
         assert client.get_job(small.id).state == "succeeded"
     assert_still_serving(fresh_server.address)
+
+
+# -- bad input gets INVALID_ARGUMENT, and the server keeps serving ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "corpora").mkdir()
+    server = start_server(
+        root / "data",
+        env={"WAFER_JOBS_ALLOWED_ROOTS": f'["{root / "corpora"}"]', "WAFER_MAX_PAYLOAD_BYTES": "100000"},
+    )
+    with WaferClient(server.address, timeout=60, retries=0) as client:
+        client.upsert("base", [{"id": "a", "text": "hello there", "payload": {"n": 1}}])
+    yield server, root
+    server.stop()
+
+
+def refused(address: str, call: Callable[[WaferClient], object], code: str = "INVALID_ARGUMENT") -> str:
+    with WaferClient(address, timeout=30, retries=0) as client, pytest.raises(WaferError) as error:
+        call(client)
+    assert error.value.code.name == code, str(error.value)
+    assert_still_serving(address)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30, 2**63])
+def test_filter_values_out_of_range(shared: tuple[ServerProcess, Path], value: float) -> None:
+    refused(shared[0].address, lambda c: c.search("base", "hello", filter={"n": value}))
+
+
+@pytest.mark.parametrize("key", ["$", "a..b", "a\x01b"])
+def test_malformed_filter_keys(shared: tuple[ServerProcess, Path], key: str) -> None:
+    refused(shared[0].address, lambda c: c.search("base", "hello", filter={key: 1}))
+
+
+def test_a_nan_payload_value_creates_no_collection(shared: tuple[ServerProcess, Path]) -> None:
+    address = shared[0].address
+    refused(address, lambda c: c.upsert("nan-new", [{"id": "x", "text": "t", "payload": {"v": float("nan")}}]))
+    with WaferClient(address, timeout=30, retries=0) as client:
+        assert "nan-new" not in [c.name for c in client.list_collections()]
+
+
+def test_a_payload_over_the_limit_creates_no_collection(shared: tuple[ServerProcess, Path]) -> None:
+    address = shared[0].address
+    message = refused(
+        address, lambda c: c.upsert("big-new", [{"id": "x", "text": "t", "payload": {"v": "x" * 200_000}}])
+    )
+    assert "max_payload_bytes" in message
+    with WaferClient(address, timeout=30, retries=0) as client:
+        assert "big-new" not in [c.name for c in client.list_collections()]
+
+
+@pytest.mark.parametrize("name", ["bad\nname", "x" * 10_000])
+def test_bad_collection_names(shared: tuple[ServerProcess, Path], name: str) -> None:
+    message = refused(shared[0].address, lambda c: c.upsert(name, [{"id": "x", "text": "t"}]))
+    assert len(message) < 1000
+    assert not (shared[0].data_dir / "edge" / name[:200]).exists()
+
+
+def test_a_job_path_with_a_nul(shared: tuple[ServerProcess, Path]) -> None:
+    path = str(shared[1] / "corpora" / "a\x00b.jsonl")
+    refused(shared[0].address, lambda c: c.submit_job("nul", JsonlSource(path=path)))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"id": ' + "7" * 5000 + ', "text": "t"}',
+        '{"id": 1, "text": "t", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+)
+def test_hostile_jsonl_lines_fail_the_job_clearly(shared: tuple[ServerProcess, Path], line: str) -> None:
+    server, root = shared
+    path = root / "corpora" / f"hostile-{len(line)}.jsonl"
+    path.write_text(line + "\n")
+    with WaferClient(server.address, timeout=30, retries=0) as client:
+        job = client.submit_job("hostile", JsonlSource(path=str(path)))
+        deadline = time.monotonic() + 60
+        while (status := client.get_job(job.id)).state not in ("failed", "succeeded") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status.state == "failed"
+        assert "line 1" in status.error
+    assert_still_serving(server.address)
+
+
+def test_resume_does_not_follow_a_link_out_of_the_roots(shared: tuple[ServerProcess, Path], tmp_path: Path) -> None:
+    server, root = shared
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"id": "s", "text": "the secret"}\n')
+    path = root / "corpora" / "swapped.jsonl"
+    path.write_text('{"id": "ok", "text": "fine"}\nnot json\n')
+    with WaferClient(server.address, timeout=30, retries=0) as client:
+        job = client.submit_job("swapped", JsonlSource(path=str(path)))
+        deadline = time.monotonic() + 60
+        while client.get_job(job.id).state != "failed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        path.unlink()
+        path.symlink_to(secret)
+        client.resume_job(job.id)
+        while (status := client.get_job(job.id)).state not in ("failed", "succeeded") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status.state == "failed" and "jobs_allowed_roots" in status.error
+        assert "swapped" not in [c.name for c in client.list_collections()], "nothing of the secret was indexed"
+    assert_still_serving(server.address)

@@ -251,9 +251,9 @@ class JobManager:
     # -- calls ---------------------------------------------------------------------------------
 
     async def submit(self, request: JobRequest) -> JobStatus:
-        if not COLLECTION_NAME.match(request.collection):
+        if not COLLECTION_NAME.fullmatch(request.collection):
             raise InvalidArgumentError(
-                f"collection name {request.collection!r} must be 1-128 characters of letters, digits, "
+                f"collection name {request.collection[:64]!r} must be 1-128 characters of letters, digits, "
                 "'_', '-' or '.', starting with a letter or digit"
             )
         batch_size = request.batch_size or self._settings.jobs_batch_size
