@@ -7,9 +7,10 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -23,6 +24,7 @@ from wafer.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from wafer.indexing import IndexService
@@ -38,6 +40,7 @@ from wafer.jobs import (
     RunPolicy,
     SqliteSource,
 )
+from wafer.jobs.manager import MAX_WATCHERS, WATCH_MIN_INTERVAL_SECONDS
 from wafer.jobs.state import JobStore
 from wafer.metrics import Metrics
 from wafer.store.qdrant import QdrantStore
@@ -387,3 +390,31 @@ async def test_submit_refuses_a_query_that_returns_no_row_in_time(stack: Stack) 
             await manager.submit(JobRequest(collection="endless", source=SqliteSource(db, ENDLESS + " WHERE x < 0")))
     finally:
         await manager.close()
+
+
+async def test_watches_are_rate_limited_and_bounded(stack: Stack, manager: JobManager) -> None:
+    """Issue 13 #3: every change reached every watcher at once; 2,000 of them kept the cores busy."""
+    documents = [StoredDocument(id=f"d{i}", text=f"text number {i}") for i in range(200)]
+    submitted = await manager.submit(JobRequest(collection="many", source=InlineSource(documents), batch_size=1))
+    started = time.monotonic()
+    messages = 0
+    async with asyncio.timeout(WAIT_SECONDS):
+        async for status in manager.watch(submitted.id):
+            messages += 1
+            if status.state.finished:
+                break
+    elapsed = time.monotonic() - started
+    assert messages <= elapsed / WATCH_MIN_INTERVAL_SECONDS + 2, (messages, elapsed)
+
+    other = await manager.submit(
+        JobRequest(collection="more", source=InlineSource(documents[:1]), policy=RunPolicy(when_charging=True))
+    )
+    watches = [cast(AsyncGenerator[JobStatus, None], manager.watch(other.id)) for _ in range(MAX_WATCHERS)]
+    for watch in watches:
+        await anext(watch)
+    with pytest.raises(ResourceExhaustedError):
+        await anext(manager.watch(other.id))
+    await watches[0].aclose()
+    await anext(manager.watch(other.id))
+    for watch in watches[1:]:
+        await watch.aclose()
