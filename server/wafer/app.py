@@ -59,7 +59,7 @@ async def serve(settings: Settings) -> None:
     )
     contexts = ContextStore(settings.data_dir / "contexts")
     engine = InferenceEngine(registry, settings, metrics, cache, contexts)
-    index = IndexService(engine, open_store(settings), contexts)
+    index = IndexService(engine, open_store(settings), contexts, max_payload_bytes=settings.max_payload_bytes)
     jobs = JobManager(
         settings,
         index,

@@ -29,6 +29,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,11 +37,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import structlog
 
 from wafer.backends.base import Embeddings, InputTooLongError
 from wafer.domain import FloatMatrix
 from wafer.metrics import Metrics
 from wafer.specs import ModelSpec
+
+log = structlog.get_logger("wafer.cache")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS embeddings (
@@ -172,17 +176,39 @@ class EmbeddingCache:
         self._hits = 0
         self._misses = 0
         # Opened on the cache thread: every use of the connection happens there.
-        self._db: sqlite3.Connection = self._thread.submit(self._connect, path).result()
-        self._clock, self._count = self._thread.submit(self._totals).result()
+        self._db, (self._clock, self._count) = self._thread.submit(self._open, path).result()
+
+    def _open(self, path: Path) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """The cache at `path`; one that cannot be read (truncated, not SQLite, a folder) is moved
+        aside and started over: a cache is disposable, and must never keep the server from starting."""
+        try:
+            db = self._connect(path)
+        except sqlite3.Error as exc:
+            kept = _quarantine(path)
+            log.warning(
+                "embedding cache unreadable; moved aside and started empty",
+                path=str(path),
+                moved_to=str(kept),
+                error=str(exc),
+            )
+            db = self._connect(path)
+        self._db = db
+        return db, self._totals()
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        # In WAL mode NORMAL syncs at checkpoints only: a power cut may drop the newest entries,
-        # which are recomputed on their next miss; the file itself stays consistent.
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL syncs at checkpoints only: a power cut may drop the newest entries,
+            # which are recomputed on their next miss; the file itself stays consistent.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            # Reads every page of the table's tree: a truncated file fails here, not at a lookup.
+            db.execute("SELECT COALESCE(MAX(used), 0), COUNT(*) FROM embeddings").fetchone()
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _totals(self) -> tuple[int, int]:
@@ -196,6 +222,9 @@ class EmbeddingCache:
         found = await self._run(lambda: self._get(keys))
         if not recipe.truncate:
             found = {i: entry for i, entry in found.items() if entry[1] < recipe.window}
+        # A row of the wrong size is damage (the file was edited or mixed up): recompute it, the
+        # new vector replaces it.
+        found = {i: entry for i, entry in found.items() if entry[0].shape == (recipe.dimensions,)}
         hits = len(found)
         with self._lock:
             self._hits += hits
@@ -274,3 +303,15 @@ class EmbeddingCache:
                     (self._count - target,),
                 )
                 self._count = target
+
+
+def _quarantine(path: Path) -> Path:
+    """Move the cache file (with its WAL and shared-memory files), or whatever is at its path,
+    out of the way; returns where the main one went."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    kept = path.with_name(f"{path.name}.broken-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + suffix)
+        if source.exists() or source.is_symlink():
+            source.rename(kept.with_name(kept.name + suffix))
+    return kept

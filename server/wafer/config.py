@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, gt=0, description="Largest single input text or prompt, in bytes."
     )
     max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest gRPC message.")
+    max_payload_bytes: int = Field(
+        default=64 * 1024,
+        gt=0,
+        description="Largest payload of one stored document, as JSON, in bytes (searches return payloads).",
+    )
     default_max_new_tokens: int = Field(default=256, gt=0, description="Generate's max_tokens when unset.")
     max_new_tokens_limit: int = Field(default=4096, gt=0, description="Largest max_tokens a call may ask.")
     unload_drain_timeout_seconds: float = Field(default=30.0, gt=0)
@@ -152,6 +157,19 @@ class Settings(BaseSettings):
     )
     jobs_policy_poll_seconds: float = Field(
         default=1.0, gt=0, le=3600, description="How often a waiting job checks its run policy again."
+    )
+    jobs_sqlite_query_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="Longest one step of a job's SQLite query may run (opening it, counting it, fetching "
+        "one batch); past it the job fails, and SubmitJob's check of the query is refused.",
+    )
+    jobs_sqlite_max_rows: int = Field(
+        default=100_000_000, gt=0, description="Most rows a job's SQLite query may return; past it the job fails."
+    )
+    jobs_max_line_bytes: int = Field(
+        default=16 * 1024 * 1024, gt=0, description="Longest line of a job's JSONL file, in bytes."
     )
     power_supply_root: Path = Field(
         default=Path("/sys/class/power_supply"),

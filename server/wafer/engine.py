@@ -300,7 +300,7 @@ class InferenceEngine:
         arrived = time.perf_counter()
         with self._activity(request.priority):
             async with self._registry.lease(request.model, Task.RERANK) as model:
-                spec, backend, lane = model.spec, model.backend, request.priority
+                spec, lane = model.spec, request.priority
                 leased = time.perf_counter()
                 if spec.effective_rerank_method is RerankMethod.COSINE:
                     texts = [spec.query_prompt + request.query]
@@ -320,19 +320,9 @@ class InferenceEngine:
                     timings = _timings(embedded, waited=leased - arrived)
                 else:
                     try:
-                        judged = await model.scheduler.run(
-                            lambda: backend.score_relevance(
-                                request.query,
-                                request.documents,
-                                instruction=spec.rerank_instruction,
-                                truncate=request.truncate,
-                            ),
-                            lane=lane,
-                        )
+                        scores, token_counts, timings = await self._judge(model, request, arrived)
                     except InputTooLongError as error:
                         raise error.renamed(f"documents[{error.index}]", error.index) from None
-                    scores, token_counts = judged.value.scores, judged.value.token_counts
-                    timings = _timings(judged, waited=leased - arrived, batch_size=len(request.documents))
                     if self._metrics is not None:
                         self._metrics.record_batch(spec.name, Task.RERANK, len(token_counts), sum(token_counts))
         order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
@@ -351,6 +341,41 @@ class InferenceEngine:
             results=results,
             usage=Usage(prompt_tokens=sum(token_counts)),
             timings=timings,
+        )
+
+    async def _judge(
+        self, model: LoadedModel, request: RerankRequest, arrived: float
+    ) -> tuple[list[float], list[int], Timings]:
+        """An LLM judge's scores, a document per turn of the compute gate: other models' work runs
+        between two documents, and a caller that leaves (deadline, cancel, shutdown) stops the
+        judging at the next document instead of leaving the model busy for minutes."""
+        spec, backend = model.spec, model.backend
+        started: float | None = None
+
+        def start(cancelled: Callable[[], bool]) -> Iterator[tuple[float, int]]:
+            nonlocal started
+            started = time.perf_counter()
+            return backend.relevance_steps(
+                request.query,
+                request.documents,
+                instruction=spec.rerank_instruction,
+                truncate=request.truncate,
+                cancelled=cancelled,
+            )
+
+        scores: list[float] = []
+        token_counts: list[int] = []
+        steps = model.scheduler.stream(start, lane=request.priority)
+        async with contextlib.aclosing(steps):
+            async for score, tokens in steps:
+                scores.append(score)
+                token_counts.append(tokens)
+        now = time.perf_counter()
+        begun = started or now
+        return (
+            scores,
+            token_counts,
+            Timings(queue_ms=_ms(begun - arrived), inference_ms=_ms(now - begun), batch_size=len(request.documents)),
         )
 
     # -- Generate ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -35,12 +36,14 @@ from wafer.domain import (
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from wafer.specs import Task
-from wafer.store.base import CollectionInfo, FloatVector, StoredPoint, VectorStore
+from wafer.store.base import CollectionInfo, FloatVector, StoredPoint, VectorStore, user_payload
 
 T = TypeVar("T")
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEFAULT_TOP_K = 10
+# A document's payload as JSON: every search and GetDocuments returns it.
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_TOP_K = 1000
 DEFAULT_RERANK_TOP_N = 20
 # Chunks one search may read while looking for top_k distinct documents.
@@ -88,17 +91,27 @@ def derived_id(text: str) -> str:
 
 
 def _check_collection_name(name: str) -> None:
-    if not COLLECTION_NAME.match(name):
+    # fullmatch: `$` would let a trailing newline through. The name is cut in the message, which
+    # travels in gRPC metadata (8 KB at most: a longer one turns the error into RESOURCE_EXHAUSTED).
+    if not COLLECTION_NAME.fullmatch(name):
         raise InvalidArgumentError(
-            f"collection name {name!r} must be 1-128 characters of letters, digits, '_', '-' or '.', "
+            f"collection name {name[:64]!r} must be 1-128 characters of letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
         )
 
 
 class IndexService:
-    def __init__(self, engine: InferenceEngine, store: VectorStore, contexts: ContextStore | None = None) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        store: VectorStore,
+        contexts: ContextStore | None = None,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
         self._engine = engine
         self._store = store
+        self._max_payload_bytes = max_payload_bytes
         # Contexts of collections indexed with contextual models (cde), one per collection.
         self._contexts = contexts
         # Held while a new collection's context is built, so two first upserts agree on one.
@@ -137,6 +150,10 @@ class IndexService:
         ids = [d.id for d in documents]
         if len(set(ids)) != len(ids):
             raise InvalidArgumentError("document ids must be unique within one request")
+        # Payloads are checked before anything is embedded or created: a refused upsert to a new
+        # collection leaves no collection behind.
+        for document in documents:
+            self._check_payload(document)
         texts = [d.text for d in documents]
         # Documents, not chunks, count against the request limit: chunks are embedded in batches.
         self._engine.check_texts(texts, what="documents")
@@ -411,6 +428,15 @@ class IndexService:
 
     async def _in_store_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    def _check_payload(self, document: StoredDocument) -> None:
+        payload = user_payload(document.id, document.payload)
+        size = len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        if size > self._max_payload_bytes:
+            raise InvalidArgumentError(
+                f"document {document.id[:64]!r}: its payload takes {size} bytes as JSON; the limit is "
+                f"{self._max_payload_bytes} (max_payload_bytes): every search returns it"
+            )
 
     async def _find(self, collection: str) -> CollectionInfo | None:
         try:

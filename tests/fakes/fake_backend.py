@@ -36,6 +36,9 @@ class FakeBackend(Backend):
     closed: ClassVar[int] = 0
     # Texts embedded so far, by every instance: cache tests check what reached the model.
     embedded: ClassVar[list[str]] = []
+    # Once this many texts are embedded (all instances), the next embed closes the gate and waits:
+    # a test holds work mid-way at a known point, however fast the rest runs.
+    hold_after: ClassVar[int | None] = None
     # Raised by close() (after freeing), for tests of what a failed close leaves behind.
     close_error: ClassVar[Exception | None] = None
 
@@ -72,6 +75,8 @@ class FakeBackend(Backend):
     def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         assert context is None, "a context reached a backend that takes none"
         assert not self.is_closed, "embed on a closed backend"
+        if self.hold_after is not None and len(self.embedded) >= self.hold_after:
+            self.gate.clear()
         self._wait()
         type(self).embedded.extend(texts)
         return self._embed(texts, truncate=truncate)

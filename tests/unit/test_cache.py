@@ -3,6 +3,7 @@ reaches the model."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,43 @@ async def test_truncation_shares_entries_but_never_serves_a_cut_text_uncut(
     with pytest.raises(InvalidArgumentError, match="input 0 has 22 tokens"):
         await cached_engine.embed(EmbedRequest(inputs=["w " * 20]))
     assert reached_model == ["a b c", "w " * 20, "w " * 20]
+
+
+# -- a cache is disposable (issue 13) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "folder"])
+def test_an_unreadable_cache_is_moved_aside_and_started_over(
+    cache_file: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache_file.parent.mkdir(parents=True)
+    if damage == "folder":
+        cache_file.mkdir()
+    elif damage == "garbage":
+        cache_file.write_bytes(b"this is not a database at all " * 100)
+    else:
+        healthy = EmbeddingCache(cache_file, max_entries=10)
+        healthy.close()
+        data = cache_file.read_bytes()
+        cache_file.write_bytes(data[:100])
+    opened = EmbeddingCache(cache_file, max_entries=10)
+    try:
+        assert opened.stats().entries == 0
+    finally:
+        opened.close()
+    moved = [p for p in cache_file.parent.iterdir() if ".broken-" in p.name]
+    assert len(moved) >= 1, "the damaged file is kept for whoever wants to look at it"
+    logged = capsys.readouterr().out
+    assert logged.count("embedding cache unreadable") == 1 and str(cache_file) in logged
+
+
+async def test_cache_rows_of_the_wrong_size_are_recomputed(
+    cached_engine: InferenceEngine, cache_file: Path, reached_model: list[str]
+) -> None:
+    first = await cached_engine.embed(EmbedRequest(inputs=["hello"]))
+    with sqlite3.connect(cache_file) as db:
+        db.execute("UPDATE embeddings SET vector = ?", (np.zeros(3, dtype=np.float32).tobytes(),))
+    db.close()
+    again = await cached_engine.embed(EmbedRequest(inputs=["hello"]))
+    assert again.cached == 0 and reached_model == ["hello", "hello"]
+    np.testing.assert_array_equal(again.vectors, first.vectors)

@@ -63,3 +63,18 @@ async def test_unload_refuses_absurd_drain_timeouts(channel: grpc.aio.Channel, d
         await stub.UnloadModel(models_pb2.UnloadModelRequest(name="embedder", drain_timeout_seconds=drain))
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "drain_timeout_seconds must be between 0 and 3600" in (raised.value.details() or "")
+
+
+def test_unsafe_unix_sockets_are_warned_about(tmp_path: Path) -> None:
+    """Issue 13 #7: a socket in a world-writable folder can be swapped; an abstract one has no permissions."""
+    from wafer.rpc.transport import socket_warnings
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    assert "writable by every user" in socket_warnings(f"unix://{shared}/w.sock")[0]
+    assert socket_warnings(f"unix://{private}/w.sock") == []
+    assert "every user on this machine" in socket_warnings("unix-abstract:wafer")[0]
+    assert socket_warnings("127.0.0.1:50051") == []

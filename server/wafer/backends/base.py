@@ -155,6 +155,22 @@ class Backend(abc.ABC):
         """Probability in [0, 1] that each document is relevant to the query."""
         raise self._unsupported(Task.RERANK)
 
+    def relevance_steps(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        instruction: str,
+        truncate: bool,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[float, int]]:
+        """`score_relevance` a step at a time: (score, tokens) per document, in order. The
+        scheduler runs each step in its own turn of the compute gate and stops once the caller is
+        gone (`cancelled()` turns true). This default computes every document in one step; a
+        backend whose documents are slow (an LLM judge) yields after each one."""
+        scored = self.score_relevance(query, documents, instruction=instruction, truncate=truncate)
+        yield from zip(scored.scores, scored.token_counts, strict=True)
+
     def generate(
         self,
         *,

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wafer.backends.base import (
     Backend,
+    ComputeInterrupted,
     Embeddings,
     InputTooLongError,
     LoadOptions,
@@ -116,6 +117,12 @@ _EMBED_BATCH = 128
 # Texts per llama_decode in the embedding context.
 _EMBED_SEQS = 64
 
+# llama_decode's return code when the abort callback stopped it.
+_DECODE_ABORTED = 2
+# ggml_abort_callback is `bool (*)(void *)`; strlen of a one-byte flag string answers it: 0 (go on)
+# or 1 (abort), the same register on every ABI llama.cpp runs on.
+_ABORT_IF_SET = llama_cpp.ggml_abort_callback(int(ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value or 0))
+
 _log = structlog.get_logger("wafer.llama_cpp")
 _GGML_LOG_WARN = 3
 _GGML_LOG_ERROR = 4
@@ -163,12 +170,26 @@ class _Context:
         self.n_seq_max = int(params.n_seq_max)
         self.batch: Any = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
         self._owner = object()
+        # A non-empty C string while the use in progress is to stop: llama.cpp asks its abort
+        # callback between graph nodes, and libc's strlen reads the flag without Python (a Python
+        # callback would take the GIL hundreds of times per decode).
+        self._abort = ctypes.create_string_buffer(2)
+        llama_cpp.llama_set_abort_callback(self.ptr, _ABORT_IF_SET, ctypes.cast(self._abort, ctypes.c_void_p))
 
     def claim(self) -> object:
         """Start a new use of the context (emptying its cache); returns the use's token."""
+        self._abort[0] = b"\x00"
         self.clear()
         self._owner = object()
         return self._owner
+
+    def abort(self) -> None:
+        """Stop the decode in progress (it raises ComputeInterrupted), and any other of this use;
+        from any thread. The next `claim` clears it."""
+        self._abort[0] = b"\x01"
+
+    def owned_by(self, owner: object) -> bool:
+        return self._owner is owner
 
     def check(self, owner: object) -> None:
         """Refuse to go on with a use that another one (or close) has taken over: a generator
@@ -195,6 +216,8 @@ class _Context:
     def decode(self) -> None:
         rc = int(llama_cpp.llama_decode(self.ptr, self.batch))
         self.batch.n_tokens = 0
+        if rc == _DECODE_ABORTED:
+            raise ComputeInterrupted
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
@@ -390,11 +413,18 @@ class GgufBackend(Backend):
             begin = end_byte
         return spans
 
+    def interrupt(self) -> None:
+        """Stop the generation or relevance decode in progress: its caller is gone (the scheduler
+        calls this only while it drives that caller's stream). Embedding calls are not stopped."""
+        if self._gen is not None:
+            self._gen.abort()
+
     def health(self) -> None:
         if self._gen is not None:
             ctx = self._gen
             ctx.claim()
             index = self._decode(ctx, self._tokenize("ok", special=True, parse=False), 0, output_last=True)
+            assert index is not None  # nothing cancels it
             logits = ctx.logits(index, self._n_vocab)
             ctx.clear()
             if not bool(np.isfinite(logits).all()):
@@ -491,6 +521,8 @@ class GgufBackend(Backend):
             yield GenerationDelta(
                 text=tail, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=generated
             )
+        except ComputeInterrupted:
+            return  # `interrupt`: the caller is gone
         finally:
             llama_cpp.llama_sampler_free(sampler)
 
@@ -585,7 +617,25 @@ class GgufBackend(Backend):
     def score_relevance(
         self, query: str, documents: Sequence[str], *, instruction: str, truncate: bool
     ) -> RelevanceScores:
-        """P(yes) against P(no) as the judge's next token, per document.
+        """P(yes) against P(no) as the judge's next token, per document (`relevance_steps`)."""
+        scores: list[float] = []
+        token_counts: list[int] = []
+        steps = self.relevance_steps(query, documents, instruction=instruction, truncate=truncate, cancelled=bool)
+        for score, tokens in steps:
+            scores.append(score)
+            token_counts.append(tokens)
+        return RelevanceScores(scores=scores, token_counts=token_counts)
+
+    def relevance_steps(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        instruction: str,
+        truncate: bool,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[float, int]]:
+        """P(yes) against P(no) as the judge's next token, a document at a time.
 
         The prompt up to the document (system, examples, instruction, query) is evaluated once;
         each document then runs on top of those KV cells and is dropped from the cache after.
@@ -593,10 +643,14 @@ class GgufBackend(Backend):
         the prefix cells) was 1.6x faster here, but moved a document's score by up to 0.04
         depending on its neighbours (the quantized model amplifies float-order differences),
         and a score should depend on the query and the document only.
+
+        A document takes seconds on a long text, so the caller's absence (`cancelled()`) is
+        checked between decodes: an abandoned rerank stops within one decode, not after every
+        document.
         """
         ctx = self._context(self._gen if self._yes else None, Task.RERANK)
         if not documents:
-            return RelevanceScores(scores=[], token_counts=[])
+            return
         frame = self._rerank_frame(query, instruction)
         prefix, suffix = frame.prefix, frame.suffix
         limit = min(self.spec.max_tokens, ctx.n_ctx)
@@ -615,23 +669,41 @@ class GgufBackend(Backend):
                 body = body[:room]
             bodies.append(body + suffix)
 
-        scores: list[float] = []
+        owner = ctx.claim()
         try:
-            ctx.claim()
-            self._decode(ctx, prefix, 0, output_last=False)
+            if self._decode(ctx, prefix, 0, output_last=False, cancelled=cancelled) is None:
+                return
             for body in bodies:
-                index = self._decode(ctx, body, len(prefix), output_last=True)
-                scores.append(self._yes_probability(ctx.logits(index, self._n_vocab)))
+                ctx.check(owner)
+                index = self._decode(ctx, body, len(prefix), output_last=True, cancelled=cancelled)
+                if index is None:
+                    return
+                score = self._yes_probability(ctx.logits(index, self._n_vocab))
                 llama_cpp.llama_memory_seq_rm(ctx.memory, 0, len(prefix), -1)
+                yield score, len(prefix) + len(body)
+        except ComputeInterrupted:
+            return  # `interrupt`: the caller is gone
         finally:
-            ctx.clear()
-        return RelevanceScores(scores=scores, token_counts=[len(prefix) + len(body) for body in bodies])
+            # A generator dropped late must not empty the cache of a use that took the context over.
+            if ctx.ptr and ctx.owned_by(owner):
+                ctx.clear()
 
-    def _decode(self, ctx: _Context, tokens: list[int], start: int, *, output_last: bool) -> int:
+    def _decode(
+        self,
+        ctx: _Context,
+        tokens: list[int],
+        start: int,
+        *,
+        output_last: bool,
+        cancelled: Callable[[], bool] = bool,
+    ) -> int | None:
         """Decode `tokens` at positions start.. in sequence 0, a batch at a time; returns the
-        batch index of the last token (where its logits are read when `output_last`)."""
+        batch index of the last token (where its logits are read when `output_last`), or None if
+        `cancelled()` turned true between two batches."""
         index = 0
         for offset in range(0, len(tokens), ctx.n_batch):
+            if cancelled():
+                return None
             for k in range(offset, min(offset + ctx.n_batch, len(tokens))):
                 index = ctx.add(tokens[k], start + k, 0, output_last and k == len(tokens) - 1)
             ctx.decode()

@@ -44,7 +44,18 @@ from wafer.errors import (
 )
 from wafer.indexing import COLLECTION_NAME, IndexService
 from wafer.jobs.policy import PolicyChecker, RunPolicy
-from wafer.jobs.sources import Batch, Cursor, JsonlSource, SourceReader, SourceSpec, SqliteSource, confine, open_reader
+from wafer.jobs.sources import (
+    Batch,
+    Cursor,
+    JsonlSource,
+    ReadLimits,
+    SourceReader,
+    SourceSpec,
+    SqliteSource,
+    TooManyRowsError,
+    confine,
+    open_reader,
+)
 from wafer.jobs.state import RESUMABLE, JobRecord, JobState, JobStore, to_json
 from wafer.metrics import Metrics
 
@@ -56,6 +67,10 @@ T = TypeVar("T")
 RATE_WINDOW_SECONDS = 30.0
 # A watcher hears from a running job at least this often, so rate and ETA stay fresh.
 WATCH_HEARTBEAT_SECONDS = 1.0
+# A watcher hears at most this often, however often jobs change.
+WATCH_MIN_INTERVAL_SECONDS = 0.25
+# WatchJob streams open at once, over all jobs.
+MAX_WATCHERS = 256
 # After UNAVAILABLE or RESOURCE_EXHAUSTED without a hint (model unloading, queue full).
 RETRY_SECONDS = 1.0
 # Batches of one job in flight at once: two let the model embed one while the store writes the other.
@@ -159,16 +174,20 @@ def _now() -> datetime:
 
 class _ReaderThread:
     """One thread per run of a job, so reader calls never overlap, even when the task is cancelled
-    while a read is under way (the close queues behind it)."""
+    while a read is under way (the close queues behind it). Closing it stops a SQLite statement
+    under way (`ReadLimits.stop`): a cancelled, paused or shut-down job leaves no thread working."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, limits: ReadLimits) -> None:
+        self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wafer-job-{job_id}")
 
     async def run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
-    def close(self, reader: SourceReader) -> None:
-        self._pool.submit(reader.close)
+    def close(self, reader: SourceReader | None) -> None:
+        self.limits.stop.set()
+        if reader is not None:
+            self._pool.submit(reader.close)
         self._pool.shutdown(wait=False)
 
 
@@ -204,6 +223,7 @@ class JobManager:
         # Records are written on one thread, in the order they were taken on the event loop.
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wafer-jobs")
         self._closing = False
+        self._watchers = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -240,9 +260,9 @@ class JobManager:
     # -- calls ---------------------------------------------------------------------------------
 
     async def submit(self, request: JobRequest) -> JobStatus:
-        if not COLLECTION_NAME.match(request.collection):
+        if not COLLECTION_NAME.fullmatch(request.collection):
             raise InvalidArgumentError(
-                f"collection name {request.collection!r} must be 1-128 characters of letters, digits, "
+                f"collection name {request.collection[:64]!r} must be 1-128 characters of letters, digits, "
                 "'_', '-' or '.', starting with a letter or digit"
             )
         batch_size = request.batch_size or self._settings.jobs_batch_size
@@ -267,7 +287,12 @@ class JobManager:
             source, total = JsonlSource(path=path), len(documents)
         else:
             source = self._confined(request.source)
-            await asyncio.to_thread(self._check_source, source)
+            limits = self._read_limits()
+            try:
+                await asyncio.to_thread(self._check_source, source, limits)
+            finally:
+                # A caller gone (deadline, cancel) stops the query it started.
+                limits.stop.set()
         record = JobRecord(
             id=job_id,
             collection=request.collection,
@@ -296,20 +321,35 @@ class JobManager:
         return [job.status() for job in jobs]
 
     async def watch(self, job_id: str) -> AsyncIterator[JobStatus]:
-        """The job now, then on every change (and each second while it runs), until it ends."""
+        """The job now, then on every change (and each second while it runs), until it ends; at
+        most one message per WATCH_MIN_INTERVAL_SECONDS, and at most MAX_WATCHERS streams at once
+        (2,000 unbounded watchers once pushed 172k messages in 20 s and kept both cores busy)."""
         job = self._job(job_id)
-        while True:
-            if self._closing:
-                raise UnavailableError(
-                    f"the server is shutting down; job {job_id} goes on when it starts again: watch it then"
-                )
-            changed = self._changed
-            status = job.status()
-            yield status
-            if status.state.finished:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), WATCH_HEARTBEAT_SECONDS)
+        if self._watchers >= MAX_WATCHERS:
+            raise ResourceExhaustedError(
+                f"{self._watchers} job watches are open, the most the server keeps; poll GetJob instead",
+                retry_after_seconds=WATCH_HEARTBEAT_SECONDS,
+            )
+        self._watchers += 1
+        try:
+            while True:
+                if self._closing:
+                    raise UnavailableError(
+                        f"the server is shutting down; job {job_id} goes on when it starts again: watch it then"
+                    )
+                changed = self._changed
+                status = job.status()
+                yield status
+                if status.state.finished:
+                    return
+                # Changes that come meanwhile are folded into the next message.
+                await asyncio.sleep(WATCH_MIN_INTERVAL_SECONDS)
+                if changed.is_set() or self._closing:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), WATCH_HEARTBEAT_SECONDS - WATCH_MIN_INTERVAL_SECONDS)
+        finally:
+            self._watchers -= 1
 
     async def pause(self, job_id: str) -> JobStatus:
         job = self._job(job_id)
@@ -389,8 +429,12 @@ class JobManager:
 
     async def _execute(self, job: _Job) -> None:
         record = job.record
-        thread = _ReaderThread(record.id)
-        reader = await thread.run(lambda: open_reader(record.source, record.cursor))
+        thread = _ReaderThread(record.id, self._read_limits())
+        try:
+            reader = await thread.run(lambda: open_reader(record.source, record.cursor, thread.limits))
+        except BaseException:
+            thread.close(None)
+            raise
         # Batches written but not yet checkpointed, oldest first: the next batch embeds while the
         # previous one is written, and checkpoints advance strictly in source order.
         in_flight: deque[tuple[asyncio.Task[bool], Batch]] = deque()
@@ -418,7 +462,7 @@ class JobManager:
                     # A transient refusal: drop what followed it and read again from the checkpoint.
                     await _cancel_all(in_flight)
                     await thread.run(reader.close)
-                    reader = await thread.run(lambda: open_reader(record.source, record.cursor))
+                    reader = await thread.run(lambda: open_reader(record.source, record.cursor, thread.limits))
                     exhausted = False
                     continue
                 self._advance(job, batch)
@@ -446,7 +490,7 @@ class JobManager:
             return
         size = await self._index.context_size(model)
         reservoir = Reservoir(size, seed=f"{record.collection}\x00{record.id}")
-        sampler = await thread.run(lambda: open_reader(record.source, Cursor()))
+        sampler = await thread.run(lambda: open_reader(record.source, Cursor(), thread.limits))
         try:
             while True:
                 batch = await thread.run(partial(sampler.read, record.batch_size))
@@ -472,6 +516,8 @@ class JobManager:
             return
         try:
             record.total = await thread.run(reader.count)
+        except TooManyRowsError:
+            raise
         except WaferError as error:
             # Progress without a total (and an ETA) is still progress.
             log.warning("cannot count the source; no total or ETA", job=record.id, error=error.message)
@@ -563,10 +609,20 @@ class JobManager:
             text_column=source.text_column or "text",
         )
 
+    def _read_limits(self) -> ReadLimits:
+        """Fresh limits (and stop event) for one run of a reader."""
+        settings = self._settings
+        return ReadLimits(
+            roots=tuple(self._roots),
+            query_seconds=settings.jobs_sqlite_query_seconds,
+            max_rows=settings.jobs_sqlite_max_rows,
+            max_line_bytes=settings.jobs_max_line_bytes,
+        )
+
     @staticmethod
-    def _check_source(source: SourceSpec) -> None:
+    def _check_source(source: SourceSpec, limits: ReadLimits) -> None:
         """Open the source and read nothing: a wrong query or column fails the submit, not the job."""
-        reader: SourceReader = open_reader(source, Cursor())
+        reader: SourceReader = open_reader(source, Cursor(), limits)
         reader.close()
 
     async def _save(self, job: _Job, *, notify: bool = True) -> None:

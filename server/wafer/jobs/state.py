@@ -27,6 +27,8 @@ log = structlog.get_logger("wafer.jobs")
 RECORD_SUFFIX = ".job.json"
 INLINE_SUFFIX = ".inline.jsonl"
 FORMAT_VERSION = 1
+# The largest batch a submit accepts (max_inputs_per_request's bound).
+MAX_BATCH_SIZE = 100_000
 
 
 class JobState(StrEnum):
@@ -172,6 +174,16 @@ def from_json(data: dict[str, Any]) -> JobRecord:
     )
 
 
+def _check_record(record: JobRecord) -> None:
+    """Refuse values no submit could have written (an edited file): a batch size of 0 would spin."""
+    if not 0 < record.batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size {record.batch_size} is not between 1 and {MAX_BATCH_SIZE}")
+    if min(record.cursor.position, record.cursor.rows, record.done, record.skipped) < 0:
+        raise ValueError("negative cursor or counts")
+    if not record.id or not all(ch.isalnum() for ch in record.id):
+        raise ValueError(f"job id {record.id[:32]!r} is not a job id")
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash at any point leaves the old or the new content."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -225,8 +237,14 @@ class JobStore:
         records = []
         for path in sorted(self.folder.glob(f"*{RECORD_SUFFIX}")):
             try:
-                records.append(from_json(json.loads(path.read_text(encoding="utf-8"))))
+                record = from_json(json.loads(path.read_text(encoding="utf-8")))
+                _check_record(record)
+                if path.name != f"{record.id}{RECORD_SUFFIX}":
+                    # A copied file would start a second runner for the same id, which no call reaches.
+                    raise ValueError(f"it holds job {record.id!r}, whose record is {record.id}{RECORD_SUFFIX}")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 # Written atomically, so this is a file someone edited: keep it for them to look at.
                 log.error("unreadable job record; ignored", path=str(path), error=str(exc))
+                continue
+            records.append(record)
         return records

@@ -230,7 +230,10 @@ def pull_progress(progress: PullProgress) -> models_pb2.PullProgress:
 
 
 def _struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return MessageToDict(struct)
+    try:
+        return MessageToDict(struct)
+    except ValueError as exc:  # NaN or infinity: JSON has no such numbers
+        raise InvalidArgumentError(f"payloads and filters hold JSON values: {exc}") from None
 
 
 def _dict_to_struct(values: Mapping[str, Any]) -> struct_pb2.Struct:

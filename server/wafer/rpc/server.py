@@ -21,7 +21,7 @@ from wafer.rpc.auth import AuthInterceptor, check_exposure, is_local_address, lo
 from wafer.rpc.drain import DrainInterceptor
 from wafer.rpc.interceptor import RequestInterceptor
 from wafer.rpc.servicers import IndexServicer, InferenceServicer, JobsServicer, ModelsServicer
-from wafer.rpc.transport import bind, server_credentials
+from wafer.rpc.transport import bind, server_credentials, socket_warnings
 from wafer_proto.v1 import (
     index_pb2,
     index_pb2_grpc,
@@ -119,6 +119,8 @@ def create_server(
             "the bearer token crosses the network in plain text; enable TLS unless a TLS proxy is in front",
             address=address,
         )
+    for warning in socket_warnings(address):
+        log.warning(warning, address=address)
     # No token, no auth interceptor: open servers pay nothing per call.
     auth = [AuthInterceptor(token, all_rpcs=settings.auth_all_rpcs)] if token is not None else []
     drain = DrainInterceptor()

@@ -133,3 +133,28 @@ def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredenti
     except OSError as exc:
         raise FailedPreconditionError(f"cannot restrict the socket {path} to its owner: {exc}") from exc
     return 0
+
+
+def socket_warnings(address: str) -> list[str]:
+    """What is unsafe about listening on a unix socket at `address` (nothing for TCP): an abstract
+    socket has no file permissions, and a socket in a folder other users can write can be
+    replaced by theirs, which then receives clients' calls and bearer tokens."""
+    if address.startswith("unix-abstract:"):
+        return [
+            "an abstract unix socket has no permissions: every user on this machine can connect; "
+            "use unix:///path, whose socket file only its owner can use"
+        ]
+    path = unix_socket_path(address)
+    if path is None:
+        return []
+    try:
+        mode = path.parent.stat().st_mode
+    except OSError:
+        return []
+    if mode & stat.S_IWOTH:
+        return [
+            f"the socket's folder {path.parent} is writable by every user: another user could replace "
+            "the socket and receive clients' calls (and their bearer token); put it in a folder only "
+            "this user can write, e.g. $XDG_RUNTIME_DIR"
+        ]
+    return []

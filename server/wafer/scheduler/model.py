@@ -233,6 +233,10 @@ class ModelScheduler:
         self.interrupted = 0
         # Whether the call being taken is a full batch-lane batch (one that may be interrupted).
         self._full_batch = False
+        # The embedding call running on the thread: stopped when every caller in it has gone.
+        self._running: list[_Slice] | None = None
+        # The stream the thread is driving: its backend step is stopped when its consumer goes.
+        self._driving: _StreamWork | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name=f"wafer-{name}", daemon=True)
         self._thread.start()
@@ -293,6 +297,11 @@ class ModelScheduler:
         finally:
             work.stop.set()
             if not self._withdraw(work):
+                with self._changed:
+                    if self._driving is work:
+                        # Stop the step under way too (a long prompt, a rerank document): it
+                        # can take seconds, and nobody waits for it.
+                        self._backend.interrupt()
                 # The thread is driving it: wait until it lets go, so the model outlives its use.
                 await asyncio.shield(work.released)
 
@@ -342,6 +351,11 @@ class ModelScheduler:
         with self._changed:
             if isinstance(work, _EmbedWork):
                 work.failed = True  # rows of it in a running call are dropped, not delivered
+                running = self._running
+                if self._backend.interruptible and running is not None and all(p.work.failed for p in running):
+                    # Nobody waits for the call in progress any more (a long pooled input whose
+                    # caller left): stop it rather than compute rows nobody will read.
+                    self._backend.interrupt()
             queue = self._queues[work.lane]
             if work not in queue:
                 return False
@@ -383,9 +397,15 @@ class ModelScheduler:
                 if isinstance(unit, _CallWork):
                     unit.context.run(self._call, unit)
                 elif isinstance(unit, list):
-                    if self._full_batch:
+                    if self._full_batch and self._backend.interruptible:
                         self._gate.allow_interrupt(self._backend.interrupt)
-                    unit[0].work.context.run(self._embed, unit)
+                    with self._changed:
+                        self._running = unit
+                    try:
+                        unit[0].work.context.run(self._embed, unit)
+                    finally:
+                        with self._changed:
+                            self._running = None
             if isinstance(unit, _StreamWork):
                 unit.context.run(self._drive, unit)
 
@@ -519,6 +539,8 @@ class ModelScheduler:
                 self._queued_tokens[work.lane] += sum(work.estimates[part.start : part.stop])
 
     def _drive(self, work: _StreamWork) -> None:
+        with self._changed:
+            self._driving = work
         try:
             items: Iterator[Any] | None = None
             while not work.stop.is_set():
@@ -533,6 +555,8 @@ class ModelScheduler:
         except BaseException as exc:  # handed to the consumer, raised there
             work.deliver(exc)
         finally:
+            with self._changed:
+                self._driving = None
             work.loop.call_soon_threadsafe(_settle, work.released, None)
 
     def _fail_queued(self, error: BaseException) -> None:

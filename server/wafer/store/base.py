@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,13 @@ CHUNK_KEY = "_chunk"
 CHUNKS_KEY = "_chunks"
 START_KEY = "_start"
 END_KEY = "_end"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A filter key names a payload field; dots walk into nested objects (Qdrant's key syntax), so a
+# literal dotted key cannot be filtered on. Parts are non-empty, without control characters or the
+# characters Qdrant's path syntax gives a meaning ($ [ ] \ ").
+FILTER_KEY = re.compile(r'[^\x00-\x1f\x7f$\[\]\\".]+(?:\.[^\x00-\x1f\x7f$\[\]\\".]+)*')
+MAX_FILTER_KEY_CHARS = 256
+
 # Collection metadata. The format number lets a later release recognise (and migrate) collections
 # written by this one. Format 2: documents stored as chunks (format 1 had one point per document).
 MODEL_KEY = "wafer_model"
@@ -222,12 +230,17 @@ def _json_value(value: object, where: str) -> Any:
     float, an integer exact-match filter would match it in local mode but not on a Qdrant server,
     which matches integers only against integer values; storing whole numbers as ints makes all agree.
     """
-    if value is None or isinstance(value, str | bool | int):
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise InvalidArgumentError(f"{where}: integers must fit in 64 bits")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidArgumentError(f"{where}: numbers must be finite")
-        return int(value) if value.is_integer() else value
+        # A whole float too large for an integer (1e30) stays a float.
+        return int(value) if value.is_integer() and INT64_MIN <= value <= INT64_MAX else value
     if isinstance(value, Mapping):
         return {str(k): _json_value(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -241,12 +254,19 @@ def filter_conditions(filter: PayloadFilter | None) -> list[tuple[str, str | int
     for key, value in (filter or {}).items():
         if not isinstance(key, str) or not key or key.startswith(RESERVED_PREFIX):
             raise InvalidArgumentError(f"filter key {key!r} must be a payload field name (not starting with '_')")
-        if isinstance(value, str | bool | int):
+        if len(key) > MAX_FILTER_KEY_CHARS or not FILTER_KEY.fullmatch(key):
+            raise InvalidArgumentError(
+                f"filter key {key[:64]!r} must be a payload field name, or a dotted path into nested objects "
+                "(a.b): no empty parts, no control characters, none of $ [ ] \\ or a double quote"
+            )
+        if isinstance(value, bool | str) or (isinstance(value, int) and INT64_MIN <= value <= INT64_MAX):
             conditions.append((key, value))
-        elif isinstance(value, float) and value.is_integer():
+        elif isinstance(value, float) and value.is_integer() and INT64_MIN <= value <= INT64_MAX:
             conditions.append((key, int(value)))
         else:
-            raise InvalidArgumentError(f"filter[{key!r}] must be a string, a whole number or a boolean, not {value!r}")
+            raise InvalidArgumentError(
+                f"filter[{key[:64]!r}] must be a string, a whole number of at most 64 bits or a boolean, not {value!r}"
+            )
     return conditions
 
 

@@ -17,8 +17,10 @@ folder fails instead of corrupting it; `close()` releases every shard.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from typing import cast
 
 import numpy as np
 import qdrant_edge as edge
+import structlog
 
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from wafer.store.base import (
@@ -51,11 +54,15 @@ from wafer.store.base import (
     stale_point_ids,
 )
 
+log = structlog.get_logger("wafer.store")
+
 META_FILE = "collection.json"
 SHARD_DIR = "shard"
 DIMENSIONS_KEY = "dimensions"
 # Collection names become folder names: no separators, no dot-only names.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Payload indexes one collection builds for filtered fields (its own chunk index included).
+MAX_PAYLOAD_INDEXES = 16
 # Points per update: bounds the memory one Python list of points takes, nothing more.
 UPSERT_BATCH = 1024
 
@@ -107,7 +114,14 @@ class EdgeStore(VectorStore):
     def list_collections(self) -> list[CollectionInfo]:
         with self._open():
             names = sorted(p.parent.name for p in self._root.glob(f"*/{META_FILE}"))
-            return [self._describe(name) for name in names]
+            listed = []
+            for name in names:
+                try:
+                    listed.append(self._describe(name))
+                except (FailedPreconditionError, NotFoundError) as error:
+                    # One broken collection must not hide the others; it answers on its own.
+                    log.error("collection left out of the list", collection=name, error=error.message)
+            return listed
 
     # -- documents ---------------------------------------------------------------------------------
 
@@ -212,7 +226,10 @@ class EdgeStore(VectorStore):
 
     def _create(self, name: str, meta: _Meta) -> None:
         folder = self._root / name
-        # A folder without metadata is a creation that was interrupted: start it over.
+        if (folder / SHARD_DIR).exists():
+            # A folder without metadata is a creation that was interrupted, or a collection whose
+            # metadata was lost: start it over only if its shard holds nothing.
+            self._discard_empty_shard(name, folder)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         # float16 storage: an exact search reads every stored vector, so it is bound by memory
@@ -230,24 +247,53 @@ class EdgeStore(VectorStore):
             shard.close()
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        # The metadata file is written last and atomically: a folder without it is an interrupted
-        # creation, which the next `_create` starts over.
-        tmp = folder / f".{META_FILE}.tmp"
-        tmp.write_text(
-            json.dumps({MODEL_KEY: meta.model, DIMENSIONS_KEY: meta.dimensions, FORMAT_KEY: FORMAT}), encoding="utf-8"
-        )
-        tmp.replace(folder / META_FILE)
+        # The metadata file is written last, atomically and synced: a folder without it is an
+        # interrupted creation (an empty shard), which the next `_create` starts over.
+        data = json.dumps({MODEL_KEY: meta.model, DIMENSIONS_KEY: meta.dimensions, FORMAT_KEY: FORMAT})
+        write_atomically(folder / META_FILE, data.encode("utf-8"))
         self._shards[name] = (meta, shard)
+
+    def _discard_empty_shard(self, name: str, folder: Path) -> None:
+        """Refuse (FAILED_PRECONDITION) to replace a shard that holds points or cannot be read."""
+        try:
+            shard = edge.EdgeShard.load(str(folder / SHARD_DIR))
+        except Exception as exc:  # qdrant-edge raises plain Exception
+            raise self._unreadable(name, folder, f"its shard cannot be opened ({exc})") from None
+        try:
+            points = shard.count(edge.CountRequest(exact=True))
+        finally:
+            shard.close()
+        if points:
+            raise self._unreadable(name, folder, f"its shard holds {points} points but {META_FILE} is missing")
+
+    @staticmethod
+    def _unreadable(name: str, folder: Path, why: str) -> FailedPreconditionError:
+        log.error("collection cannot be read; left as it is", collection=name, folder=str(folder), why=why)
+        return FailedPreconditionError(
+            f"collection {name!r} cannot be read: {why}. Nothing was changed; restore {folder / META_FILE} "
+            f'(e.g. {{"{MODEL_KEY}": "<model>", "{DIMENSIONS_KEY}": <dimensions>, "{FORMAT_KEY}": {FORMAT}}}) '
+            "or move the folder away"
+        )
 
     def _shard(self, name: str) -> tuple[_Meta, edge.EdgeShard]:
         opened = self._shards.get(name)
         if opened is not None:
             return opened
         folder = self._root / name
-        if not SAFE_NAME.match(name) or not (folder / META_FILE).is_file():
+        if not SAFE_NAME.fullmatch(name):
+            raise NotFoundError(f"collection {name[:64]!r} does not exist")
+        if not (folder / META_FILE).is_file():
+            if (folder / SHARD_DIR).exists():
+                # Not an interrupted creation if the shard holds points: say so instead of NOT_FOUND.
+                self._discard_empty_shard(name, folder)
             raise NotFoundError(f"collection {name!r} does not exist")
-        raw = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-        meta = _Meta(model=str(raw[MODEL_KEY]), dimensions=int(raw[DIMENSIONS_KEY]))
+        try:
+            raw = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+            meta = _Meta(model=str(raw[MODEL_KEY]), dimensions=int(raw[DIMENSIONS_KEY]))
+            if not meta.model or meta.dimensions <= 0:
+                raise ValueError("no model or no dimensions")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise self._unreadable(name, folder, f"{META_FILE} is damaged ({exc})") from None
         try:
             shard = edge.EdgeShard.load(str(folder / SHARD_DIR))
         except Exception as exc:  # qdrant-edge raises plain Exception; a held WAL lock is the usual cause
@@ -265,10 +311,30 @@ class EdgeStore(VectorStore):
         return CollectionInfo(name=name, model=meta.model, dimensions=meta.dimensions, documents=count)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash or power cut at any point leaves the old or the
+    new content: a synced temporary file renamed over it, then the folder synced."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        Path(temporary).replace(path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def _check_name(name: str) -> None:
-    if not SAFE_NAME.match(name):
+    if not SAFE_NAME.fullmatch(name):
         raise InvalidArgumentError(
-            f"collection name {name!r} must be 1-128 characters of letters, digits, '_', '-' or '.', "
+            f"collection name {name[:64]!r} must be 1-128 characters of letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
         )
 
@@ -290,10 +356,14 @@ def _index_filtered_fields(shard: edge.EdgeShard, conditions: list[tuple[str, st
     shard, so it is built once per field. Its type follows the first value filtered on; a later
     filter with a value of another type still answers correctly, by reading payloads.
     """
-    indexed = shard.info().payload_schema
+    indexed = set(shard.info().payload_schema)
     for key, value in conditions:
         if key in indexed:
             continue
+        if len(indexed) >= MAX_PAYLOAD_INDEXES:
+            # Each index is kept for good (300 keys grew a shard from 1.6 to 15 MB): past the bound,
+            # a filter on a new field still answers, by reading payloads.
+            return
         schema = (
             edge.PayloadSchemaType.Bool
             if isinstance(value, bool)
@@ -302,6 +372,7 @@ def _index_filtered_fields(shard: edge.EdgeShard, conditions: list[tuple[str, st
             else edge.PayloadSchemaType.Keyword
         )
         shard.update(edge.UpdateOperation.create_field_index(key, schema))
+        indexed.add(key)
 
 
 def _match_value(value: str | int | bool) -> str | int | bool:

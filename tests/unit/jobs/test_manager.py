@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -20,6 +24,7 @@ from wafer.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from wafer.indexing import IndexService
@@ -33,7 +38,9 @@ from wafer.jobs import (
     PolicyChecker,
     PowerProbe,
     RunPolicy,
+    SqliteSource,
 )
+from wafer.jobs.manager import MAX_WATCHERS, WATCH_MIN_INTERVAL_SECONDS
 from wafer.jobs.state import JobStore
 from wafer.metrics import Metrics
 from wafer.store.qdrant import QdrantStore
@@ -131,10 +138,14 @@ async def test_a_stopped_manager_resumes_from_its_checkpoint_without_duplicates(
     path = corpus(tmp_path / "corpora", 120)
     first = stack.manager()
     await first.start()
-    job = await first.submit(JobRequest(collection="resume", source=JsonlSource(path), batch_size=10))
-    # Hold the backend once 30 are written, so the job is surely mid-way when the server "dies".
-    await until(first, job.id, lambda s: s.done >= 30 or s.state.finished)
-    FakeBackend.gate.clear()
+    # Hold the backend once 30 are embedded, so the job is surely mid-way when the server "dies"
+    # (watches are rate-limited: by the time one saw 30 done, an unheld job could be finished).
+    FakeBackend.hold_after = len(FakeBackend.embedded) + 30
+    try:
+        job = await first.submit(JobRequest(collection="resume", source=JsonlSource(path), batch_size=10))
+        await until(first, job.id, lambda s: s.done >= 30 or s.state.finished)
+    finally:
+        FakeBackend.hold_after = None
     await first.close()
     on_disk = {r.id: r for r in JobStore(stack.settings.jobs_dir).load_all()}[job.id]
     assert on_disk.state is JobState.RUNNING and 30 <= on_disk.done < 120
@@ -324,3 +335,90 @@ async def test_a_failed_inline_job_keeps_its_documents_to_retry(stack: Stack) ->
         assert copy.exists()
     finally:
         await second.close()
+
+
+# -- issue 13: work nobody waits for stops -----------------------------------------------------------
+
+ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x AS id, 'a' AS text FROM c"
+
+
+def job_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("wafer-job-") and t.is_alive()]
+
+
+async def no_job_threads_within(seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / 0.05) + 1):
+        if not job_threads() or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return not job_threads()
+
+
+async def test_cancel_stops_a_sqlite_count_that_never_ends(stack: Stack, manager: JobManager) -> None:
+    db = stack.settings.jobs_allowed_roots[0] / "one.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    submitted = await manager.submit(JobRequest(collection="endless", source=SqliteSource(db, ENDLESS)))
+    await asyncio.sleep(0.5)
+    assert job_threads(), "the job is counting its endless query"
+    cancelled = await manager.cancel(submitted.id)
+    assert cancelled.state is JobState.CANCELLED
+    assert await no_job_threads_within(3), "the count kept running after the cancel"
+
+
+async def test_closing_the_manager_stops_a_sqlite_count_that_never_ends(stack: Stack) -> None:
+    db = stack.settings.jobs_allowed_roots[0] / "one.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    manager = stack.manager()
+    await manager.start()
+    await manager.submit(JobRequest(collection="endless", source=SqliteSource(db, ENDLESS)))
+    await asyncio.sleep(0.5)
+    await manager.close()
+    assert await no_job_threads_within(3), "shutdown left the count running (the process could not exit)"
+
+
+async def test_submit_refuses_a_query_that_returns_no_row_in_time(stack: Stack) -> None:
+    db = stack.settings.jobs_allowed_roots[0] / "one.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    stack.settings = stack.settings.model_copy(update={"jobs_sqlite_query_seconds": 0.5})
+    manager = stack.manager()
+    await manager.start()
+    try:
+        with pytest.raises(InvalidArgumentError, match="jobs_sqlite_query_seconds"):
+            await manager.submit(JobRequest(collection="endless", source=SqliteSource(db, ENDLESS + " WHERE x < 0")))
+    finally:
+        await manager.close()
+
+
+async def test_watches_are_rate_limited_and_bounded(stack: Stack, manager: JobManager) -> None:
+    """Issue 13 #3: every change reached every watcher at once; 2,000 of them kept the cores busy."""
+    documents = [StoredDocument(id=f"d{i}", text=f"text number {i}") for i in range(200)]
+    submitted = await manager.submit(JobRequest(collection="many", source=InlineSource(documents), batch_size=1))
+    started = time.monotonic()
+    messages = 0
+    async with asyncio.timeout(WAIT_SECONDS):
+        async for status in manager.watch(submitted.id):
+            messages += 1
+            if status.state.finished:
+                break
+    elapsed = time.monotonic() - started
+    assert messages <= elapsed / WATCH_MIN_INTERVAL_SECONDS + 2, (messages, elapsed)
+
+    other = await manager.submit(
+        JobRequest(collection="more", source=InlineSource(documents[:1]), policy=RunPolicy(when_charging=True))
+    )
+    watches = [cast(AsyncGenerator[JobStatus, None], manager.watch(other.id)) for _ in range(MAX_WATCHERS)]
+    for watch in watches:
+        await anext(watch)
+    with pytest.raises(ResourceExhaustedError):
+        await anext(manager.watch(other.id))
+    await watches[0].aclose()
+    await anext(manager.watch(other.id))
+    for watch in watches[1:]:
+        await watch.aclose()

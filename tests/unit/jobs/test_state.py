@@ -11,7 +11,7 @@ import pytest
 
 from wafer.jobs.policy import RunPolicy
 from wafer.jobs.sources import Cursor, JsonlSource, SqliteSource
-from wafer.jobs.state import JobRecord, JobState, JobStore, from_json, to_json, write_atomically
+from wafer.jobs.state import RECORD_SUFFIX, JobRecord, JobState, JobStore, from_json, to_json, write_atomically
 
 
 def record(job_id: str, **changes: object) -> JobRecord:
@@ -82,3 +82,24 @@ def test_write_atomically_keeps_the_old_content_when_writing_fails(
         write_atomically(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_edited_or_copied_records_are_refused_and_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13 #11: batch_size 0 busy-looped; a copied file started a hidden second runner."""
+    store = JobStore(tmp_path)
+    good = JobRecord(
+        id="abc123",
+        collection="c",
+        model="",
+        source=JsonlSource(path=tmp_path / "c.jsonl"),
+        policy=RunPolicy(),
+        batch_size=8,
+    )
+    store.save(to_json(good))
+    (tmp_path / f"copy{RECORD_SUFFIX}").write_text((tmp_path / f"abc123{RECORD_SUFFIX}").read_text())
+    zero = to_json(good) | {"id": "def456", "batch_size": 0}
+    store.save(zero)
+    loaded = store.load_all()
+    assert [r.id for r in loaded] == ["abc123"]
+    logged = capsys.readouterr().out
+    assert f"copy{RECORD_SUFFIX}" in logged and f"def456{RECORD_SUFFIX}" in logged
