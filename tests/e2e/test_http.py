@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import threading
 import time
 import urllib.request
@@ -23,9 +24,10 @@ import yaml
 from langchain_openai import OpenAIEmbeddings
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.certs import write_tls_files
 from tests.conftest import MODELS_YAML
 from tests.e2e.conftest import ServerProcess, start_server
-from wafer_client import WaferClient
+from wafer_client import ClientOptions, WaferClient
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +62,13 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def serve_http(data_dir: Path, catalog: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+def serve_http(
+    data_dir: Path,
+    catalog: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    client_options: ClientOptions | None = None,
+) -> ServerProcess:
     token_file = data_dir.parent / f"{data_dir.name}.token"
     token_file.write_text(TOKEN + "\n", encoding="utf-8")
     token_file.chmod(0o600)
@@ -70,6 +78,7 @@ def serve_http(data_dir: Path, catalog: Path, *extra: str, env: dict[str, str] |
         metrics_address="127.0.0.1:0",
         env={"WAFER_MAX_MESSAGE_BYTES": str(BODY_LIMIT), **(env or {})},
         extra_args=["--http-address", "127.0.0.1:0", "--auth-token-file", str(token_file), *extra],
+        client_options=client_options,
     )
 
 
@@ -522,3 +531,41 @@ def test_sigterm_drains_http_too(tmp_path: Path, catalog: Path) -> None:
         assert any(r.get("event") == "stopped" for r in server.logs())
     finally:
         server.stop()
+
+
+def test_https_with_the_servers_certificate_and_client_certificates(tmp_path: Path, catalog: Path) -> None:
+    """With --tls-cert/--tls-key the HTTP door serves HTTPS with the gRPC certificate; with
+    --tls-client-ca it wants a client certificate from that CA, as gRPC does."""
+    tls = write_tls_files(tmp_path / "tls")
+    holder: ClientOptions = {
+        "root_certificates": tls.read("ca"),
+        "certificate_chain": tls.read("client_cert"),
+        "private_key": tls.read("client_key"),
+    }
+    server = serve_http(
+        tmp_path / "data",
+        catalog,
+        "--tls-cert",
+        str(tls.server_cert),
+        "--tls-key",
+        str(tls.server_key),
+        "--tls-client-ca",
+        str(tls.ca),
+        client_options=holder,
+    )
+    try:
+        assert server.http_address is not None
+        url = f"https://{server.http_address}/v1"
+        trusted = ssl.create_default_context(cafile=str(tls.ca))
+        trusted.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+        with openai.OpenAI(
+            base_url=url, api_key=TOKEN, max_retries=0, http_client=openai.DefaultHttpxClient(verify=trusted)
+        ) as client:
+            assert len(client.embeddings.create(model="minilm", input="over TLS").data[0].embedding) == 384
+        anonymous = ssl.create_default_context(cafile=str(tls.ca))
+        with httpx.Client(verify=anonymous) as no_certificate, pytest.raises(httpx.TransportError):
+            no_certificate.post(f"{url}/embeddings", json={"input": "no client certificate"})
+        with httpx.Client() as plain, pytest.raises(httpx.TransportError):
+            plain.post(f"http://{server.http_address}/v1/embeddings", json={"input": "plain text"})
+    finally:
+        assert server.stop() == 0
