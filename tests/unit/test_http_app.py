@@ -72,14 +72,15 @@ async def test_a_request_past_the_default_deadline_is_a_gateway_timeout(serve: S
 
 @contextlib.asynccontextmanager
 async def trickle() -> AsyncIterator[None]:
-    """Let the fake backend generate a few tokens at a time (it waits on the gate before each)
-    until the block ends; the gate stays closed after it."""
+    """Let the fake backend generate a token now and then (it waits on the gate before each) until
+    the block ends; the gate stays closed after it."""
     running = True
 
     async def pulse() -> None:
         while running:
+            # Set and cleared at once: a thread waiting on the gate wakes (threading.Event's wait
+            # returns once notified), so at most one token passes per pulse.
             FakeBackend.gate.set()
-            await asyncio.sleep(0.001)
             FakeBackend.gate.clear()
             await asyncio.sleep(0.02)
 
@@ -118,6 +119,43 @@ async def test_a_client_hanging_up_ends_the_generation_and_its_admission(serve: 
     # The model is free again for the next caller.
     answer = await client.post("/v1/completions", json={"prompt": "one two", "max_tokens": 5})
     assert answer.json()["choices"][0]["text"] == "one two "
+
+
+async def test_a_client_hanging_up_before_the_answer_withdraws_its_queued_work(serve: Serve) -> None:
+    """Like a cancelled gRPC call: the request's work leaves the model's queue and never runs."""
+    client, door = await serve()
+    assert (await client.post("/v1/embeddings", json={"input": "warm up"})).status_code == 200
+    FakeBackend.gate.clear()
+    FakeBackend.embedded.clear()
+    with structlog.testing.capture_logs() as logs:
+        holder = asyncio.get_running_loop().create_task(
+            client.post("/v1/embeddings", json={"input": "holds the model"})
+        )
+
+        def held() -> bool:  # admitted, and out of the queue: the model's thread waits on the gate with it
+            return door.drain.in_flight == 1 and door.registry.status("embedder").waiting_interactive == 0
+
+        for _ in range(500):
+            if held():
+                break
+            await asyncio.sleep(0.01)
+        # Admission comes before the queue: give the request time to reach the thread, so the next
+        # one is not merged into its batch.
+        await asyncio.sleep(0.3)
+        assert held()
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/v1/embeddings", json={"input": "queued then abandoned"}, timeout=0.3)
+        for _ in range(200):
+            if any(r.get("event") == "http" for r in logs):
+                break
+            await asyncio.sleep(0.01)
+        abandoned = [r for r in logs if r.get("event") == "http"]
+        # Logged while the gate is still closed: the call ended without waiting for the model.
+        assert [(r["status"], r["http_status"]) for r in abandoned] == [("CANCELLED", 499)], logs
+        assert door.drain.in_flight == 1
+        FakeBackend.gate.set()
+        assert (await holder).status_code == 200
+    assert FakeBackend.embedded == ["holds the model"]
 
 
 async def test_an_error_after_the_first_token_arrives_as_an_sse_error_event(serve: Serve) -> None:

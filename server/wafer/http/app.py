@@ -19,9 +19,9 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import grpc
 import structlog
@@ -35,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 from wafer.config import Settings
 from wafer.domain import GenerateChunk, GenerateRequest, Priority, Timings, Usage
 from wafer.engine import InferenceEngine
-from wafer.errors import DeadlineExceededError, WaferError
+from wafer.errors import CancelledError, DeadlineExceededError, WaferError
 from wafer.http import convert
 from wafer.http.errors import (
     CLIENT_CLOSED_REQUEST,
@@ -205,7 +205,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return value
 
 
-Handler = Callable[[Door, Exchange, Request, dict[str, Any]], Awaitable["dict[str, Any] | EventStream"]]
+Handler = Callable[[Door, Exchange, Request, dict[str, Any]], Coroutine[Any, Any, "dict[str, Any] | EventStream"]]
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,33 @@ class Endpoint:
         return f"{self.verb} {self.path}"
 
 
+T = TypeVar("T")
+
+
+async def _while_connected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` unless the client disconnects first; then cancel it, as gRPC cancels the handler
+    of a call whose client went away, so its queued work never runs."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise CancelledError("the client went away")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read: what is left to receive is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _endpoint(door: Door, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         call = Exchange(endpoint.label, request, door)
@@ -233,7 +260,7 @@ def _endpoint(door: Door, endpoint: Endpoint) -> Callable[[Request], Awaitable[R
                 call.admit()
                 body = await read_json(request, door.settings.max_message_bytes) if endpoint.verb == "POST" else {}
                 async with call.within_deadline():
-                    outcome = await endpoint.handler(door, call, request, body)
+                    outcome = await _while_connected(request, endpoint.handler(door, call, request, body))
                 if isinstance(outcome, EventStream):
                     streaming = True
                     return outcome
