@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench.common import header, in_process_engine, load_corpus, median, percentile, served, write_section
 from wafer.domain import ChatMessage, EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
@@ -161,7 +162,7 @@ def http_against_grpc(texts: list[str], runs: int, threads: int) -> Samples:
     """One server, both doors, calls alternating: embed one text, and a streamed 32-token chat."""
     http_address = f"127.0.0.1:{_free_port()}"
     with (
-        served(threads, settings={"WAFER_HTTP_ADDRESS": http_address}) as (address, _),
+        served(threads, settings={"WAFER_HTTP_ADDRESS": http_address}) as (address, process),
         # Generous timeouts: on a shared machine a 32-token generation has taken minutes.
         WaferClient(address, timeout=600, retries=0) as client,
         httpx.Client(base_url=f"http://{http_address}/v1", timeout=600) as http,
@@ -188,6 +189,15 @@ def http_against_grpc(texts: list[str], runs: int, threads: int) -> Samples:
                 call(text)
                 if i >= 2:  # two warm-up rounds
                     samples.add(f"embed 1 text (minilm) {door}", (time.perf_counter() - started) * 1000)
+        # CPU time per call, each door in a block of its own: what a call costs, whatever the load.
+        server = psutil.Process(process.pid)
+        for door, call in doors:
+            server_before, client_before = sum(server.cpu_times()[:2]), time.process_time()
+            for text in picks[2:]:
+                call(text)
+            server_cpu = sum(server.cpu_times()[:2]) - server_before
+            samples.note(f"server CPU ms per embed {door}", server_cpu * 1000 / runs)
+            samples.note(f"client CPU ms per embed {door}", (time.process_time() - client_before) * 1000 / runs)
         for i in range(6):
             for door in ["gRPC", "HTTP"][:: 1 if i % 2 else -1]:
                 first, total, tokens = _generate_grpc(client) if door == "gRPC" else _generate_http(http)
@@ -272,6 +282,17 @@ def http_report(samples: Samples, corpus: str, runs: int, load: tuple[float, flo
     lines.append(
         f"| generate tokens/s (higher is better) | {tps_grpc:.1f} | {tps_http:.1f} | | {tps_http / tps_grpc:.2f} | | |"
     )
+    cpu = {key: values[0] for key, values in samples.extra.items() if "CPU" in key}
+    lines += [
+        "",
+        f"CPU time per embed call, {runs} calls per door in a block (the model's compute included, the same for both):",
+        "",
+        "| | gRPC ms | HTTP ms | HTTP - gRPC ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for side in ("server", "client"):
+        grpc_ms, http_ms = cpu[f"{side} CPU ms per embed gRPC"], cpu[f"{side} CPU ms per embed HTTP"]
+        lines.append(f"| {side} CPU | {grpc_ms:.2f} | {http_ms:.2f} | {http_ms - grpc_ms:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
