@@ -1,22 +1,31 @@
 """Single-request latency of each RPC over gRPC against the same call in-process, and the load time
-and memory of each default model.
+and memory of each default model; then one embed and one generate call over the OpenAI-compatible
+HTTP endpoint against the same calls over gRPC.
 
-    .venv/bin/python -m bench.latency [--corpus FILE.jsonl] [--runs 60] [--write]
+    .venv/bin/python -m bench.latency [--corpus FILE.jsonl] [--runs 60] [--write] [--http-only]
 
 In-process means the server's own engine called directly (no gRPC, no second process); the gRPC
 numbers come from this process calling a `wafer serve` child over loopback TCP. The two phases run
-one after the other so they never compete for the cores. Ratios are what to compare: these machines
-are noisy.
+one after the other so they never compete for the cores. The HTTP phase calls one server (started
+with an HTTP address) over both doors, alternating gRPC and HTTP call by call, so both see the same
+machine. Ratios are what to compare: these machines are noisy. `--http-only` runs (and writes) the
+HTTP phase alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import httpx
+import psutil
 
 from bench.common import header, in_process_engine, load_corpus, median, percentile, served, write_section
 from wafer.domain import ChatMessage, EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
@@ -143,6 +152,150 @@ def over_grpc(texts: list[str], runs: int, threads: int) -> tuple[Samples, dict[
         return samples, loads
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def http_against_grpc(texts: list[str], runs: int, threads: int) -> Samples:
+    """One server, both doors, calls alternating: embed one text, and a streamed 32-token chat."""
+    http_address = f"127.0.0.1:{_free_port()}"
+    with (
+        served(threads, settings={"WAFER_HTTP_ADDRESS": http_address}) as (address, process),
+        # Generous timeouts: on a shared machine a 32-token generation has taken minutes.
+        WaferClient(address, timeout=600, retries=0) as client,
+        httpx.Client(base_url=f"http://{http_address}/v1", timeout=600) as http,
+    ):
+        while client.health("wafer.v1.Inference") != "SERVING":
+            time.sleep(0.1)
+        samples = Samples()
+        rng = random.Random(11)
+        picks = [rng.choice(texts) for _ in range(runs + 2)]
+
+        def embed_grpc(text: str) -> None:
+            client.embed(text, model="minilm", truncate=True)
+
+        def embed_http(text: str) -> None:
+            response = http.post("/embeddings", json={"model": "minilm", "input": text, "truncate": True})
+            response.raise_for_status()
+            assert len(response.json()["data"][0]["embedding"]) == 384
+
+        doors: list[tuple[str, Callable[[str], None]]] = [("gRPC", embed_grpc), ("HTTP", embed_http)]
+        for i, text in enumerate(picks):
+            # Alternate which door goes first, so neither always follows the other.
+            for door, call in doors[:: 1 if i % 2 else -1]:
+                started = time.perf_counter()
+                call(text)
+                if i >= 2:  # two warm-up rounds
+                    samples.add(f"embed 1 text (minilm) {door}", (time.perf_counter() - started) * 1000)
+        # CPU time per call, each door in a block of its own: what a call costs, whatever the load.
+        server = psutil.Process(process.pid)
+        for door, call in doors:
+            server_before, client_before = sum(server.cpu_times()[:2]), time.process_time()
+            for text in picks[2:]:
+                call(text)
+            server_cpu = sum(server.cpu_times()[:2]) - server_before
+            samples.note(f"server CPU ms per embed {door}", server_cpu * 1000 / runs)
+            samples.note(f"client CPU ms per embed {door}", (time.process_time() - client_before) * 1000 / runs)
+        for i in range(6):
+            for door in ["gRPC", "HTTP"][:: 1 if i % 2 else -1]:
+                first, total, tokens = _generate_grpc(client) if door == "gRPC" else _generate_http(http)
+                if i >= 1:  # one warm-up round
+                    samples.add(f"generate: time to first token {door}", first)
+                    samples.add(f"generate {GENERATE_TOKENS} tokens (total) {door}", total)
+                    samples.note(f"generate tokens/s {door}", tokens / (total / 1000))
+        return samples
+
+
+def _generate_grpc(client: WaferClient) -> tuple[float, float, int]:
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    for chunk in client.generate(
+        messages=[{"role": "user", "content": PROMPT}], model="smollm2", max_tokens=GENERATE_TOKENS, temperature=0
+    ):
+        if first is None and chunk.text:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    done = time.perf_counter()
+    return ((first or done) - started) * 1000, (done - started) * 1000, tokens
+
+
+def _generate_http(http: httpx.Client) -> tuple[float, float, int]:
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": GENERATE_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    with http.stream("POST", "/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    done = time.perf_counter()
+    return ((first or done) - started) * 1000, (done - started) * 1000, tokens
+
+
+def http_report(samples: Samples, corpus: str, runs: int, load: tuple[float, float, float]) -> str:
+    lines = [
+        header("Single-request latency: HTTP (OpenAI-compatible) against gRPC", corpus),
+        f"- load average before the run (1, 5, 15 min): {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}; "
+        "the machine is shared with other work, so compare the ratios, which both doors share",
+        f"- one server, both doors; {runs} embed calls per door and 5 generations per door, gRPC and HTTP "
+        "alternating call by call, after warm-up calls; HTTP through httpx (a kept-alive connection), "
+        "embeddings as JSON floats, the chat streamed as server-sent events",
+        "- HTTP's extra time is HTTP/1.1 and JSON in pure Python on both ends (h11, Starlette and pydantic in "
+        "the server, httpx in the client) where gRPC runs its C core; on a loaded machine each Python step "
+        "costs several times its quiet-machine time, and generation, which the model dominates, hides it",
+        "",
+        "| call | gRPC p50 ms | HTTP p50 ms | HTTP - gRPC ms | ratio | gRPC p95 ms | HTTP p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in (
+        "embed 1 text (minilm)",
+        "generate: time to first token",
+        f"generate {GENERATE_TOKENS} tokens (total)",
+    ):
+        grpc_values, http_values = samples.by_case[f"{case} gRPC"], samples.by_case[f"{case} HTTP"]
+        there, here = median(http_values), median(grpc_values)
+        lines.append(
+            f"| {case} | {here:.2f} | {there:.2f} | {there - here:+.2f} | {there / here:.2f} | "
+            f"{percentile(grpc_values, 95):.2f} | {percentile(http_values, 95):.2f} |"
+        )
+    tps_grpc, tps_http = (
+        median(samples.extra["generate tokens/s gRPC"]),
+        median(samples.extra["generate tokens/s HTTP"]),
+    )
+    lines.append(
+        f"| generate tokens/s (higher is better) | {tps_grpc:.1f} | {tps_http:.1f} | | {tps_http / tps_grpc:.2f} | | |"
+    )
+    cpu = {key: values[0] for key, values in samples.extra.items() if "CPU" in key}
+    lines += [
+        "",
+        f"CPU time per embed call, {runs} calls per door in a block (the model's compute included, the same for both):",
+        "",
+        "| | gRPC ms | HTTP ms | HTTP - gRPC ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for side in ("server", "client"):
+        grpc_ms, http_ms = cpu[f"{side} CPU ms per embed gRPC"], cpu[f"{side} CPU ms per embed HTTP"]
+        lines.append(f"| {side} CPU | {grpc_ms:.2f} | {http_ms:.2f} | {http_ms - grpc_ms:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(local: Samples, remote: Samples, loads: dict[str, tuple[float, int]], corpus: str, runs: int) -> str:
     lines = [
         header("Single-request latency: gRPC against in-process", corpus),
@@ -177,14 +330,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP against gRPC phase")
     args = parser.parse_args()
     texts, corpus = load_corpus(args.corpus)
-    local, _ = asyncio.run(in_process(texts, args.runs, args.threads))
-    remote, loads = over_grpc(texts, args.runs, args.threads)
-    text = report(local, remote, loads, corpus, args.runs)
-    print(text)
+    if not args.http_only:
+        local, _ = asyncio.run(in_process(texts, args.runs, args.threads))
+        remote, loads = over_grpc(texts, args.runs, args.threads)
+        text = report(local, remote, loads, corpus, args.runs)
+        print(text)
+        if args.write:
+            write_section("latency", text)
+    load = os.getloadavg()
+    doors = http_report(http_against_grpc(texts, args.runs, args.threads), corpus, args.runs, load)
+    print(doors)
     if args.write:
-        write_section("latency", text)
+        write_section("latency-http", doors)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ from wafer.config import Settings
 from wafer.contexts import ContextStore
 from wafer.engine import InferenceEngine
 from wafer.errors import WaferError
+from wafer.http.app import Door
+from wafer.http.server import HttpServer
 from wafer.indexing import IndexService
 from wafer.jobs import JobManager, PolicyChecker, PowerProbe
 from wafer.logging import configure_logging
 from wafer.metrics import Metrics
 from wafer.registry import ModelRegistry, limit_heap_arenas
+from wafer.rpc.auth import load_token
 from wafer.rpc.server import create_server
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog
@@ -73,6 +76,22 @@ async def serve(settings: Settings) -> None:
     )
     metrics.watch_jobs(jobs)
     wafer = create_server(settings, registry, engine, index, metrics=metrics, jobs=jobs)
+    # The HTTP door shares the gRPC server's drain: one shutdown waits for the calls of both.
+    http = (
+        HttpServer(
+            settings,
+            Door(
+                engine=engine,
+                registry=registry,
+                settings=settings,
+                drain=wafer.drain,
+                metrics=metrics,
+                token=load_token(settings),
+            ),
+        )
+        if settings.http_address
+        else None
+    )
     # Started before the gRPC server so it can be scraped from the first call on; its thread is a
     # daemon, so a failed start below does not keep the process alive.
     exporter = metrics.serve(settings.metrics_address) if settings.metrics_address else None
@@ -86,6 +105,8 @@ async def serve(settings: Settings) -> None:
 
     await wafer.server.start()
     await wafer.health.start()
+    if http is not None:
+        await http.start()
     log.info(
         "server listening",
         address=listening_address(settings, wafer.port),
@@ -104,6 +125,8 @@ async def serve(settings: Settings) -> None:
     if not await wafer.drain.drain(settings.shutdown_grace_seconds):
         log.warning("grace period over; cancelling calls still running", calls=wafer.drain.in_flight)
     await wafer.server.stop(0)
+    if http is not None:
+        await http.stop()
     # Before the registry and the store go: a job stops between its checkpoints and resumes next time.
     await jobs.close()
     await registry.close()

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         default="127.0.0.1:50051",
         description="Where to listen: host:port (port 0 picks a free one) or unix:///absolute/path.",
     )
+    http_address: str | None = Field(
+        default=None,
+        description="host:port of the OpenAI-compatible HTTP endpoint (/v1/embeddings, /v1/chat/completions, ...); "
+        "off when unset. Port 0 picks a free one.",
+    )
     models_file: Path = Field(default=Path("models.yaml"), description="The model catalog.")
     data_dir: Path = Field(
         default_factory=_default_data_dir, description="The vector store and the model cache live here."
@@ -61,7 +66,9 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(
         default=4 * 1024 * 1024, gt=0, description="Largest single input text or prompt, in bytes."
     )
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest gRPC message.")
+    max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="Largest gRPC message, and largest HTTP request body."
+    )
     max_payload_bytes: int = Field(
         default=64 * 1024,
         gt=0,

@@ -26,6 +26,8 @@ class ServerProcess:
     address: str
     data_dir: Path
     log_lines: list[str] = field(default_factory=list)
+    # host:port of the OpenAI-compatible HTTP endpoint, when the server was started with one.
+    http_address: str | None = None
 
     def logs(self) -> list[dict[str, object]]:
         records = []
@@ -98,11 +100,14 @@ def start_server(
     lines: list[str] = []
     listening = threading.Event()
     bound: list[str] = []
+    http: list[str] = []
 
     def read_stderr() -> None:
         assert process.stderr is not None
         for line in process.stderr:
             lines.append(line)
+            if '"http listening"' in line:  # logged before "server listening"
+                http.append(json.loads(line)["address"])
             if '"server listening"' in line:
                 bound.append(json.loads(line)["address"])
                 listening.set()
@@ -113,7 +118,13 @@ def start_server(
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError("server did not start:\n" + "".join(lines[-40:]))
-    server = ServerProcess(process=process, address=_connectable(bound[0]), data_dir=data_dir, log_lines=lines)
+    server = ServerProcess(
+        process=process,
+        address=_connectable(bound[0]),
+        data_dir=data_dir,
+        log_lines=lines,
+        http_address=_connectable(http[0]) if http else None,
+    )
     options: ClientOptions = {"timeout": 5, **(client_options or {})}
     with WaferClient(server.address, **options) as client:
         while client.health("wafer.v1.Inference") != "SERVING":

@@ -253,6 +253,10 @@ def serve(
     metrics_address: Annotated[
         str | None, typer.Option(help="Serve Prometheus metrics at http://host:port/metrics [default: off].")
     ] = None,
+    http_address: Annotated[
+        str | None,
+        typer.Option(help="Also serve the OpenAI-compatible HTTP API (/v1/...) on host:port [default: off]."),
+    ] = None,
 ) -> None:
     """Run the Wafer server (needs the server extra: wafer[server])."""
     opts = _options(ctx)
@@ -272,6 +276,7 @@ def serve(
         "auth_all_rpcs": True if auth_all_rpcs else None,
         "allow_remote_admin": True if allow_remote_admin else None,
         "metrics_address": metrics_address,
+        "http_address": http_address,
     }
     overrides: dict[str, object] = {key: value for key, value in given.items() if value is not None}
     try:

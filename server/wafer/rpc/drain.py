@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -33,6 +33,10 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     async def drain(self, timeout_seconds: float) -> bool:
         """Refuse new calls from now on and wait for the running ones; False if some were still
         running when the timeout passed."""
@@ -44,7 +48,9 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return True
 
     @contextlib.contextmanager
-    def _admitted(self) -> Any:
+    def admitted(self) -> Iterator[None]:
+        """Count one call in flight while the block runs; UnavailableError once draining. The HTTP
+        door admits its requests here too, so one drain covers both doors."""
         if self._draining:
             raise UnavailableError("the server is shutting down; retry on another replica or after it restarts")
         self._in_flight += 1
@@ -68,7 +74,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             unary: Any = handler.unary_unary
 
             async def admit_unary(request: Any, context: Any) -> Any:
-                with self._admitted():
+                with self.admitted():
                     return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -80,7 +86,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             stream: Any = handler.unary_stream
 
             async def admit_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                with self._admitted():
+                with self.admitted():
                     async for response in stream(request, context):
                         yield response
 
