@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -124,18 +125,34 @@ async def serve(settings: Settings) -> None:
     jobs.stop_watches()
     if not await wafer.drain.drain(settings.shutdown_grace_seconds):
         log.warning("grace period over; cancelling calls still running", calls=wafer.drain.in_flight)
-    await wafer.server.stop(0)
+    steps: list[tuple[str, Callable[[], Awaitable[None] | None]]] = [("grpc", lambda: wafer.server.stop(0))]
     if http is not None:
-        await http.stop()
+        steps.append(("http", http.stop))
     # Before the registry and the store go: a job stops between its checkpoints and resumes next time.
-    await jobs.close()
-    await registry.close()
-    await index.close()
+    steps += [("jobs", jobs.close), ("registry", registry.close), ("store", index.close)]
     if cache is not None:
-        cache.close()
+        steps.append(("cache", cache.close))
     if exporter is not None:
-        exporter.stop()
+        steps.append(("metrics", exporter.stop))
+    await close_in_order(steps)
     log.info("stopped")
+
+
+async def close_in_order(steps: Sequence[tuple[str, Callable[[], Awaitable[None] | None]]]) -> None:
+    """Run every named closing step in order, even after one fails: a job that cannot close must
+    not leave the models loaded, the store's files or the cache's database open. Each failure is
+    logged; the first is raised once every step has run."""
+    failure: Exception | None = None
+    for name, step in steps:
+        try:
+            result = step()
+            if result is not None:
+                await result
+        except Exception as exc:
+            log.exception("closing failed", part=name)
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def main(overrides: dict[str, Any] | None = None) -> None:
