@@ -34,6 +34,8 @@ class TinyQwen2:
     n_vocab: int = 0
     weight_type: str = "F32"
     scale: float = 0.2
+    # A Jinja chat template for `tokenizer.chat_template` (None: the file has none).
+    chat_template: str | None = None
 
 
 ENDOFTEXT = "<|endoftext|>"
@@ -135,6 +137,8 @@ def _write_metadata(writer: Any, config: TinyQwen2, tokens: list[str], types: li
     writer.add_pad_token_id(eos)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(config.add_eos)
+    if config.chat_template is not None:
+        writer.add_chat_template(config.chat_template)
 
 
 def write_dense_head(path: Path, *, inputs: int, outputs: int, seed: int = 1) -> Path:

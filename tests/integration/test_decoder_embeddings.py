@@ -21,9 +21,9 @@ from tests.llama_reference import TokenStates
 from wafer.backends.base import InputTooLongError, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
 from wafer.config import Settings
-from wafer.domain import EmbedRequest, InputType, RerankRequest
+from wafer.domain import ChatMessage, EmbedRequest, InputType, RerankRequest, SamplingParams
 from wafer.engine import InferenceEngine
-from wafer.errors import FailedPreconditionError
+from wafer.errors import FailedPreconditionError, InvalidArgumentError
 from wafer.registry import ModelRegistry
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, ModelSpec, Pooling
@@ -150,6 +150,42 @@ def test_wrong_dimensions_fail_the_load(weights: Path) -> None:
     spec = spec_for(Pooling.LAST, dimensions=1536)
     with pytest.raises(FailedPreconditionError, match=rf"dimensions 1536.*{N_EMBD}"):
         GgufBackend.load(spec, ModelFiles(weights=weights), LoadOptions(threads=1))
+
+
+# A template that fails on every render: the model's fault, whatever the caller sends.
+BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content.no_such_method() }}{% endfor %}"
+# A template that refuses some conversations on purpose (as many published templates do).
+STRICT_TEMPLATE = (
+    "{% if messages[0].role != 'user' %}{{ raise_exception('the first message must be the user') }}{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "error", "match"),
+    [
+        (BROKEN_TEMPLATE, FailedPreconditionError, "chat template of model 'tiny-chat' is broken"),
+        (STRICT_TEMPLATE, InvalidArgumentError, "chat template of model 'tiny-chat' refused: the first message"),
+    ],
+)
+def test_a_broken_chat_template_is_the_models_fault(
+    tmp_path: Path, template: str, error: type[Exception], match: str
+) -> None:
+    weights = write_tiny_qwen2(tmp_path / "chat.gguf", TinyQwen2(chat_template=template))
+    spec = ModelSpec.model_validate(
+        {"name": "tiny-chat", "backend": "gguf", "source": "chat.gguf", "tasks": ["generate"]}
+    )
+    backend = GgufBackend.load(spec, ModelFiles(weights=weights), LoadOptions(threads=1))
+    try:
+        with pytest.raises(error, match=match):
+            backend.generate(
+                prompt=None,
+                messages=(ChatMessage("system", "be brief"), ChatMessage("user", "hi")),
+                sampling=SamplingParams(max_tokens=2, temperature=0.0),
+                cancelled=lambda: False,
+            )
+    finally:
+        backend.close()
 
 
 # -- Through the engine --------------------------------------------------------------------------

@@ -533,8 +533,12 @@ class GgufBackend(Backend):
             )
         try:
             rendered = self._template(messages=[{"role": m.role, "content": m.content} for m in messages])
-        except Exception as exc:  # the template's own raise_exception, or a Jinja error
-            raise InvalidArgumentError(f"the chat template of model {self.spec.name!r} refused: {exc}") from None
+        except Exception as exc:
+            # The template's own raise_exception (a plain ValueError) refuses these messages; any
+            # other error is a broken template: the model's fault, not the caller's.
+            if type(exc) is ValueError:
+                raise InvalidArgumentError(f"the chat template of model {self.spec.name!r} refused: {exc}") from None
+            raise FailedPreconditionError(f"the chat template of model {self.spec.name!r} is broken: {exc}") from None
         return str(rendered.prompt)
 
     # -- Embeddings ----------------------------------------------------------------------------
