@@ -181,5 +181,3 @@ class StoredDocument:
     id: str
     text: str
     payload: dict[str, object] = field(default_factory=dict)
-    score: float = 0.0
-    vector: list[float] | None = None

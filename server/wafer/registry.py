@@ -353,11 +353,6 @@ class ModelRegistry:
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._unload_idle_models(), name="keep-alive")
 
-    async def wait_startup(self) -> None:
-        """Wait until every startup model has finished loading, successfully or not."""
-        pending = [e.loading for e in self._entries.values() if e.loading is not None]
-        await asyncio.gather(*pending, return_exceptions=True)
-
     async def load(
         self,
         name: str,

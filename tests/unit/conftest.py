@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -10,9 +11,20 @@ import pytest
 from tests.fakes.fake_backend import FakeBackend
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
-from wafer.registry import ModelRegistry
+from wafer.registry import ModelRegistry, ModelState
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog
+
+
+async def startup_settled(registry: ModelRegistry) -> None:
+    """Wait until no model is loading: the startup models have loaded, or failed to."""
+    changed = asyncio.Event()
+    registry.subscribe(changed.set)
+    while True:
+        changed.clear()
+        if not any(status.state is ModelState.LOADING for status in registry.statuses()):
+            return
+        await changed.wait()
 
 
 def fake_catalog(folder: Path) -> Catalog:

@@ -17,6 +17,7 @@ import structlog
 from starlette.requests import Request
 
 from tests.fakes.fake_backend import FakeBackend
+from tests.unit.conftest import startup_settled
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError
@@ -35,7 +36,7 @@ async def serve(tmp_path: Path, registry: ModelRegistry) -> AsyncIterator[Serve]
     """Start HTTP doors on 127.0.0.1:0 with the given settings; all stopped at the end."""
     running: list[tuple[HttpServer, httpx.AsyncClient]] = []
     await registry.start()
-    await registry.wait_startup()  # the default models, which /health waits for
+    await startup_settled(registry)  # the default models, which /health waits for
 
     async def start(token: str | None = None, **overrides: Any) -> tuple[httpx.AsyncClient, Door]:
         settings = Settings(data_dir=tmp_path / "data", **overrides)

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fakes.fake_backend import FakeBackend
-from tests.unit.conftest import fake_catalog
+from tests.unit.conftest import fake_catalog, startup_settled
 from wafer.config import Settings
 from wafer.domain import EmbedRequest
 from wafer.engine import InferenceEngine
@@ -226,7 +226,7 @@ async def test_health_stays_up_when_the_registry_unloads_a_default_model(tmp_pat
     catalog = fake_catalog(tmp_path)
     registry = make_registry(catalog, tmp_path)
     await registry.start()
-    await registry.wait_startup()
+    await startup_settled(registry)
     assert registry.defaults_ready()
     await registry.load("embedder", keep_alive_seconds=0.05)
     for _ in range(100):

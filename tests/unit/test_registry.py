@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend
+from tests.unit.conftest import startup_settled
 from wafer.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from wafer.registry import ModelRegistry, ModelState
 from wafer.specs import Task
@@ -28,7 +29,7 @@ async def hold(registry: ModelRegistry, name: str) -> tuple[asyncio.Task[None], 
 async def test_startup_loads_startup_models_only(registry: ModelRegistry) -> None:
     assert not registry.defaults_ready()
     await registry.start()
-    await registry.wait_startup()
+    await startup_settled(registry)
     states = {s.spec.name: s.state for s in registry.statuses()}
     assert states["embedder"] is ModelState.READY
     assert states["writer"] is ModelState.READY
@@ -121,7 +122,7 @@ async def test_listeners_hear_state_changes(registry: ModelRegistry) -> None:
     seen: list[bool] = []
     registry.subscribe(lambda: seen.append(registry.defaults_ready()))
     await registry.start()
-    await registry.wait_startup()
+    await startup_settled(registry)
     assert seen[-1] is True
 
 
