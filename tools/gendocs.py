@@ -149,7 +149,7 @@ METADATA_TABLE = (
 ERRORS = """\
 ## Errors
 
-Every failure is one gRPC status from one table (`server/wafer/errors.py`); the status message
+Every failure is one gRPC status from one table (`server/wafer/rpc/status.py`); the status message
 says what went wrong and what to do about it, for a person to read. Clients decide on the code,
 never on the message text."""
 ERRORS_TABLE = (

@@ -1,12 +1,11 @@
-"""Wafer's domain errors and the one table that maps them to gRPC status codes.
+"""Wafer's domain errors.
 
-Everything below the RPC layer raises these; the RPC layer never matches on message text.
+Everything below the RPC layer raises these; the doors map them to statuses by class
+(`wafer.rpc.status` for gRPC, `wafer.http.errors` for HTTP) and never match on message text.
 Messages are written for the person who reads them: what went wrong and what to do.
 """
 
 from __future__ import annotations
-
-import grpc
 
 
 class WaferError(Exception):
@@ -52,25 +51,3 @@ class UnauthenticatedError(WaferError):
 
 class PermissionDeniedError(WaferError):
     """Credentials that do not allow this call."""
-
-
-STATUS_BY_ERROR: dict[type[WaferError], grpc.StatusCode] = {
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
-    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    CancelledError: grpc.StatusCode.CANCELLED,
-    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
-}
-
-
-def status_for(error: BaseException) -> grpc.StatusCode:
-    """The gRPC status for an exception; anything that is not a WaferError is INTERNAL."""
-    for cls in type(error).__mro__:
-        code = STATUS_BY_ERROR.get(cls)
-        if code is not None:
-            return code
-    return grpc.StatusCode.INTERNAL

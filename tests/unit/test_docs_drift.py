@@ -66,7 +66,7 @@ def test_api_doc_links_resolve() -> None:
 
 
 def test_error_table_names_every_status_the_server_maps() -> None:
-    from wafer.errors import STATUS_BY_ERROR
+    from wafer.rpc.status import STATUS_BY_ERROR
 
     text = API_DOC.read_text(encoding="utf-8")
     table = text[text.index("## Errors") :]

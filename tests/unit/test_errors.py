@@ -5,6 +5,7 @@ import pytest
 
 from wafer import errors
 from wafer.backends.base import InputTooLongError
+from wafer.rpc.status import STATUS_BY_ERROR, status_for
 
 
 @pytest.mark.parametrize(
@@ -25,9 +26,13 @@ from wafer.backends.base import InputTooLongError
     ],
 )
 def test_one_table_maps_every_error(error: BaseException, code: grpc.StatusCode) -> None:
-    assert errors.status_for(error) is code
+    assert status_for(error) is code
 
 
 def test_every_wafer_error_has_a_row() -> None:
     subclasses = set(errors.WaferError.__subclasses__())
-    assert subclasses == set(errors.STATUS_BY_ERROR)
+    assert subclasses == set(STATUS_BY_ERROR)
+
+
+def test_the_domain_errors_know_nothing_of_grpc() -> None:
+    assert "grpc" not in vars(errors)

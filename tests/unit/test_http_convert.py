@@ -22,7 +22,7 @@ from wafer.domain import (
     Timings,
     Usage,
 )
-from wafer.errors import STATUS_BY_ERROR, ResourceExhaustedError, UnavailableError, WaferError
+from wafer.errors import ResourceExhaustedError, UnavailableError, WaferError
 from wafer.http import convert
 from wafer.http.errors import (
     HTTP_STATUS_BY_ERROR,
@@ -34,6 +34,7 @@ from wafer.http.errors import (
     retry_headers,
     status_for,
 )
+from wafer.rpc.status import STATUS_BY_ERROR
 
 
 @pytest.fixture

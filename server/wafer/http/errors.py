@@ -1,6 +1,6 @@
 """Wafer's errors as HTTP statuses and OpenAI's error body.
 
-The gRPC table (`wafer.errors.STATUS_BY_ERROR`) says what an error is; this one says which HTTP
+The gRPC table (`wafer.rpc.status.STATUS_BY_ERROR`) says what an error is; this one says which HTTP
 status carries it. Both are looked up by class, never by message. Two refusals exist only over
 HTTP (a body too large, a body that is not JSON by its content type); they are invalid arguments
 to gRPC's eye, so logs and metrics count them as INVALID_ARGUMENT.
@@ -24,8 +24,8 @@ from wafer.errors import (
     UnauthenticatedError,
     UnavailableError,
     WaferError,
-    status_for,
 )
+from wafer.rpc.status import status_for
 
 
 class InvalidFieldError(InvalidArgumentError):

@@ -24,7 +24,8 @@ import grpc
 import structlog
 
 from wafer.config import Settings, read_token_file
-from wafer.errors import FailedPreconditionError, PermissionDeniedError, UnauthenticatedError, WaferError, status_for
+from wafer.errors import FailedPreconditionError, PermissionDeniedError, UnauthenticatedError, WaferError
+from wafer.rpc.status import status_for
 
 log = structlog.get_logger("wafer.auth")
 

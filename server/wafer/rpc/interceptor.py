@@ -20,8 +20,9 @@ from typing import Any
 import grpc
 import structlog
 
-from wafer.errors import DeadlineExceededError, WaferError, status_for
+from wafer.errors import DeadlineExceededError, WaferError
 from wafer.metrics import Metrics
+from wafer.rpc.status import status_for
 
 log = structlog.get_logger("wafer.rpc")
 
