@@ -16,7 +16,7 @@ def test_generated_stubs_match_protos(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    committed = ROOT / "clients" / "python" / "wafer_proto" / "v1"
+    committed = ROOT / "server" / "wafer_proto" / "v1"
     fresh = tmp_path / "v1"
     names = sorted(p.name for p in fresh.iterdir())
     assert names == sorted(p.name for p in committed.iterdir() if p.name != "__pycache__")
