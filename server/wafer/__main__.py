@@ -1,5 +1,7 @@
-"""`python -m wafer ...` is the `wafer` command."""
+"""`python -m wafer ...` is the `wafer` command. It is the distribution's console script, found
+through its entry point: the server imports nothing of the client."""
 
-from wafer_client.cli import app
+from importlib.metadata import entry_points
 
-app()
+(command,) = entry_points(group="console_scripts", name="wafer")
+command.load()()

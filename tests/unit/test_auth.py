@@ -36,7 +36,8 @@ from wafer.rpc.auth import (
 from wafer.rpc.interceptor import REQUEST_ID_KEY, RequestInterceptor
 from wafer.rpc.server import MODELS
 from wafer.rpc.transport import remove_stale_socket, server_credentials, unix_socket_path
-from wafer_client.cli import _client_options, _Options, app
+from wafer_client.cli import app
+from wafer_client.cli._common import Options, client_options
 
 TOKEN = "t0ken-Secret"
 
@@ -493,9 +494,9 @@ def test_serve_maps_security_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 
 def test_client_token_becomes_the_authorization_header(tmp_path: Path) -> None:
-    options = _client_options(_Options(token=f"{TOKEN}\n"))
+    options = client_options(Options(token=f"{TOKEN}\n"))
     assert options["metadata"] == [("authorization", f"Bearer {TOKEN}")]
-    options = _client_options(_Options(token="ignored", token_file=token_file(tmp_path, f"{TOKEN}\n")))
+    options = client_options(Options(token="ignored", token_file=token_file(tmp_path, f"{TOKEN}\n")))
     assert options["metadata"] == [("authorization", f"Bearer {TOKEN}")]
     assert "tls" not in options
 
@@ -506,12 +507,12 @@ def test_client_token_and_authorization_header_conflict() -> None:
 
 
 def test_client_tls_options(tls: TlsFiles) -> None:
-    options = _client_options(_Options(tls_ca=tls.ca, tls_client_cert=tls.client_cert, tls_client_key=tls.client_key))
+    options = client_options(Options(tls_ca=tls.ca, tls_client_cert=tls.client_cert, tls_client_key=tls.client_key))
     assert options["tls"] is True
     assert options["root_certificates"] == tls.read("ca")
     assert options["certificate_chain"] == tls.read("client_cert")
     assert options["private_key"] == tls.read("client_key")
-    assert _client_options(_Options(tls=True)) == {"metadata": [], "tls": True}
+    assert client_options(Options(tls=True)) == {"metadata": [], "tls": True}
 
 
 def test_client_certificate_needs_its_key(tls: TlsFiles) -> None:

@@ -219,3 +219,8 @@ def test_serve_without_the_server_package(monkeypatch: pytest.MonkeyPatch) -> No
     result = runner.invoke(app, ["serve"])
     assert result.exit_code == 2
     assert "install wafer[server]" in result.stderr
+
+
+def test_serve_is_the_servers_command_found_by_entry_point() -> None:
+    (serve,) = [c.callback for c in app.registered_commands if c.name == "serve"]
+    assert serve is not None and serve.__module__ == "wafer.cli"
