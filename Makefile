@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_OPENMP=OFF
 ADDRESS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install lock lint typecheck format proto docs unit integration e2e bench clean
+.PHONY: serve test install lock lint typecheck format proto unasync docs unit integration e2e bench clean
 
 serve: install
 	$(BIN)/wafer serve $(if $(ADDRESS),--address $(ADDRESS))
@@ -67,6 +67,11 @@ typecheck: install
 # committed stubs differ from what this would write.
 proto: install
 	$(BIN)/python tools/genproto.py
+
+# The blocking client (_sync.py) is generated from the asyncio one (_async.py);
+# tests/unit/test_sync_client_drift.py fails if the committed file differs.
+unasync: install
+	$(BIN)/python tools/unasync.py
 
 # docs/api.md is generated from the proto comments; tests/unit/test_docs_drift.py fails on drift.
 docs: install

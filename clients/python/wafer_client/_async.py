@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
-from wafer_client import _convert, _health
-from wafer_client._base import USE_CLIENT_DEFAULT, BaseClient, ClientOptions, Timeout
+from wafer_client import _convert
+from wafer_client._base import USE_CLIENT_DEFAULT, ClientOptions, Timeout
+from wafer_client._connection import AsyncConnection
 from wafer_client._convert import DocumentInput, MessageInput, SourceInput
 from wafer_client.errors import from_rpc_error
 from wafer_client.types import (
@@ -32,37 +32,13 @@ from wafer_client.types import (
     StoredDocument,
     UpsertResult,
 )
-from wafer_proto.v1 import (
-    index_pb2,
-    index_pb2_grpc,
-    inference_pb2_grpc,
-    jobs_pb2,
-    jobs_pb2_grpc,
-    models_pb2,
-    models_pb2_grpc,
-)
-
-
-class _Stubs:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.channel = channel
-        self.inference = inference_pb2_grpc.InferenceStub(channel)
-        self.models = models_pb2_grpc.ModelsStub(channel)
-        self.index = index_pb2_grpc.IndexStub(channel)
-        self.jobs = jobs_pb2_grpc.JobsStub(channel)
-        self.health: grpc.aio.UnaryUnaryMultiCallable[str, str] = channel.unary_unary(
-            _health.CHECK_METHOD,
-            request_serializer=_health.serialize_request,
-            response_deserializer=_health.deserialize_status,
-        )
-
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 T = TypeVar("T")
 
 
-class AsyncWaferClient(BaseClient):
+class AsyncWaferClient(AsyncConnection):
     """An asyncio Wafer client. One instance holds one channel, opened on first use and bound to that
     event loop; construct it anywhere, use and close it on one loop.
 
@@ -78,65 +54,6 @@ class AsyncWaferClient(BaseClient):
 
     def __init__(self, address: str | None = None, **options: Unpack[ClientOptions]) -> None:
         super().__init__(address, **options)
-        # Connected on first use: a grpc.aio channel belongs to the loop running when it is made, and a
-        # client is often constructed before any loop runs (module level, app factories).
-        self._stubs: _Stubs | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _connect(self) -> _Stubs:
-        loop = asyncio.get_running_loop()
-        if self._stubs is None:
-            if self._credentials is not None:
-                channel = grpc.aio.secure_channel(self.address, self._credentials, options=self._options)
-            else:
-                channel = grpc.aio.insecure_channel(self.address, options=self._options)
-            self._stubs = _Stubs(channel)
-            self._loop = loop
-        elif loop is not self._loop:
-            raise RuntimeError(
-                "this AsyncWaferClient is bound to the event loop it was first used in; "
-                "create one client per event loop"
-            )
-        return self._stubs
-
-    @property
-    def _inference(self) -> inference_pb2_grpc.InferenceAsyncStub:
-        return self._connect().inference
-
-    @property
-    def _models(self) -> models_pb2_grpc.ModelsAsyncStub:
-        return self._connect().models
-
-    @property
-    def _index(self) -> index_pb2_grpc.IndexAsyncStub:
-        return self._connect().index
-
-    @property
-    def _jobs(self) -> jobs_pb2_grpc.JobsAsyncStub:
-        return self._connect().jobs
-
-    @property
-    def _health_check(self) -> grpc.aio.UnaryUnaryMultiCallable[str, str]:
-        return self._connect().health
-
-    async def close(self) -> None:
-        stubs, self._stubs, self._loop = self._stubs, None, None
-        if stubs is not None:
-            await stubs.channel.close(None)
-
-    # httpx spells it aclose; accept both so code moving between the two reads naturally.
-    aclose = close
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # Calling
 
@@ -320,11 +237,11 @@ class AsyncWaferClient(BaseClient):
     # Models
 
     async def list_models(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ModelInfo]:
-        response = await self._unary(self._models.ListModels, models_pb2.ListModelsRequest(), timeout)
+        response = await self._unary(self._models.ListModels, _convert.list_models_request(), timeout)
         return [_convert.model_info(m) for m in response.models]
 
     async def get_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
-        request = models_pb2.GetModelRequest(name=name)
+        request = _convert.get_model_request(name)
         return _convert.model_info(await self._unary(self._models.GetModel, request, timeout))
 
     async def load_model(
@@ -349,13 +266,13 @@ class AsyncWaferClient(BaseClient):
     ) -> ModelInfo:
         """Has the server quantize the fp32 ONNX model ``source_model`` to int8 and register it as
         ``name`` (loaded). Weights get one scale per output channel unless ``per_tensor``."""
-        request = models_pb2.QuantizeModelRequest(source_model=source_model, name=name, per_tensor=per_tensor)
+        request = _convert.quantize_model_request(source_model, name, per_tensor=per_tensor)
         return _convert.model_info(await self._unary(self._models.QuantizeModel, request, timeout, retry=False))
 
     def pull_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> AsyncGenerator[PullProgress, None]:
         """Has the server download the model's hf:// files into its cache, streaming progress. An
         interrupted pull resumes where it stopped when called again."""
-        request = models_pb2.PullModelRequest(name=name)
+        request = _convert.pull_model_request(name)
         return self._stream(self._models.PullModel, request, timeout, _convert.pull_progress)
 
     async def unload_model(
@@ -363,7 +280,7 @@ class AsyncWaferClient(BaseClient):
     ) -> ModelInfo:
         """Unloads a model once the requests holding it finish (``drain_timeout_seconds`` 0: the
         server's default wait)."""
-        request = models_pb2.UnloadModelRequest(name=name, drain_timeout_seconds=drain_timeout_seconds)
+        request = _convert.unload_model_request(name, drain_timeout_seconds=drain_timeout_seconds)
         return _convert.model_info(await self._unary(self._models.UnloadModel, request, timeout))
 
     # Index
@@ -420,19 +337,17 @@ class AsyncWaferClient(BaseClient):
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> list[StoredDocument]:
         """Documents by id, in request order; unknown ids are left out."""
-        request = index_pb2.GetDocumentsRequest(
-            collection=collection, ids=_convert._strings(ids, "ids"), with_vectors=with_vectors
-        )
+        request = _convert.get_documents_request(collection, ids, with_vectors=with_vectors)
         return _convert.stored_documents(await self._unary(self._index.GetDocuments, request, timeout))
 
     async def delete_documents(
         self, collection: str, ids: Sequence[str], *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> None:
-        request = index_pb2.DeleteDocumentsRequest(collection=collection, ids=_convert._strings(ids, "ids"))
+        request = _convert.delete_documents_request(collection, ids)
         await self._unary(self._index.DeleteDocuments, request, timeout)
 
     async def list_collections(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[CollectionInfo]:
-        response = await self._unary(self._index.ListCollections, index_pb2.ListCollectionsRequest(), timeout)
+        response = await self._unary(self._index.ListCollections, _convert.list_collections_request(), timeout)
         return _convert.collections(response)
 
     # Jobs
@@ -471,17 +386,17 @@ class AsyncWaferClient(BaseClient):
         return _convert.job(await self._unary(self._jobs.SubmitJob, request, timeout, retry=False))
 
     async def get_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
-        return _convert.job(await self._unary(self._jobs.GetJob, jobs_pb2.GetJobRequest(id=job_id), timeout))
+        return _convert.job(await self._unary(self._jobs.GetJob, _convert.get_job_request(job_id), timeout))
 
     async def list_jobs(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[Job]:
         """Every job the server knows, newest first."""
-        response = await self._unary(self._jobs.ListJobs, jobs_pb2.ListJobsRequest(), timeout)
+        response = await self._unary(self._jobs.ListJobs, _convert.list_jobs_request(), timeout)
         return [_convert.job(j) for j in response.jobs]
 
     def watch_job(self, job_id: str, *, timeout: Timeout = None) -> AsyncGenerator[Job, None]:
         """The job now, then whenever it changes (at least every second while it runs), until it ends;
         the last one yielded is its final state. No deadline unless ``timeout`` is given."""
-        return self._stream(self._jobs.WatchJob, jobs_pb2.WatchJobRequest(id=job_id), timeout, _convert.job)
+        return self._stream(self._jobs.WatchJob, _convert.watch_job_request(job_id), timeout, _convert.job)
 
     async def wait_job(self, job_id: str, *, timeout: Timeout = None) -> Job:
         """Blocks until the job ends and returns its final state (check ``state`` and ``error``)."""
@@ -493,15 +408,15 @@ class AsyncWaferClient(BaseClient):
 
     async def pause_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
         """Stops the job after its last written batch; :meth:`resume_job` continues it."""
-        return _convert.job(await self._unary(self._jobs.PauseJob, jobs_pb2.PauseJobRequest(id=job_id), timeout))
+        return _convert.job(await self._unary(self._jobs.PauseJob, _convert.pause_job_request(job_id), timeout))
 
     async def resume_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
         """Queues a paused (or failed) job again; it continues from its checkpoint."""
-        return _convert.job(await self._unary(self._jobs.ResumeJob, jobs_pb2.ResumeJobRequest(id=job_id), timeout))
+        return _convert.job(await self._unary(self._jobs.ResumeJob, _convert.resume_job_request(job_id), timeout))
 
     async def cancel_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
         """Ends the job for good; what it already wrote stays in the collection."""
-        return _convert.job(await self._unary(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(id=job_id), timeout))
+        return _convert.job(await self._unary(self._jobs.CancelJob, _convert.cancel_job_request(job_id), timeout))
 
     # Health
 

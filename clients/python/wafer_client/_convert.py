@@ -499,3 +499,63 @@ def job(message: jobs_pb2.Job) -> Job:
         started=stamp("started"),
         finished=stamp("finished"),
     )
+
+
+# The requests of the calls that take no more than names and flags: built here too, so the clients
+# hold no protobuf code and `_sync.py` stays a mechanical copy of `_async.py`.
+
+
+def list_models_request() -> models_pb2.ListModelsRequest:
+    return models_pb2.ListModelsRequest()
+
+
+def get_model_request(name: str) -> models_pb2.GetModelRequest:
+    return models_pb2.GetModelRequest(name=name)
+
+
+def quantize_model_request(source_model: str, name: str, *, per_tensor: bool) -> models_pb2.QuantizeModelRequest:
+    return models_pb2.QuantizeModelRequest(source_model=source_model, name=name, per_tensor=per_tensor)
+
+
+def pull_model_request(name: str) -> models_pb2.PullModelRequest:
+    return models_pb2.PullModelRequest(name=name)
+
+
+def unload_model_request(name: str, *, drain_timeout_seconds: float) -> models_pb2.UnloadModelRequest:
+    return models_pb2.UnloadModelRequest(name=name, drain_timeout_seconds=drain_timeout_seconds)
+
+
+def get_documents_request(collection: str, ids: Sequence[str], *, with_vectors: bool) -> index_pb2.GetDocumentsRequest:
+    return index_pb2.GetDocumentsRequest(collection=collection, ids=_strings(ids, "ids"), with_vectors=with_vectors)
+
+
+def delete_documents_request(collection: str, ids: Sequence[str]) -> index_pb2.DeleteDocumentsRequest:
+    return index_pb2.DeleteDocumentsRequest(collection=collection, ids=_strings(ids, "ids"))
+
+
+def list_collections_request() -> index_pb2.ListCollectionsRequest:
+    return index_pb2.ListCollectionsRequest()
+
+
+def list_jobs_request() -> jobs_pb2.ListJobsRequest:
+    return jobs_pb2.ListJobsRequest()
+
+
+def get_job_request(job_id: str) -> jobs_pb2.GetJobRequest:
+    return jobs_pb2.GetJobRequest(id=job_id)
+
+
+def watch_job_request(job_id: str) -> jobs_pb2.WatchJobRequest:
+    return jobs_pb2.WatchJobRequest(id=job_id)
+
+
+def pause_job_request(job_id: str) -> jobs_pb2.PauseJobRequest:
+    return jobs_pb2.PauseJobRequest(id=job_id)
+
+
+def resume_job_request(job_id: str) -> jobs_pb2.ResumeJobRequest:
+    return jobs_pb2.ResumeJobRequest(id=job_id)
+
+
+def cancel_job_request(job_id: str) -> jobs_pb2.CancelJobRequest:
+    return jobs_pb2.CancelJobRequest(id=job_id)

@@ -1,16 +1,17 @@
-"""The blocking client."""
+"""The blocking client. Generated from _async.py by tools/unasync.py (`make unasync`): edit that
+file, not this one; tests/unit/test_sync_client_drift.py fails on drift."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
-from wafer_client import _convert, _health
-from wafer_client._base import USE_CLIENT_DEFAULT, BaseClient, ClientOptions, Timeout
+from wafer_client import _convert
+from wafer_client._base import USE_CLIENT_DEFAULT, ClientOptions, Timeout
+from wafer_client._connection import SyncConnection
 from wafer_client._convert import DocumentInput, MessageInput, SourceInput
 from wafer_client.errors import from_rpc_error
 from wafer_client.types import (
@@ -28,22 +29,13 @@ from wafer_client.types import (
     StoredDocument,
     UpsertResult,
 )
-from wafer_proto.v1 import (
-    index_pb2,
-    index_pb2_grpc,
-    inference_pb2_grpc,
-    jobs_pb2,
-    jobs_pb2_grpc,
-    models_pb2,
-    models_pb2_grpc,
-)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 T = TypeVar("T")
 
 
-class WaferClient(BaseClient):
+class WaferClient(SyncConnection):
     """A blocking Wafer client. One instance holds one channel; share it across threads.
 
     ``address`` is ``host:port`` or ``unix:///path`` (default: ``$WAFER_ADDRESS``, else
@@ -58,33 +50,6 @@ class WaferClient(BaseClient):
 
     def __init__(self, address: str | None = None, **options: Unpack[ClientOptions]) -> None:
         super().__init__(address, **options)
-        if self._credentials is not None:
-            self._channel = grpc.secure_channel(self.address, self._credentials, options=self._options)
-        else:
-            self._channel = grpc.insecure_channel(self.address, options=self._options)
-        self._inference = inference_pb2_grpc.InferenceStub(self._channel)
-        self._models = models_pb2_grpc.ModelsStub(self._channel)
-        self._index = index_pb2_grpc.IndexStub(self._channel)
-        self._jobs = jobs_pb2_grpc.JobsStub(self._channel)
-        self._health_check: grpc.UnaryUnaryMultiCallable[str, str] = self._channel.unary_unary(
-            _health.CHECK_METHOD,
-            request_serializer=_health.serialize_request,
-            response_deserializer=_health.deserialize_status,
-        )
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # Calling
 
@@ -267,11 +232,11 @@ class WaferClient(BaseClient):
     # Models
 
     def list_models(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ModelInfo]:
-        response = self._unary(self._models.ListModels, models_pb2.ListModelsRequest(), timeout)
+        response = self._unary(self._models.ListModels, _convert.list_models_request(), timeout)
         return [_convert.model_info(m) for m in response.models]
 
     def get_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
-        request = models_pb2.GetModelRequest(name=name)
+        request = _convert.get_model_request(name)
         return _convert.model_info(self._unary(self._models.GetModel, request, timeout))
 
     def load_model(
@@ -296,13 +261,13 @@ class WaferClient(BaseClient):
     ) -> ModelInfo:
         """Has the server quantize the fp32 ONNX model ``source_model`` to int8 and register it as
         ``name`` (loaded). Weights get one scale per output channel unless ``per_tensor``."""
-        request = models_pb2.QuantizeModelRequest(source_model=source_model, name=name, per_tensor=per_tensor)
+        request = _convert.quantize_model_request(source_model, name, per_tensor=per_tensor)
         return _convert.model_info(self._unary(self._models.QuantizeModel, request, timeout, retry=False))
 
     def pull_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Generator[PullProgress, None, None]:
         """Has the server download the model's hf:// files into its cache, streaming progress. An
         interrupted pull resumes where it stopped when called again."""
-        request = models_pb2.PullModelRequest(name=name)
+        request = _convert.pull_model_request(name)
         return self._stream(self._models.PullModel, request, timeout, _convert.pull_progress)
 
     def unload_model(
@@ -310,7 +275,7 @@ class WaferClient(BaseClient):
     ) -> ModelInfo:
         """Unloads a model once the requests holding it finish (``drain_timeout_seconds`` 0: the
         server's default wait)."""
-        request = models_pb2.UnloadModelRequest(name=name, drain_timeout_seconds=drain_timeout_seconds)
+        request = _convert.unload_model_request(name, drain_timeout_seconds=drain_timeout_seconds)
         return _convert.model_info(self._unary(self._models.UnloadModel, request, timeout))
 
     # Index
@@ -367,17 +332,15 @@ class WaferClient(BaseClient):
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> list[StoredDocument]:
         """Documents by id, in request order; unknown ids are left out."""
-        request = index_pb2.GetDocumentsRequest(
-            collection=collection, ids=_convert._strings(ids, "ids"), with_vectors=with_vectors
-        )
+        request = _convert.get_documents_request(collection, ids, with_vectors=with_vectors)
         return _convert.stored_documents(self._unary(self._index.GetDocuments, request, timeout))
 
     def delete_documents(self, collection: str, ids: Sequence[str], *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
-        request = index_pb2.DeleteDocumentsRequest(collection=collection, ids=_convert._strings(ids, "ids"))
+        request = _convert.delete_documents_request(collection, ids)
         self._unary(self._index.DeleteDocuments, request, timeout)
 
     def list_collections(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[CollectionInfo]:
-        response = self._unary(self._index.ListCollections, index_pb2.ListCollectionsRequest(), timeout)
+        response = self._unary(self._index.ListCollections, _convert.list_collections_request(), timeout)
         return _convert.collections(response)
 
     # Jobs
@@ -416,17 +379,17 @@ class WaferClient(BaseClient):
         return _convert.job(self._unary(self._jobs.SubmitJob, request, timeout, retry=False))
 
     def get_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
-        return _convert.job(self._unary(self._jobs.GetJob, jobs_pb2.GetJobRequest(id=job_id), timeout))
+        return _convert.job(self._unary(self._jobs.GetJob, _convert.get_job_request(job_id), timeout))
 
     def list_jobs(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[Job]:
         """Every job the server knows, newest first."""
-        response = self._unary(self._jobs.ListJobs, jobs_pb2.ListJobsRequest(), timeout)
+        response = self._unary(self._jobs.ListJobs, _convert.list_jobs_request(), timeout)
         return [_convert.job(j) for j in response.jobs]
 
     def watch_job(self, job_id: str, *, timeout: Timeout = None) -> Generator[Job, None, None]:
         """The job now, then whenever it changes (at least every second while it runs), until it ends;
         the last one yielded is its final state. No deadline unless ``timeout`` is given."""
-        return self._stream(self._jobs.WatchJob, jobs_pb2.WatchJobRequest(id=job_id), timeout, _convert.job)
+        return self._stream(self._jobs.WatchJob, _convert.watch_job_request(job_id), timeout, _convert.job)
 
     def wait_job(self, job_id: str, *, timeout: Timeout = None) -> Job:
         """Blocks until the job ends and returns its final state (check ``state`` and ``error``)."""
@@ -438,15 +401,15 @@ class WaferClient(BaseClient):
 
     def pause_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
         """Stops the job after its last written batch; :meth:`resume_job` continues it."""
-        return _convert.job(self._unary(self._jobs.PauseJob, jobs_pb2.PauseJobRequest(id=job_id), timeout))
+        return _convert.job(self._unary(self._jobs.PauseJob, _convert.pause_job_request(job_id), timeout))
 
     def resume_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
         """Queues a paused (or failed) job again; it continues from its checkpoint."""
-        return _convert.job(self._unary(self._jobs.ResumeJob, jobs_pb2.ResumeJobRequest(id=job_id), timeout))
+        return _convert.job(self._unary(self._jobs.ResumeJob, _convert.resume_job_request(job_id), timeout))
 
     def cancel_job(self, job_id: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Job:
         """Ends the job for good; what it already wrote stays in the collection."""
-        return _convert.job(self._unary(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(id=job_id), timeout))
+        return _convert.job(self._unary(self._jobs.CancelJob, _convert.cancel_job_request(job_id), timeout))
 
     # Health
 
