@@ -20,7 +20,7 @@ from wafer.errors import WaferError
 from wafer.http.app import Door
 from wafer.http.server import HttpServer
 from wafer.indexing import IndexService
-from wafer.jobs import JobManager, PolicyChecker, PowerProbe
+from wafer.jobs import JobManager, JobState, PolicyChecker, PowerProbe
 from wafer.logging import configure_logging
 from wafer.metrics import Metrics
 from wafer.registry import ModelRegistry, limit_heap_arenas
@@ -75,7 +75,7 @@ async def serve(settings: Settings) -> None:
         known_model=registry.status,
         metrics=metrics,
     )
-    metrics.watch_jobs(jobs)
+    metrics.watch_jobs(jobs, states=JobState)
     wafer = create_server(settings, registry, engine, index, metrics=metrics, jobs=jobs)
     # The HTTP door shares the gRPC server's drain: one shutdown waits for the calls of both.
     http = (

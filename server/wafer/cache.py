@@ -34,14 +34,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import structlog
 
 from wafer.backends.base import Embeddings, InputTooLongError
 from wafer.domain import FloatMatrix
-from wafer.metrics import Metrics
 from wafer.specs import ModelSpec
 
 log = structlog.get_logger("wafer.cache")
@@ -164,8 +163,14 @@ async def cached_embed(
     )
 
 
+class CacheObserver(Protocol):
+    """Told how each lookup went (the metrics implement it)."""
+
+    def record_cache(self, model: str, *, hits: int, misses: int) -> None: ...
+
+
 class EmbeddingCache:
-    def __init__(self, path: Path, *, max_entries: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, path: Path, *, max_entries: int, metrics: CacheObserver | None = None) -> None:
         if max_entries <= 0:
             raise ValueError(f"max_entries must be positive, not {max_entries}")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,7 +39,6 @@ from wafer.domain import (
     Usage,
 )
 from wafer.errors import InvalidArgumentError, NotFoundError
-from wafer.metrics import Metrics
 from wafer.registry import LoadedModel, ModelRegistry
 from wafer.scheduler import Scheduled
 from wafer.specs import ModelSpec, RerankMethod, Task
@@ -81,12 +80,21 @@ def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
     return normalized
 
 
+class EngineObserver(Protocol):
+    """Told about the work only the engine sees whole: relevance batches and finished generations
+    (the metrics implement it; the scheduler reports the other batches)."""
+
+    def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None: ...
+
+    def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None: ...
+
+
 class InferenceEngine:
     def __init__(
         self,
         registry: ModelRegistry,
         settings: Settings,
-        metrics: Metrics | None = None,
+        metrics: EngineObserver | None = None,
         cache: EmbeddingCache | None = None,
         contexts: ContextStore | None = None,
     ) -> None:

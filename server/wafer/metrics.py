@@ -8,14 +8,20 @@ Events are recorded where they happen: calls in the interceptor (it alone sees t
 the whole duration), batches and tokens in the engine (it alone sees the backend's output).
 State is not copied: model state, memory, load time, in-flight and waiting calls are read from
 the model registry when /metrics is scraped, so they can never drift from what the registry says.
+
+This module is a leaf: it imports nothing of Wafer but its errors. The parts that record (cache,
+engine, scheduler, jobs) declare what they report as small protocols that `Metrics` implements, and
+the collectors read the registry and the job manager through the protocols below; `app.py` wires
+them together. So those parts run, and are tested, without Prometheus.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from threading import Thread
-from typing import TYPE_CHECKING
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -23,11 +29,6 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from wafer.errors import InvalidArgumentError
-from wafer.specs import Task
-
-if TYPE_CHECKING:
-    from wafer.jobs.manager import JobManager
-    from wafer.registry import ModelRegistry
 
 # From a sub-millisecond refusal to a long generation (minutes).
 LATENCY_BUCKETS = (
@@ -52,6 +53,51 @@ LATENCY_BUCKETS = (
 # Up to the largest request the settings allow by default (1024 inputs).
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class ModelSnapshot(Protocol):
+    """What the model gauges read of one model (the registry's `ModelStatus`)."""
+
+    @property
+    def spec(self) -> _Named: ...
+    @property
+    def state(self) -> Enum: ...
+    @property
+    def memory_bytes(self) -> int: ...
+    @property
+    def load_seconds(self) -> float: ...
+    @property
+    def active_requests(self) -> int: ...
+    @property
+    def waiting_interactive(self) -> int: ...
+    @property
+    def waiting_batch(self) -> int: ...
+
+
+class ModelSource(Protocol):
+    """Where the model gauges come from (the model registry)."""
+
+    def statuses(self) -> Sequence[ModelSnapshot]: ...
+
+
+class JobSnapshot(Protocol):
+    """What the job gauges read of one job (the job manager's `JobStatus`)."""
+
+    @property
+    def state(self) -> Enum: ...
+    @property
+    def docs_per_second(self) -> float: ...
+
+
+class JobSource(Protocol):
+    """Where the job gauges come from (the job manager)."""
+
+    def all(self) -> Sequence[JobSnapshot]: ...
 
 
 # A model label for a call that names no model of the catalog: a client must not be able to mint
@@ -174,28 +220,30 @@ class Metrics:
         if inference_seconds is not None:
             self.inference_seconds.labels(method, model).observe(inference_seconds)
 
-    def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None:
-        """One backend call over `size` sequences holding `tokens` tokens; they count as prompt tokens."""
-        self.batch_size.labels(model, task.value).observe(size)
-        self.batch_tokens.labels(model, task.value).observe(tokens)
-        self.prompt_tokens.labels(model, task.value).inc(tokens)
+    def record_batch(self, model: str, task: str, size: int, tokens: int) -> None:
+        """One backend call over `size` sequences holding `tokens` tokens; they count as prompt tokens.
+        `task` is the task's name (`specs.Task` is a string enum)."""
+        self.batch_size.labels(model, str(task)).observe(size)
+        self.batch_tokens.labels(model, str(task)).observe(tokens)
+        self.prompt_tokens.labels(model, str(task)).inc(tokens)
 
     def record_interruption(self, model: str) -> None:
         self.batch_interruptions.labels(model).inc()
 
     def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None:
-        self.prompt_tokens.labels(model, Task.GENERATE.value).inc(prompt_tokens)
+        self.prompt_tokens.labels(model, "generate").inc(prompt_tokens)
         self.generated_tokens.labels(model).inc(generated_tokens)
 
     def record_job_documents(self, model: str, documents: int) -> None:
         """A job wrote a batch of `documents` documents."""
         self.job_documents.labels(self.model_label(model)).inc(documents)
 
-    def watch_jobs(self, jobs: JobManager) -> None:
-        """Report jobs per state and the documents per second of running jobs."""
-        self.registry.register(_JobsCollector(jobs))
+    def watch_jobs(self, jobs: JobSource, *, states: Iterable[Enum] = ()) -> None:
+        """Report jobs per state and the documents per second of running jobs. Every one of
+        `states` (the job manager's `JobState`) is reported, 0 when no job is in it."""
+        self.registry.register(_JobsCollector(jobs, tuple(states)))
 
-    def watch(self, registry: ModelRegistry) -> None:
+    def watch(self, registry: ModelSource) -> None:
         """Report the registry's models (state, memory, load time, in-flight and waiting calls)."""
         self.registry.register(_RegistryCollector(registry))
 
@@ -250,7 +298,7 @@ class _RegistryCollector(Collector):
     each value whole (ints, enums, references), which is all a scrape needs.
     """
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelSource) -> None:
         self._registry = registry
 
     def describe(self) -> Iterator[Metric]:
@@ -258,12 +306,11 @@ class _RegistryCollector(Collector):
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        from wafer.registry import ModelState
-
         state, memory, load, in_flight, queue = self._families()
         for status in self._registry.statuses():
             name = status.spec.name
-            for candidate in ModelState:
+            # Every state of the model's state enum: 1 for its own, 0 for the others.
+            for candidate in type(status.state):
                 state.add_metric([name, candidate.value], 1.0 if status.state is candidate else 0.0)
             memory.add_metric([name], status.memory_bytes)
             load.add_metric([name], status.load_seconds)
@@ -308,19 +355,19 @@ class _RegistryCollector(Collector):
 class _JobsCollector(Collector):
     """Job gauges read from the job manager at scrape time (on the HTTP server's thread)."""
 
-    def __init__(self, jobs: JobManager) -> None:
+    def __init__(self, jobs: JobSource, states: tuple[Enum, ...]) -> None:
         self._jobs = jobs
+        self._states = states
 
     def describe(self) -> Iterator[Metric]:
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        from wafer.jobs.state import JobState
-
         states, rate = self._families()
         statuses = self._jobs.all()
-        for state in JobState:
-            states.add_metric([state.value], sum(1 for s in statuses if s.state is state))
+        known = list(self._states) + [s.state for s in statuses if s.state not in self._states]
+        for state in dict.fromkeys(known):
+            states.add_metric([str(state.value)], sum(1 for s in statuses if s.state is state))
         rate.add_metric([], sum(s.docs_per_second for s in statuses))
         yield from (states, rate)
 

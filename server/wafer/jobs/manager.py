@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -57,7 +57,6 @@ from wafer.jobs.sources import (
     open_reader,
 )
 from wafer.jobs.state import RESUMABLE, JobRecord, JobState, JobStore, to_json
-from wafer.metrics import Metrics
 
 log = structlog.get_logger("wafer.jobs")
 
@@ -199,6 +198,12 @@ async def _cancel_all(tasks: deque[tuple[asyncio.Task[bool], Batch]]) -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
+class JobObserver(Protocol):
+    """Told about every batch a job writes (the metrics implement it)."""
+
+    def record_job_documents(self, model: str, documents: int) -> None: ...
+
+
 class JobManager:
     def __init__(
         self,
@@ -207,7 +212,7 @@ class JobManager:
         policy: PolicyChecker,
         *,
         known_model: Callable[[str], object],
-        metrics: Metrics | None = None,
+        metrics: JobObserver | None = None,
     ) -> None:
         """`known_model(name)` raises NotFoundError for a model the catalog does not have."""
         self._settings = settings

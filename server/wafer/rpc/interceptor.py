@@ -2,9 +2,10 @@
 
 Every call gets a request id (the caller's `x-request-id`, or a new one), returned in the
 response's initial metadata and bound to the log context. WaferErrors become their status from
-wafer.errors' table; anything else becomes INTERNAL with the request id and is logged with its
+`wafer.rpc.status`' table; anything else becomes INTERNAL with the request id and is logged with its
 stack trace, which never reaches the client. One JSON line per call records method, model,
-status and durations.
+status and durations; the servicers `report` the model that answered and where its time went from
+the domain result, so nothing is read back out of response messages but the model's name.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
 import structlog
 
+from wafer.domain import Timings
 from wafer.errors import DeadlineExceededError, WaferError
 from wafer.metrics import Metrics
 from wafer.rpc.status import status_for
@@ -37,21 +40,6 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         if key == REQUEST_ID_KEY and value:
             return str(value)[:128]
     return uuid.uuid4().hex
-
-
-def _timings(message: Any) -> dict[str, float]:
-    if message is None or not hasattr(message, "HasField"):
-        return {}
-    try:
-        if not message.HasField("timings"):
-            return {}
-    except ValueError:
-        return {}
-    return {
-        "queue_ms": round(message.timings.queue_ms, 3),
-        "inference_ms": round(message.timings.inference_ms, 3),
-        "batch_size": message.timings.batch_size,
-    }
 
 
 class _Call:
@@ -80,7 +68,15 @@ class _Call:
 
     def saw(self, response: Any) -> None:
         self.model = getattr(response, "model", "") or self.model
-        self.extra.update(_timings(response))
+
+    def observe(self, model: str, timings: Timings | None) -> None:
+        self.model = model or self.model
+        if timings is not None:
+            self.extra.update(
+                queue_ms=round(timings.queue_ms, 3),
+                inference_ms=round(timings.inference_ms, 3),
+                batch_size=timings.batch_size,
+            )
 
     async def settle(self, error: BaseException) -> None:
         """Record how a call that raised ended: aborts and cancellations propagate as they are,
@@ -134,6 +130,18 @@ class _Call:
             )
 
 
+# The call the running handler serves, for `report`.
+_current: ContextVar[_Call | None] = ContextVar("wafer_rpc_call", default=None)
+
+
+def report(model: str, timings: Timings | None) -> None:
+    """Tell the call being served which model answered and where its time went (for its log line
+    and the metrics), from the domain result. Servicers call it; outside a call it does nothing."""
+    call = _current.get()
+    if call is not None:
+        call.observe(model, timings)
+
+
 @contextlib.asynccontextmanager
 async def _deadline(context: grpc.aio.ServicerContext[Any, Any], default_seconds: float | None) -> AsyncIterator[None]:
     """Give a call whose client set no deadline the server's default, so nothing runs forever.
@@ -161,6 +169,7 @@ def _wrap_unary(
 ) -> UnaryBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, request, context, metrics)
+        current = _current.set(call)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
             try:
                 await call.begin()
@@ -172,6 +181,7 @@ def _wrap_unary(
                 await call.settle(error)
             finally:
                 call.finish()
+                _current.reset(current)
 
     return handle
 
@@ -181,6 +191,7 @@ def _wrap_stream(
 ) -> StreamBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = _Call(method, request, context, metrics)
+        current = _current.set(call)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
             try:
                 await call.begin()
@@ -195,6 +206,7 @@ def _wrap_stream(
                 await call.settle(error)
             finally:
                 call.finish()
+                _current.reset(current)
 
     return handle
 

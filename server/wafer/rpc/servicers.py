@@ -18,6 +18,7 @@ from wafer.pull import HubPuller, hub_sources, in_thread
 from wafer.quantize import quantize_model
 from wafer.registry import ModelRegistry
 from wafer.rpc import convert, convert_jobs
+from wafer.rpc.interceptor import report
 from wafer_proto.v1 import (
     index_pb2,
     index_pb2_grpc,
@@ -53,17 +54,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Embed(  # noqa: N802 - names come from the proto
         self, request: inference_pb2.EmbedRequest, context: Context
     ) -> inference_pb2.EmbedResponse:
-        return convert.embed_response(await self._engine.embed(convert.embed_request(request)))
+        result = await self._engine.embed(convert.embed_request(request))
+        report(result.model, result.timings)
+        return convert.embed_response(result)
 
     async def Rerank(  # noqa: N802
         self, request: inference_pb2.RerankRequest, context: Context
     ) -> inference_pb2.RerankResponse:
-        return convert.rerank_response(await self._engine.rerank(convert.rerank_request(request)))
+        result = await self._engine.rerank(convert.rerank_request(request))
+        report(result.model, result.timings)
+        return convert.rerank_response(result)
 
     async def Generate(  # noqa: N802
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         async for chunk in self._engine.generate(convert.generate_request(request, self._settings)):
+            report(chunk.model, chunk.timings)
             yield convert.generate_response(chunk)
 
 
@@ -154,6 +160,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             truncate=request.truncate,
             priority=convert.priority(request.priority),
         )
+        report(result.model, result.timings)
         return convert.upsert_response(result)
 
     async def Search(  # noqa: N802
@@ -170,6 +177,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             rerank_model=request.rerank_model,
             rerank_top_n=request.rerank_top_n,
         )
+        report(result.model, result.timings)
         return convert.search_response(result)
 
     async def GetDocuments(  # noqa: N802
