@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +35,17 @@ from wafer.domain import (
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from wafer.specs import Task
-from wafer.store.base import CollectionInfo, FloatVector, StoredPoint, VectorStore, user_payload
+from wafer.store.base import (
+    CollectionInfo,
+    FloatVector,
+    StoredPoint,
+    VectorStore,
+    check_collection_name,
+    user_payload,
+)
 
 T = TypeVar("T")
 
-COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEFAULT_TOP_K = 10
 # A document's payload as JSON: every search and GetDocuments returns it.
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
@@ -90,16 +95,6 @@ def derived_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def _check_collection_name(name: str) -> None:
-    # fullmatch: `$` would let a trailing newline through. The name is cut in the message, which
-    # travels in gRPC metadata (8 KB at most: a longer one turns the error into RESOURCE_EXHAUSTED).
-    if not COLLECTION_NAME.fullmatch(name):
-        raise InvalidArgumentError(
-            f"collection name {name[:64]!r} must be 1-128 characters of letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit"
-        )
-
-
 class IndexService:
     def __init__(
         self,
@@ -135,7 +130,7 @@ class IndexService:
         """Chunks, embeds and writes documents. `truncate`: embed only the first window of a long
         document instead of chunking it. With a contextual model, a new collection's context is
         built from `context_sample` (a job's sample of its source) or else from these documents."""
-        _check_collection_name(collection)
+        check_collection_name(collection)
         if not documents:
             raise InvalidArgumentError("documents must not be empty")
         existing = await self._find(collection)
@@ -229,7 +224,7 @@ class IndexService:
         rerank_model: str = "",
         rerank_top_n: int = 0,
     ) -> SearchResult:
-        _check_collection_name(collection)
+        check_collection_name(collection)
         top_k = top_k or DEFAULT_TOP_K
         if top_k > MAX_TOP_K:
             raise InvalidArgumentError(f"top_k must be at most {MAX_TOP_K}")
@@ -333,14 +328,14 @@ class IndexService:
     async def get_documents(
         self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
     ) -> list[StoredPoint]:
-        _check_collection_name(collection)
+        check_collection_name(collection)
         if not ids:
             raise InvalidArgumentError("ids must not be empty")
         wanted = list(ids)
         return await self._in_store_thread(lambda: self._store.retrieve(collection, wanted, with_vectors=with_vectors))
 
     async def delete_documents(self, collection: str, ids: Sequence[str]) -> None:
-        _check_collection_name(collection)
+        check_collection_name(collection)
         if not ids:
             raise InvalidArgumentError("ids must not be empty")
         await self._in_store_thread(lambda: self._store.delete(collection, list(ids)))
@@ -398,7 +393,7 @@ class IndexService:
 
     async def drop_collection(self, collection: str) -> bool:
         """Delete a collection, its points and its context; False if it did not exist."""
-        _check_collection_name(collection)
+        check_collection_name(collection)
         existed = await self._in_store_thread(lambda: self._store.drop_collection(collection))
         self._models.pop(collection, None)
         if self._contexts is not None:

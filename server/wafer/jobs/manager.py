@@ -42,7 +42,7 @@ from wafer.errors import (
     UnavailableError,
     WaferError,
 )
-from wafer.indexing import COLLECTION_NAME, IndexService
+from wafer.indexing import IndexService
 from wafer.jobs.policy import PolicyChecker, RunPolicy
 from wafer.jobs.sources import (
     Batch,
@@ -57,6 +57,7 @@ from wafer.jobs.sources import (
     open_reader,
 )
 from wafer.jobs.state import RESUMABLE, JobRecord, JobState, JobStore, to_json
+from wafer.store.base import check_collection_name
 
 log = structlog.get_logger("wafer.jobs")
 
@@ -265,11 +266,7 @@ class JobManager:
     # -- calls ---------------------------------------------------------------------------------
 
     async def submit(self, request: JobRequest) -> JobStatus:
-        if not COLLECTION_NAME.fullmatch(request.collection):
-            raise InvalidArgumentError(
-                f"collection name {request.collection[:64]!r} must be 1-128 characters of letters, digits, "
-                "'_', '-' or '.', starting with a letter or digit"
-            )
+        check_collection_name(request.collection)
         batch_size = request.batch_size or self._settings.jobs_batch_size
         limit = self._settings.max_inputs_per_request
         if not 0 < batch_size <= limit:

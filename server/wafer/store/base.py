@@ -49,6 +49,27 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FILTER_KEY = re.compile(r'[^\x00-\x1f\x7f$\[\]\\".]+(?:\.[^\x00-\x1f\x7f$\[\]\\".]+)*')
 MAX_FILTER_KEY_CHARS = 256
 
+# The one rule for collection names, checked by every layer that takes one (indexing, jobs, stores).
+# Names become folder names (qdrant-edge, contexts): no separators, no dot-only names.
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def is_collection_name(name: str) -> bool:
+    # fullmatch: `$` would let a trailing newline through.
+    return COLLECTION_NAME.fullmatch(name) is not None
+
+
+def check_collection_name(name: str) -> None:
+    """Raise InvalidArgumentError unless `name` is a valid collection name. The name is cut in the
+    message, which travels in gRPC metadata (8 KB at most: a longer one turns the error into
+    RESOURCE_EXHAUSTED)."""
+    if not is_collection_name(name):
+        raise InvalidArgumentError(
+            f"collection name {name[:64]!r} must be 1-128 characters of letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+
+
 # Collection metadata. The format number lets a later release recognise (and migrate) collections
 # written by this one. Format 2: documents stored as chunks (format 1 had one point per document).
 MODEL_KEY = "wafer_model"

@@ -17,7 +17,6 @@ folder fails instead of corrupting it; `close()` releases every shard.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
@@ -44,9 +43,11 @@ from wafer.store.base import (
     StoredPoint,
     VectorStore,
     all_point_ids,
+    check_collection_name,
     check_points,
     check_query,
     filter_conditions,
+    is_collection_name,
     payload_of,
     point_from,
     point_id,
@@ -58,8 +59,6 @@ log = structlog.get_logger("wafer.store")
 META_FILE = "collection.json"
 SHARD_DIR = "shard"
 DIMENSIONS_KEY = "dimensions"
-# Collection names become folder names: no separators, no dot-only names.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Payload indexes one collection builds for filtered fields (its own chunk index included).
 MAX_PAYLOAD_INDEXES = 16
 # Points per update: bounds the memory one Python list of points takes, nothing more.
@@ -93,7 +92,7 @@ class EdgeStore(VectorStore):
             raise InvalidArgumentError(f"dimensions must be positive, not {dimensions}")
         if not model:
             raise InvalidArgumentError("a collection needs the name of the model that embeds it")
-        _check_name(name)
+        check_collection_name(name)
         with self._open():
             folder = self._root / name
             if not (folder / META_FILE).exists():
@@ -193,7 +192,7 @@ class EdgeStore(VectorStore):
                 shard.update(edge.UpdateOperation.delete_points(list(all_point_ids(name, counts))))
 
     def drop_collection(self, name: str) -> bool:
-        _check_name(name)
+        check_collection_name(name)
         with self._open():
             opened = self._shards.pop(name, None)
             if opened is not None:
@@ -279,7 +278,7 @@ class EdgeStore(VectorStore):
         if opened is not None:
             return opened
         folder = self._root / name
-        if not SAFE_NAME.fullmatch(name):
+        if not is_collection_name(name):
             raise NotFoundError(f"collection {name[:64]!r} does not exist")
         if not (folder / META_FILE).is_file():
             if (folder / SHARD_DIR).exists():
@@ -308,14 +307,6 @@ class EdgeStore(VectorStore):
         first_chunks = edge.Filter(must_not=[edge.FieldCondition(key=CHUNK_KEY, range=edge.RangeFloat(gte=1))])
         count = shard.count(edge.CountRequest(exact=True, filter=first_chunks))
         return CollectionInfo(name=name, model=meta.model, dimensions=meta.dimensions, documents=count)
-
-
-def _check_name(name: str) -> None:
-    if not SAFE_NAME.fullmatch(name):
-        raise InvalidArgumentError(
-            f"collection name {name[:64]!r} must be 1-128 characters of letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit"
-        )
 
 
 def _filter(conditions: list[tuple[str, str | int | bool]]) -> edge.Filter | None:

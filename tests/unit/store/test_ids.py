@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from wafer.store.base import point_id
+from wafer.errors import InvalidArgumentError
+from wafer.store.base import check_collection_name, is_collection_name, point_id
 
 
 def test_point_id_is_a_stable_uuid5() -> None:
@@ -45,3 +46,16 @@ def test_unicode_ids_are_fine() -> None:
 def test_negative_chunk_is_refused() -> None:
     with pytest.raises(ValueError, match="chunk"):
         point_id("docs", "a", -1)
+
+
+@pytest.mark.parametrize("name", ["sms", "a", "A.b-c_d", "9" * 128])
+def test_collection_names_the_one_rule_accepts(name: str) -> None:
+    assert is_collection_name(name)
+    check_collection_name(name)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "-x", "_x", "a/b", "a\\b", "sms\n", "x" * 129, "é"])
+def test_collection_names_the_one_rule_refuses(name: str) -> None:
+    assert not is_collection_name(name)
+    with pytest.raises(InvalidArgumentError, match="collection name"):
+        check_collection_name(name)
