@@ -1,4 +1,6 @@
-"""`wafer models pull`: fetch a model's hf:// files into the server's model cache, ahead of its load.
+"""The one Hub download path: `wafer models pull` fetches a model's hf:// files into the server's
+model cache ahead of its load, and `SourceResolver` runs the same download for an hf:// file a load
+needs that is not cached yet.
 
 It runs in the server (an admin RPC streaming progress) because the cache is the server's: a client
 on another machine could not write it. huggingface_hub 2.x neither resumes a download across calls
@@ -27,9 +29,9 @@ import urllib.request
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from wafer.errors import FailedPreconditionError, UnavailableError
-from wafer.sources import HF_SCHEME, HubFile
+from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec
 
 CHUNK_BYTES = 1 << 20
@@ -37,6 +39,29 @@ CHUNK_BYTES = 1 << 20
 REPORT_EVERY_SECONDS = 0.2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
+
+
+PKG_SCHEME = "pkg://"
+HF_SCHEME = "hf://"
+
+
+@dataclass(frozen=True, slots=True)
+class HubFile:
+    repo_id: str
+    filename: str
+    revision: str | None
+
+    @classmethod
+    def parse(cls, source: str) -> HubFile:
+        rest = source.removeprefix(HF_SCHEME)
+        rest, _, revision = rest.partition("@")
+        parts = rest.split("/")
+        if len(parts) < 3 or not all(parts):
+            raise InvalidArgumentError(f"hub source {source!r} must look like hf://org/repo/file[@revision]")
+        if any(part in {".", ".."} for part in parts):
+            # The parts become folders of the model cache: none may climb out of it.
+            raise InvalidArgumentError(f"hub source {source!r} must not contain '.' or '..' segments")
+        return cls(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +105,25 @@ class HubPuller:
     def pull(self, source: str, *, model: str) -> Generator[PullProgress, None, None]:
         """Fetch one file, yielding progress; the last report has `file_done` and the cached path."""
         hub_file = HubFile.parse(source)
-        cached = self._cached(hub_file)
+        cached = self.cached(hub_file)
         if cached is not None:
             size = cached.stat().st_size
             yield PullProgress(source, size, size, file_done=True, path=str(cached))
             return
-        meta = self._metadata(hub_file, model)
+        yield from self.fetch(source, hub_file, self._metadata(hub_file, model), model=model)
+
+    def download(self, source: str, hub_file: HubFile, meta: HubMetadata, *, model: str) -> Path:
+        """`fetch` to its end without reporting progress (an on-demand load); the cached path."""
+        *_, last = self.fetch(source, hub_file, meta, model=model)
+        assert last.file_done, "fetch ends with the file's report"
+        return Path(last.path)
+
+    def fetch(
+        self, source: str, hub_file: HubFile, meta: HubMetadata, *, model: str
+    ) -> Generator[PullProgress, None, None]:
+        """Download the file `meta` (the Hub's answer for `hub_file`) describes into the cache:
+        resumed from a partial file, checked against the Hub's checksum, then laid out as
+        huggingface_hub lays out its cache. The last report has `file_done` and the cached path."""
         etag = (meta.etag or "").strip('"')
         if not (_SHA256.fullmatch(etag) or _SHA1.fullmatch(etag)) or not meta.commit_hash:
             raise FailedPreconditionError(
@@ -113,7 +151,8 @@ class HubPuller:
         size = blob.stat().st_size
         yield PullProgress(source, size, total or size, file_done=True, path=str(snapshot))
 
-    def _cached(self, hub_file: HubFile) -> Path | None:
+    def cached(self, hub_file: HubFile) -> Path | None:
+        """The file from the cache, without a request; None if it is not there."""
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -130,7 +169,7 @@ class HubPuller:
         except LocalEntryNotFoundError:
             return None
 
-    def _metadata(self, hub_file: HubFile, model: str) -> _Metadata:
+    def _metadata(self, hub_file: HubFile, model: str) -> HubMetadata:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -144,7 +183,7 @@ class HubPuller:
             ) from None
         except Exception as exc:
             raise self._offline(hub_file, model, exc) from exc
-        return _Metadata(meta.commit_hash, meta.etag, meta.location, meta.size)
+        return HubMetadata.of(meta)
 
     def _download(self, source: str, url: str, partial: Path, total: int, model: str) -> Iterator[PullProgress]:
         # Public (documented) but exported lazily, which mypy cannot see.
@@ -203,11 +242,18 @@ class HubPuller:
 
 
 @dataclass(frozen=True, slots=True)
-class _Metadata:
+class HubMetadata:
+    """What the Hub says of a file (huggingface_hub's `HfFileMetadata`): its commit, checksum (ETag),
+    where its bytes are, and its size."""
+
     commit_hash: str | None
     etag: str | None
     location: str
     size: int | None
+
+    @classmethod
+    def of(cls, meta: Any) -> HubMetadata:
+        return cls(meta.commit_hash, meta.etag, meta.location, meta.size)
 
 
 def _verify(path: Path, etag: str, source: str, model: str) -> None:

@@ -5,38 +5,20 @@ Three forms:
 - `pkg://distribution/path/inside/it`: a file shipped by an installed Python distribution
   (found through its metadata, so distributions whose folders are not importable work too);
 - `hf://org/repo/path/in/repo[@revision]`: a file on the Hugging Face Hub, downloaded into the
-  model cache on first use and read from there afterwards, offline included.
+  model cache on first use (by `wafer.pull.HubPuller`, the download `wafer models pull` runs: resumed
+  after an interruption, checked against the Hub's checksum) and read from there afterwards, offline
+  included.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
+from wafer.pull import HF_SCHEME, HubFile, HubMetadata, HubPuller
 
 PKG_SCHEME = "pkg://"
-HF_SCHEME = "hf://"
-
-
-@dataclass(frozen=True, slots=True)
-class HubFile:
-    repo_id: str
-    filename: str
-    revision: str | None
-
-    @classmethod
-    def parse(cls, source: str) -> HubFile:
-        rest = source.removeprefix(HF_SCHEME)
-        rest, _, revision = rest.partition("@")
-        parts = rest.split("/")
-        if len(parts) < 3 or not all(parts):
-            raise InvalidArgumentError(f"hub source {source!r} must look like hf://org/repo/file[@revision]")
-        if any(part in {".", ".."} for part in parts):
-            # The parts become folders of the model cache: none may climb out of it.
-            raise InvalidArgumentError(f"hub source {source!r} must not contain '.' or '..' segments")
-        return cls(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision or None)
 
 
 class SourceResolver:
@@ -80,7 +62,7 @@ class SourceResolver:
         if source.startswith(PKG_SCHEME):
             return self._from_distribution(source, model)
         if source.startswith(HF_SCHEME):
-            return self._from_hub(HubFile.parse(source), model)
+            return self._from_hub(source, model)
         if "://" in source:
             raise InvalidArgumentError(f"model {model!r}: unknown source scheme in {source!r}")
         path = Path(source).expanduser()
@@ -120,47 +102,39 @@ class SourceResolver:
             raise outside
         return path
 
-    def _from_hub(self, hub_file: HubFile, model: str) -> Path:
+    def _from_hub(self, source: str, model: str) -> Path:
         # Imported here: huggingface_hub reads its environment (HF_ENDPOINT, HF_HUB_OFFLINE) at import,
         # and the client-only install does not need it.
-        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
         from huggingface_hub.errors import (
             GatedRepoError,
-            LocalEntryNotFoundError,
             RemoteEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
 
+        hub_file = HubFile.parse(source)
         repo, filename, revision = hub_file.repo_id, hub_file.filename, hub_file.revision
         at = f"@{revision}" if revision else ""
+        puller = HubPuller(self._hub_cache_dir, endpoint=self._hub_endpoint)
         # The cache first, without a request: a cached file loads offline and instantly, and a branch
         # that moved upstream does not silently swap the weights a collection's vectors came from
         # (pin `@revision`, or clear the cache, to take a new one).
-        try:
-            return Path(
-                hf_hub_download(repo, filename, revision=revision, cache_dir=self._hub_cache_dir, local_files_only=True)
-            )
-        except LocalEntryNotFoundError:
-            pass
+        cached = puller.cached(hub_file)
+        if cached is not None:
+            return cached
         endpoint = self._hub_endpoint or constants.ENDPOINT
         try:
-            # One HEAD without retries first: hf_hub_download retries an unreachable Hub with backoff
+            # One HEAD without retries: hf_hub_download would retry an unreachable Hub with backoff
             # for about 25 s before giving up, which a model load (and an offline machine) should not
-            # wait for. When the Hub answers, the download below repeats this HEAD, then fetches.
-            get_hf_file_metadata(
+            # wait for. Its answer drives the download, the same one `wafer models pull` runs.
+            meta = get_hf_file_metadata(
                 hf_hub_url(repo, filename, revision=revision, endpoint=self._hub_endpoint),
                 endpoint=self._hub_endpoint,
             )
-            return Path(
-                hf_hub_download(
-                    repo,
-                    filename,
-                    revision=revision,
-                    cache_dir=self._hub_cache_dir,
-                    endpoint=self._hub_endpoint,
-                )
-            )
+            return puller.download(source, hub_file, HubMetadata.of(meta), model=model)
+        except FailedPreconditionError:
+            raise  # what arrived cannot be verified, or was corrupted: the download says so
         except GatedRepoError:
             raise FailedPreconditionError(
                 f"model {model!r}: the Hub repository {repo} is gated: accept its terms on the Hub, "
@@ -198,3 +172,7 @@ class SourceResolver:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "no details"
+
+
+# HubFile and HF_SCHEME live with the Hub download (wafer.pull); sources are named here too.
+__all__ = ["HF_SCHEME", "PKG_SCHEME", "HubFile", "SourceResolver"]

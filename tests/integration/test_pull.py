@@ -134,3 +134,27 @@ def test_only_hub_sources_are_pulled() -> None:
     local = spec.model_copy(update={"source": "pkg://dist/model.onnx", "tokenizer": None})
     with pytest.raises(FailedPreconditionError, match="nothing to pull"):
         hub_sources(local)
+
+
+# -- on-demand loads take the same path -------------------------------------------------------------
+
+
+def test_an_on_demand_load_resumes_what_an_interrupted_load_left(hub: FakeHub, cache: Path, tmp_path: Path) -> None:
+    resolver = SourceResolver(tmp_path, cache, hub_endpoint=hub.url)
+    cut = 2**20 + 777
+    hub.cut_next_download_at = cut
+    with pytest.raises(FailedPreconditionError, match="could not be downloaded"):
+        resolver.resolve(SOURCE, model="m")
+    (partial,) = cache.rglob("*.incomplete")
+    assert partial.stat().st_size == cut
+    assert resolver.resolve(SOURCE, model="m").read_bytes() == WEIGHTS
+    assert downloads(hub) == ["", f"bytes={cut}-"]
+    assert not list(cache.rglob("*.incomplete"))
+
+
+def test_an_on_demand_load_refuses_a_corrupted_download(hub: FakeHub, cache: Path, tmp_path: Path) -> None:
+    resolver = SourceResolver(tmp_path, cache, hub_endpoint=hub.url)
+    hub.corrupt_downloads = True
+    with pytest.raises(FailedPreconditionError, match=r"arrived corrupted \(checksum .* instead of the Hub's"):
+        resolver.resolve(SOURCE, model="m")
+    assert not [p for p in cache.rglob("*") if p.is_file()]
