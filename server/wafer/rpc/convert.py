@@ -10,7 +10,6 @@ from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from wafer.config import Settings
 from wafer.domain import (
     ChatMessage,
     ContextRequest,
@@ -148,8 +147,8 @@ def rerank_response(result: RerankResult) -> inference_pb2.RerankResponse:
     )
 
 
-def generate_request(message: inference_pb2.GenerateRequest, settings: Settings) -> GenerateRequest:
-    defaults = SamplingParams(max_tokens=settings.default_max_new_tokens)
+def generate_request(message: inference_pb2.GenerateRequest, *, default_max_new_tokens: int) -> GenerateRequest:
+    defaults = SamplingParams(max_tokens=default_max_new_tokens)
     sampling = SamplingParams(
         max_tokens=message.max_tokens or defaults.max_tokens,
         temperature=message.temperature if message.HasField("temperature") else defaults.temperature,

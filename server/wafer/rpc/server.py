@@ -135,7 +135,9 @@ def create_server(
         ],
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, settings), server)
-    models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(registry, settings), server)
+    models_pb2_grpc.add_ModelsServicer_to_server(
+        ModelsServicer(registry, drain_timeout_seconds=settings.unload_drain_timeout_seconds), server
+    )
     index_pb2_grpc.add_IndexServicer_to_server(IndexServicer(index), server)
     if jobs is not None:
         jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), server)

@@ -49,7 +49,7 @@ def _name(value: str) -> str:
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, engine: InferenceEngine, settings: Settings) -> None:
         self._engine = engine
-        self._settings = settings
+        self._default_max_new_tokens = settings.default_max_new_tokens
 
     async def Embed(  # noqa: N802 - names come from the proto
         self, request: inference_pb2.EmbedRequest, context: Context
@@ -68,15 +68,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(  # noqa: N802
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        async for chunk in self._engine.generate(convert.generate_request(request, self._settings)):
+        async for chunk in self._engine.generate(
+            convert.generate_request(request, default_max_new_tokens=self._default_max_new_tokens)
+        ):
             report(chunk.model, chunk.timings)
             yield convert.generate_response(chunk)
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(self, registry: ModelRegistry, *, drain_timeout_seconds: float) -> None:
         self._registry = registry
-        self._drain_timeout = settings.unload_drain_timeout_seconds
+        self._drain_timeout = drain_timeout_seconds
 
     async def ListModels(  # noqa: N802
         self, request: models_pb2.ListModelsRequest, context: Context
