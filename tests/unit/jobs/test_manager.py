@@ -7,6 +7,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ from wafer.jobs import (
     SqliteSource,
 )
 from wafer.jobs.manager import MAX_WATCHERS, WATCH_MIN_INTERVAL_SECONDS
-from wafer.jobs.state import JobStore
+from wafer.jobs.runner import Job
+from wafer.jobs.state import JobRecord, JobStore
 from wafer.metrics import Metrics
 from wafer.store.qdrant import QdrantStore
 
@@ -422,3 +424,26 @@ async def test_watches_are_rate_limited_and_bounded(stack: Stack, manager: JobMa
     await anext(manager.watch(other.id))
     for watch in watches[1:]:
         await watch.aclose()
+
+
+class ClearedAfterLen(deque[tuple[float, int]]):
+    """Samples the event loop clears right after a metrics scrape's thread has read their length."""
+
+    def __len__(self) -> int:
+        length = super().__len__()
+        self.clear()
+        return length
+
+
+def test_the_rate_survives_samples_cleared_while_a_scrape_reads_them() -> None:
+    # Issue 15: `rate()` checked the length, then read both ends; a clear in between (a pause, a
+    # retry) raised IndexError in the Prometheus scrape.
+    record = JobRecord(
+        id="j", collection="c", model="", source=JsonlSource(path=Path("/x.jsonl")), policy=RunPolicy(), batch_size=1
+    )
+    record.state = JobState.RUNNING
+    job = Job(record, samples=ClearedAfterLen([(1.0, 10), (2.0, 30)]))
+    assert job.rate() in (0.0, 20.0)
+    assert job.status().docs_per_second in (0.0, 20.0)
+    steady = Job(record, samples=deque([(1.0, 10), (2.0, 30)]))
+    assert steady.rate() == 20.0
