@@ -249,7 +249,7 @@ class JobRunner:
         overwritten by an earlier one, leaving the older text of a document stored."""
         # The index names a document without an id by its text; the same text is the same id here.
         ids = frozenset(d.id or derived_id(d.text) for d in batch.documents)
-        earlier: list[asyncio.Task[bool]] = []
+        earlier = [entry.task for entry in in_flight if not entry.ids.isdisjoint(ids)]
         task = asyncio.get_running_loop().create_task(self._write(job, batch.documents, after=earlier))
         return _InFlight(task, batch, ids)
 
