@@ -25,14 +25,9 @@ import structlog
 
 from wafer.config import Settings, read_token_file
 from wafer.errors import FailedPreconditionError, PermissionDeniedError, UnauthenticatedError, WaferError, status_for
+from wafer.rpc.policy import policy_for
 
 log = structlog.get_logger("wafer.auth")
-
-# The services that change the server (load, unload, jobs): they need the token whenever one is
-# configured. wafer.v1.Jobs is listed before it exists so it is protected from its first line.
-ADMIN_SERVICES: Final = frozenset({"wafer.v1.Models", "wafer.v1.Jobs"})
-# Open even with auth_all_rpcs: probes carry no secret, and reflection only describes the API.
-OPEN_PREFIXES: Final = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 AUTHORIZATION_KEY: Final = "authorization"
 _BEARER = "bearer"
@@ -64,17 +59,14 @@ def _warn_if_shared(path: Path) -> None:
         log.warning("the auth token file is readable by other users; chmod 600 it", path=str(path))
 
 
-def service_of(method: str) -> str:
-    """`/wafer.v1.Models/LoadModel` → `wafer.v1.Models`."""
-    return method.lstrip("/").split("/", 1)[0]
-
-
 def needs_token(method: str, *, all_rpcs: bool) -> bool:
-    """Whether a call to `method` (gRPC's full method path) must carry the token."""
-    if method.startswith(OPEN_PREFIXES):
+    """Whether a call to `method` (gRPC's full method path) must carry the token (the table in
+    wafer.rpc.policy says which methods are admin and which are always open)."""
+    policy = policy_for(method)
+    if policy.open:
         return False
     # With auth_all_rpcs everything else needs it, including services added later: fail closed.
-    return all_rpcs or service_of(method) in ADMIN_SERVICES
+    return all_rpcs or policy.admin
 
 
 def check_bearer(metadata: Iterable[tuple[str, str | bytes]] | None, token: str) -> None:
