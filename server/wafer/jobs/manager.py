@@ -93,10 +93,7 @@ class JobManager:
     ) -> None:
         """`known_model(name)` raises NotFoundError for a model the catalog does not have."""
         self._settings = settings
-        self._index = index
-        self._policy = policy
         self._known_model = known_model
-        self._metrics = metrics
         self._store = JobStore(settings.jobs_dir)
         self._roots: list[Path] = [settings.data_dir, *settings.jobs_allowed_roots]
         self._jobs: dict[str, Job] = {}
