@@ -96,6 +96,7 @@ bench: install
 	$(BIN)/python -m bench.lifecycle --write
 	$(BIN)/python -m bench.quantize --write
 	$(BIN)/python -m bench.search --write
+	$(BIN)/python -m bench.edge_threads --write
 	$(BIN)/python -m bench.indexing --write
 	$(BIN)/python -m bench.jobs --write
 	$(BIN)/python -m bench.cde --write

@@ -115,6 +115,15 @@ class Settings(BaseSettings):
             "(qdrant-client's embedded local mode, in <data_dir>/qdrant) or url (a Qdrant server at qdrant_url)."
         ),
     )
+    edge_max_open_collections: int = Field(
+        default=32,
+        ge=1,
+        le=100_000,
+        description=(
+            "Edge collections kept open at once (each runs a qdrant-edge search thread and, once reopened, "
+            "holds about 32 MiB); the least recently used is closed and opened again on its next call."
+        ),
+    )
     qdrant_url: str | None = Field(default=None, description="The Qdrant server when store=url.")
     qdrant_api_key: SecretStr | None = Field(default=None, description="API key of the Qdrant server, if it wants one.")
     embedding_cache: bool = Field(

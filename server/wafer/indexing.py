@@ -133,14 +133,14 @@ class IndexService:
         check_collection_name(collection)
         if not documents:
             raise InvalidArgumentError("documents must not be empty")
-        existing = await self._find(collection)
+        existing = await self._model_of(collection)
         if existing is not None:
-            if model and model != existing.model:
+            if model and model != existing:
                 raise FailedPreconditionError(
-                    f"collection {collection!r} holds {existing.model!r} vectors; "
+                    f"collection {collection!r} holds {existing!r} vectors; "
                     f"it cannot take {model!r} vectors (use another collection)"
                 )
-            model = existing.model
+            model = existing
         documents = [StoredDocument(id=d.id or derived_id(d.text), text=d.text, payload=d.payload) for d in documents]
         ids = [d.id for d in documents]
         if len(set(ids)) != len(ids):
@@ -433,8 +433,15 @@ class IndexService:
                 f"{self._max_payload_bytes} (max_payload_bytes): every search returns it"
             )
 
-    async def _find(self, collection: str) -> CollectionInfo | None:
+    async def _model_of(self, collection: str) -> str | None:
+        """The collection's model, None when it does not exist. The store is asked once per
+        collection: describing one counts its documents exactly, which every job batch paid for."""
+        model = self._models.get(collection)
+        if model is not None:
+            return model
         try:
-            return await self._in_store_thread(lambda: self._store.collection(collection))
+            info = await self._in_store_thread(lambda: self._store.collection(collection))
         except NotFoundError:
             return None
+        self._models[collection] = info.model
+        return info.model

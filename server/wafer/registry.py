@@ -12,6 +12,10 @@ States: UNLOADED → LOADING → READY → UNLOADING → UNLOADED, and FAILED wh
   refused (RESOURCE_EXHAUSTED) naming what holds the memory. Automatic unloads (eviction, keep-alive)
   only take idle models, and a request arriving meanwhile waits and loads the model again rather
   than failing; only an admin's unload answers UNAVAILABLE.
+- An on-demand load may unload other models to make room only for a caller allowed to
+  (`allow_on_demand_eviction`): with an admin token set, the RPC layer allows it only to calls that
+  carry the token. Otherwise a load that fits the budget as it is goes ahead, and one that would
+  unload another model is refused (PERMISSION_DENIED): unloading is an admin act. LoadModel may always.
 - Loads run one at a time, so the memory a load adds is estimated as the change in RSS across the
   load and its warm-up call (which is where ONNX Runtime sizes its arena). Only an estimate: other
   models keep computing meanwhile.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import functools
@@ -42,6 +47,7 @@ from wafer.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
     WaferError,
@@ -53,6 +59,18 @@ from wafer.specs import Catalog, LoadPolicy, ModelSpec, Task, spec_from_text
 log = structlog.get_logger(__name__)
 
 NEVER_LOADED = "never loaded"
+# Whether the current call (its task, and the tasks it starts) may unload other models to make room
+# for an on-demand load. A context variable, not a parameter: the engine between the RPC layer and
+# the lease knows nothing of callers. True where nothing says otherwise (no token set, in-process use).
+_ON_DEMAND_EVICTION: contextvars.ContextVar[bool] = contextvars.ContextVar("wafer_on_demand_eviction", default=True)
+
+
+def allow_on_demand_eviction(allowed: bool) -> None:
+    """Say, for the rest of the current task, whether an on-demand load may unload other models
+    to make room under the memory budget (see the module's docstring)."""
+    _ON_DEMAND_EVICTION.set(allowed)
+
+
 # Names of models registered over the API: what a models.yaml key could reasonably be.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -329,7 +347,7 @@ class ModelRegistry:
                     raise UnavailableError(f"model {spec.name!r} is being unloaded; retry once it is loaded again")
                 await entry.settled.wait()
                 continue
-            await self.load(spec.name)
+            await self.load(spec.name, evict=_ON_DEMAND_EVICTION.get())
         instance = entry.current
         assert instance is not None
         instance.active += 1
@@ -360,10 +378,12 @@ class ModelRegistry:
         spec: ModelSpec | None = None,
         pinned: bool | None = None,
         keep_alive_seconds: float | None = None,
+        evict: bool = True,
     ) -> ModelStatus:
         """Load a model and wait for it. With `spec`, swap to it (or register it, for a new name);
         a model already ready with that spec is left as it is. `pinned` and `keep_alive_seconds`
-        (0: never) override the spec's until the server stops."""
+        (0: never) override the spec's until the server stops. Without `evict`, a load that does not
+        fit the memory budget as it is raises PermissionDeniedError instead of unloading others."""
         if spec is not None and spec.name != name:
             raise InvalidArgumentError(f"spec names {spec.name!r}, not {name!r}")
         entry = self._entries.get(name)
@@ -383,17 +403,19 @@ class ModelRegistry:
                 wanted = spec or entry.spec
                 if entry.state is ModelState.READY and wanted == entry.spec:
                     break
-                task = self._start_loading(entry, wanted)
+                task = self._start_loading(entry, wanted, evict=evict)
             joined = entry.loading_spec
             error = await asyncio.shield(task)
             if joined != (spec or entry.spec):
                 continue  # someone else's swap finished, or failed; now ours
             if error is None:
                 break
+            if isinstance(error, PermissionDeniedError) and evict:
+                continue  # joined a caller's load that could not make room; this one may
             if registering and entry.current is None and self._entries.get(name) is entry:
                 del self._entries[name]
                 self._notify()
-            if isinstance(error, ResourceExhaustedError | UnavailableError):
+            if isinstance(error, ResourceExhaustedError | UnavailableError | PermissionDeniedError):
                 raise error
             keeps = "; the previous spec keeps serving" if entry.current is not None else ""
             raise FailedPreconditionError(f"model {name!r} failed to load: {error.message}{keeps}")
@@ -460,20 +482,20 @@ class ModelRegistry:
             raise NotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(self._entries))}")
         return entry
 
-    def _start_loading(self, entry: _Entry, spec: ModelSpec) -> asyncio.Task[WaferError | None]:
+    def _start_loading(self, entry: _Entry, spec: ModelSpec, *, evict: bool = True) -> asyncio.Task[WaferError | None]:
         before = entry.state
         if entry.current is None:
             self._set_state(entry, ModelState.LOADING)
         entry.loading_spec = spec
-        entry.loading = asyncio.create_task(self._load(entry, spec, before), name=f"load-{spec.name}")
+        entry.loading = asyncio.create_task(self._load(entry, spec, before, evict=evict), name=f"load-{spec.name}")
         return entry.loading
 
-    async def _load(self, entry: _Entry, spec: ModelSpec, before: ModelState) -> WaferError | None:
+    async def _load(self, entry: _Entry, spec: ModelSpec, before: ModelState, *, evict: bool) -> WaferError | None:
         """Load `spec` for `entry` and put it in service; the error, if it fails, is returned to
         whoever waits (a background load has no caller to raise to)."""
         swap = spec != entry.spec
         try:
-            instance = await self._load_instance(spec, entry)
+            instance = await self._load_instance(spec, entry, evict=evict)
         except asyncio.CancelledError:
             entry.loading = None
             if entry.current is None:
@@ -487,7 +509,7 @@ class ModelRegistry:
             log.warning("model failed to load", model=spec.name, error=error.message, swap=swap)
             if entry.current is not None:
                 self._notify()  # a failed swap: the old instance keeps serving, as it is
-            elif isinstance(error, ResourceExhaustedError) and not swap:
+            elif isinstance(error, ResourceExhaustedError | PermissionDeniedError) and not swap:
                 # Not a fault of the model: it stays loadable, and says why it is not loaded.
                 entry.not_loaded_reason = f"load refused at {_now()}: {error.message}"
                 self._set_state(entry, before)
@@ -548,14 +570,14 @@ class ModelRegistry:
         if entry.retire_tasks:
             await asyncio.shield(asyncio.gather(*entry.retire_tasks))
 
-    async def _load_instance(self, spec: ModelSpec, entry: _Entry) -> _Instance:
+    async def _load_instance(self, spec: ModelSpec, entry: _Entry, *, evict: bool) -> _Instance:
         pending: asyncio.Future[LoadedModel] | None = None
         try:
             async with self._load_lock:
                 backend_cls = self._backend_for(spec)
                 files = await asyncio.to_thread(self._files, spec)
                 estimate = entry.measured_bytes if spec == entry.spec else 0
-                await self._make_room(max(estimate, _size(files)), entry, for_spec=spec)
+                await self._make_room(max(estimate, _size(files)), entry, for_spec=spec, evict=evict)
                 started = time.perf_counter()
                 # Memory freed earlier but still mapped would be reused by this load and hide it.
                 await asyncio.to_thread(trim_heap)
@@ -570,7 +592,8 @@ class ModelRegistry:
                 )
                 # The estimate may have been low (a first load): make room for what it really took,
                 # as far as idle models allow; the model is loaded by now either way.
-                await self._make_room(instance.memory_bytes, entry, for_spec=spec, strict=False)
+                if evict:
+                    await self._make_room(instance.memory_bytes, entry, for_spec=spec, strict=False)
         except asyncio.CancelledError:
             # Shutdown while loading: the load thread cannot be interrupted; free what it returns.
             if pending is not None:
@@ -622,12 +645,25 @@ class ModelRegistry:
         )
         return LoadedModel(spec=spec, backend=backend, scheduler=scheduler)
 
-    async def _make_room(self, needed: int, loading: _Entry, *, for_spec: ModelSpec, strict: bool = True) -> None:
+    async def _make_room(
+        self, needed: int, loading: _Entry, *, for_spec: ModelSpec, strict: bool = True, evict: bool = True
+    ) -> None:
         """Evict idle, unpinned models, least recently used first, until `needed` more bytes fit the
         budget. Models busy with requests soon are idle: wait up to `memory_wait_seconds` for them
-        before refusing the load. Runs under the load lock, so no other load races it."""
+        before refusing the load. Runs under the load lock, so no other load races it. Without
+        `evict`, a load that does not fit as it is, where unloading others could make it fit, is
+        refused (PermissionDeniedError)."""
         if self._budget is None:
             return
+        if not evict and self.memory_in_use() + needed > self._budget:
+            others = [e for e in self._entries.values() if e is not loading and e.memory_bytes > 0 and not e.pinned]
+            if others:
+                raise PermissionDeniedError(
+                    f"model {for_spec.name!r} is not loaded, and loading it needs about {_mb(needed)} where the "
+                    f"memory budget has {_mb(max(0, self._budget - self.memory_in_use()))} free: it would unload "
+                    f"{', '.join(e.spec.name for e in others)}. Unloading models is an admin act: send the admin "
+                    "token with this call, or have an admin load the model (LoadModel)"
+                )
         deadline = time.monotonic() + self._memory_wait
         while True:
             await self._evict_idle(needed, loading, for_spec)

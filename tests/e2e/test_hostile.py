@@ -276,3 +276,23 @@ def test_resume_does_not_follow_a_link_out_of_the_roots(shared: tuple[ServerProc
         assert status.state == "failed" and "jobs_allowed_roots" in status.error
         assert "swapped" not in [c.name for c in client.list_collections()], "nothing of the secret was indexed"
     assert_still_serving(server.address)
+
+
+def server_threads(server: ServerProcess) -> int:
+    return sum(1 for _ in Path(f"/proc/{server.process.pid}/task").iterdir())
+
+
+def test_many_collections_do_not_multiply_threads(shared: tuple[ServerProcess, Path]) -> None:
+    """#16: every collection ran qdrant-edge's own search pool (8 threads here): 400 collections,
+    3,219 threads. Now one thread a collection, at most WAFER_EDGE_MAX_OPEN_COLLECTIONS (32) open."""
+    server, _ = shared
+    before = server_threads(server)
+    with WaferClient(server.address, timeout=60, retries=0) as client:
+        for i in range(40):
+            client.upsert(f"many-{i}", [{"id": "d", "text": f"document {i}"}])
+        # Every one still answers, the closed ones opened again on demand.
+        for i in range(40):
+            assert [d.text for d in client.get_documents(f"many-{i}", ["d"])] == [f"document {i}"]
+    # Generous: gRPC and the thread pools may grow a little under the calls.
+    assert server_threads(server) - before <= 32 + 16, (before, server_threads(server))
+    assert_still_serving(server.address)

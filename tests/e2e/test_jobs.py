@@ -286,3 +286,34 @@ def test_a_watch_outlives_the_default_deadline_and_ends_on_sigterm(tmp_path: Pat
         server.stop()
     record = json.loads((tmp_path / "data" / "jobs" / f"{job.id}.job.json").read_text())
     assert record["state"] == "waiting", "a graceful stop leaves the job to resume at the next start"
+
+
+def test_an_id_twice_in_a_source_keeps_its_last_text(tmp_path: Path) -> None:
+    """Issue 13 #10: with two batches in flight, a short batch embedded while a long one was still
+    being embedded (in several calls, past max_inputs_per_request) was written first, then
+    overwritten by the older text of the same id."""
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    long_text = " ".join(f"{PHRASES[i % len(PHRASES)]} ({i})" for i in range(60))
+    lines: list[dict[str, str]] = []
+    pairs = 12
+    for k in range(pairs):
+        # One batch: long documents and the old text of x{k}; the next: the new text of x{k}.
+        lines += [{"id": f"long{k}-{j}", "text": f"{long_text} [{k} {j}]"} for j in range(7)]
+        lines.append({"id": f"x{k}", "text": f"old text {k}"})
+        lines += [{"id": f"x{k}", "text": f"new text {k}"}] + [
+            {"id": f"s{k}-{j}", "text": f"short {j}"} for j in range(7)
+        ]
+    source = corpora / "twice.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = {"WAFER_JOBS_ALLOWED_ROOTS": json.dumps([str(corpora)]), "WAFER_MAX_INPUTS_PER_REQUEST": "8"}
+    server = start_server(tmp_path / "data", env=env)
+    try:
+        with WaferClient(server.address, timeout=30) as client:
+            job = client.submit_job("twice", JsonlSource(str(source)), batch_size=8)
+            final = client.wait_job(job.id, timeout=300)
+            assert final.state == "succeeded", final.error
+            stored = {d.id: d.text for d in client.get_documents("twice", [f"x{k}" for k in range(pairs)])}
+            assert stored == {f"x{k}": f"new text {k}" for k in range(pairs)}
+    finally:
+        assert server.stop() == 0

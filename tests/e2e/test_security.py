@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Unpack
 
 import grpc
+import httpx
 import pytest
 import yaml
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -146,6 +147,73 @@ def test_token_guards_admin_rpcs_only(
     listed = wafer_cli(server, "models", "list", "--json", env={"WAFER_TOKEN": TOKEN})
     assert listed.returncode == 0, listed.stderr
     assert "minilm" in listed.stdout
+
+
+@pytest.fixture(scope="module")
+def two_embedders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    catalog = yaml.safe_load(MODELS_YAML.read_text())
+    names = ("minilm", "paraphrase-minilm-l3")
+    small = {
+        "defaults": {"embed": "minilm", "rerank": "minilm"},
+        "models": {name: catalog["models"][name] for name in names},
+    }
+    assert small["models"]["paraphrase-minilm-l3"]["load"] == "on_demand"
+    path = tmp_path_factory.mktemp("two") / "models.yaml"
+    path.write_text(yaml.safe_dump(small))
+    return path
+
+
+def test_an_on_demand_load_evicts_only_for_the_token(
+    running: list[ServerProcess], tmp_path: Path, two_embedders: Path, token_file: Path
+) -> None:
+    """Issue 13 #6: with a token set, an Embed without it naming an unloaded model could make the
+    server unload others (an admin act). A load that fits the budget still needs no token."""
+    roomy = serve(
+        running,
+        tmp_path / "roomy",
+        two_embedders,
+        "--auth-token-file",
+        str(token_file),
+        env={"WAFER_MEMORY_BUDGET_MB": "20000"},
+    )
+    with client(roomy) as anonymous:
+        assert anonymous.embed("fits", model="paraphrase-minilm-l3").vectors.shape == (1, 384)
+    with client(roomy, metadata=bearer(TOKEN)) as admin:
+        minilm_mib = admin.get_model("minilm").memory_bytes / 2**20
+        assert admin.get_model("paraphrase-minilm-l3").state == "ready"
+
+    # Room for MiniLM only: loading the other model means unloading MiniLM.
+    tight = serve(
+        running,
+        tmp_path / "tight",
+        two_embedders,
+        "--auth-token-file",
+        str(token_file),
+        "--http-address",
+        "127.0.0.1:0",
+        env={"WAFER_MEMORY_BUDGET_MB": str(int(minilm_mib) + 8)},
+    )
+    with client(tight) as anonymous:
+        with pytest.raises(PermissionDeniedError, match=r"it would unload minilm\. Unloading models is an admin act"):
+            anonymous.embed("evicts", model="paraphrase-minilm-l3")
+        assert anonymous.embed("still served").vectors.shape == (1, 384)
+        assert anonymous.health() == "SERVING"
+    with client(tight, metadata=bearer("not-the-token")) as wrong, pytest.raises(PermissionDeniedError):
+        wrong.embed("evicts", model="paraphrase-minilm-l3")
+    with client(tight, metadata=bearer(TOKEN)) as admin:
+        assert admin.get_model("minilm").state == "ready"
+        assert admin.get_model("paraphrase-minilm-l3").state == "unloaded"
+        assert admin.embed("evicts", model="paraphrase-minilm-l3").vectors.shape == (1, 384)
+        assert admin.get_model("minilm").state == "unloaded"
+    # Loading MiniLM back would now evict the other: refused without the token, over HTTP too.
+    with client(tight) as anonymous, pytest.raises(PermissionDeniedError, match="admin act"):
+        anonymous.embed("evicts")
+    embeddings = f"http://{tight.http_address}/v1/embeddings"
+    body = {"model": "minilm", "input": "evicts"}
+    refused = httpx.post(embeddings, json=body, timeout=60)
+    assert refused.status_code == 403 and "admin act" in refused.text
+    allowed = httpx.post(embeddings, json=body, headers=bearer(TOKEN), timeout=60)
+    assert allowed.status_code == 200, allowed.text
 
 
 def test_auth_all_rpcs_guards_inference_too(running: list[ServerProcess], tmp_path: Path, models: Path) -> None:

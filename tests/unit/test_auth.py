@@ -23,7 +23,6 @@ from tests.certs import TlsFiles, write_tls_files
 from wafer.config import Settings
 from wafer.errors import FailedPreconditionError, PermissionDeniedError, UnauthenticatedError
 from wafer.rpc.auth import (
-    ADMIN_SERVICES,
     AuthInterceptor,
     check_bearer,
     check_exposure,
@@ -34,6 +33,7 @@ from wafer.rpc.auth import (
     tcp_host,
 )
 from wafer.rpc.interceptor import REQUEST_ID_KEY, RequestInterceptor
+from wafer.rpc.policy import policy_for
 from wafer.rpc.server import MODELS
 from wafer.rpc.transport import remove_stale_socket, server_credentials, unix_socket_path
 from wafer_client.cli import app
@@ -90,8 +90,8 @@ def test_right_token_passes(value: str) -> None:
 # Which methods need it
 
 
-def test_admin_services_include_the_models_service() -> None:
-    assert MODELS in ADMIN_SERVICES
+def test_the_models_service_is_admin() -> None:
+    assert policy_for(f"/{MODELS}/ListModels").admin
 
 
 @pytest.mark.parametrize(

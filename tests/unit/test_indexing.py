@@ -11,6 +11,7 @@ from wafer.domain import Priority, StoredDocument
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError
 from wafer.indexing import IndexService
+from wafer.store.base import CollectionInfo
 from wafer.store.edge import EdgeStore
 
 LONG = " ".join(f"word{i}" for i in range(30))  # the fake "embedder" reads 10 words a chunk
@@ -88,3 +89,39 @@ async def test_filters_apply_to_every_chunk(index: IndexService) -> None:
     )
     found = await index.search("c", "word3", top_k=10, filter={"lang": "en"})
     assert [h.document.id for h in found.hits] == ["en"]
+
+
+class CountingStore(EdgeStore):
+    """The real store, counting the calls that describe a collection (each counts its documents)."""
+
+    described = 0
+
+    def collection(self, name: str) -> CollectionInfo:
+        type(self).described += 1
+        return super().collection(name)
+
+
+async def test_upserts_do_not_count_the_collection_each_time(engine: InferenceEngine, tmp_path: Path) -> None:
+    # Every job batch used to describe (and so count exactly) the whole collection before writing.
+    CountingStore.described = 0
+    service = IndexService(engine, CountingStore(path=tmp_path / "edge"))
+    try:
+        for batch in range(6):
+            await service.upsert("c", [StoredDocument(id=f"d{batch}", text=f"text {batch}")], priority=Priority.BATCH)
+        assert CountingStore.described <= 1
+        with pytest.raises(FailedPreconditionError, match="holds 'embedder' vectors"):
+            await service.upsert("c", [StoredDocument(id="x", text="x")], model="lazy")
+        assert [(c.name, c.documents) for c in await service.list_collections()] == [("c", 6)]
+    finally:
+        await service.close()
+
+    # A new service (a restart) learns the collection's model from the store, once.
+    CountingStore.described = 0
+    again = IndexService(engine, CountingStore(path=tmp_path / "edge"))
+    try:
+        with pytest.raises(FailedPreconditionError, match="holds 'embedder' vectors"):
+            await again.upsert("c", [StoredDocument(id="x", text="x")], model="lazy")
+        await again.upsert("c", [StoredDocument(id="y", text="y")])
+        assert CountingStore.described == 1
+    finally:
+        await again.close()

@@ -27,7 +27,7 @@ from wafer.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from wafer.registry import NEVER_LOADED, ModelRegistry, ModelState
+from wafer.registry import NEVER_LOADED, ModelRegistry, ModelState, allow_on_demand_eviction
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, Task
 
@@ -249,6 +249,54 @@ async def test_a_refused_load_leaves_the_model_loadable(budgeted: ModelRegistry)
     status = budgeted.status("c")
     assert status.state is ModelState.UNLOADED
     assert status.not_loaded_reason.startswith("load refused at ")
+
+
+async def as_caller(registry: ModelRegistry, name: str, *, may_evict: bool) -> None:
+    """A request for `name` from a caller without (or with) the right to evict, in its own task as
+    an RPC is."""
+
+    async def request() -> None:
+        allow_on_demand_eviction(may_evict)
+        await use(registry, name)
+
+    await asyncio.create_task(request())
+
+
+async def test_an_on_demand_load_that_would_evict_needs_the_right_to(budgeted: ModelRegistry) -> None:
+    """Issue 13 #6: with a token set, an Embed without it naming an unloaded model evicted others."""
+    await budgeted.load("a")
+    await budgeted.load("b")
+    with pytest.raises(PermissionDeniedError, match=r"it would unload a, b\. Unloading models is an admin act"):
+        await as_caller(budgeted, "c", may_evict=False)
+    assert [budgeted.status(n).state for n in ("a", "b", "c")] == [ModelState.READY] * 2 + [ModelState.UNLOADED]
+    # Not the model's fault: it stays loadable, and says why it is not loaded.
+    assert budgeted.status("c").not_loaded_reason.startswith("load refused at ")
+    # A caller with the right (the admin token; anyone when no token is set) evicts as before.
+    await as_caller(budgeted, "c", may_evict=True)
+    assert budgeted.status("c").state is ModelState.READY
+    assert budgeted.status("a").state is ModelState.UNLOADED
+
+
+async def test_an_on_demand_load_that_fits_needs_no_right_to_evict(budgeted: ModelRegistry) -> None:
+    await budgeted.load("a")
+    await as_caller(budgeted, "b", may_evict=False)
+    assert budgeted.status("a").state is ModelState.READY
+    assert budgeted.status("b").state is ModelState.READY
+
+
+async def test_an_admin_joining_a_refused_on_demand_load_loads_the_model(budgeted: ModelRegistry) -> None:
+    await budgeted.load("a")
+    await budgeted.load("b")
+    anonymous = asyncio.create_task(as_caller(budgeted, "c", may_evict=False))
+    for _ in range(1000):  # a few turns of the loop: the request's task starts the load
+        if budgeted.status("c").state is ModelState.LOADING:
+            break
+        await asyncio.sleep(0)
+    # The admin's load joins the one under way; its refusal is not the admin's answer.
+    await budgeted.load("c")
+    assert budgeted.status("c").state is ModelState.READY
+    with pytest.raises(PermissionDeniedError):
+        await anonymous
 
 
 async def test_not_loaded_reasons(registry: ModelRegistry) -> None:

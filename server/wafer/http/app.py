@@ -48,8 +48,8 @@ from wafer.http.errors import (
     status_for,
 )
 from wafer.metrics import Metrics
-from wafer.registry import ModelRegistry
-from wafer.rpc.auth import check_bearer, needs_token
+from wafer.registry import ModelRegistry, allow_on_demand_eviction
+from wafer.rpc.auth import check_bearer, is_admin_call, needs_token
 from wafer.rpc.drain import DrainInterceptor
 from wafer.rpc.interceptor import REQUEST_ID_KEY
 
@@ -257,6 +257,9 @@ def _endpoint(door: Door, endpoint: Endpoint) -> Callable[[Request], Awaitable[R
             try:
                 if door.token is not None and needs_token(endpoint.grpc_method, all_rpcs=door.settings.auth_all_rpcs):
                     check_bearer(request.headers.items(), door.token)
+                elif door.token is not None:
+                    # As over gRPC: only a call that carries the token may evict models (wafer.rpc.auth).
+                    allow_on_demand_eviction(is_admin_call(request.headers.items(), door.token))
                 call.admit()
                 body = await read_json(request, door.settings.max_message_bytes) if endpoint.verb == "POST" else {}
                 async with call.within_deadline():

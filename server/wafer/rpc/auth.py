@@ -6,6 +6,10 @@ header is UNAUTHENTICATED, a wrong token PERMISSION_DENIED (the error table in d
 Health checking and reflection always stay open: load balancers and probes must reach them without
 a secret.
 
+A call that needs no token (Embed, Search... without auth_all_rpcs) may still carry it: then, and
+only then, an on-demand load it causes may unload other models to make room under the memory budget
+(an admin act); without it such a load is refused with PERMISSION_DENIED (wafer.registry).
+
 The interceptor does not answer refused calls itself: it hands gRPC a handler that raises the
 domain error, and the request interceptor (outermost) maps it like any other error, so a refusal
 gets its request id and its one log line. The token is never logged nor echoed in messages.
@@ -14,6 +18,7 @@ gets its request id and its one log line. The token is never logged nor echoed i
 from __future__ import annotations
 
 import hmac
+import inspect
 import ipaddress
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -25,15 +30,11 @@ import structlog
 
 from wafer.config import Settings, read_token_file
 from wafer.errors import FailedPreconditionError, PermissionDeniedError, UnauthenticatedError, WaferError
+from wafer.registry import allow_on_demand_eviction
+from wafer.rpc.policy import policy_for
 from wafer.rpc.status import status_for
 
 log = structlog.get_logger("wafer.auth")
-
-# The services that change the server (load, unload, jobs): they need the token whenever one is
-# configured. wafer.v1.Jobs is listed before it exists so it is protected from its first line.
-ADMIN_SERVICES: Final = frozenset({"wafer.v1.Models", "wafer.v1.Jobs"})
-# Open even with auth_all_rpcs: probes carry no secret, and reflection only describes the API.
-OPEN_PREFIXES: Final = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 AUTHORIZATION_KEY: Final = "authorization"
 _BEARER = "bearer"
@@ -65,17 +66,14 @@ def _warn_if_shared(path: Path) -> None:
         log.warning("the auth token file is readable by other users; chmod 600 it", path=str(path))
 
 
-def service_of(method: str) -> str:
-    """`/wafer.v1.Models/LoadModel` → `wafer.v1.Models`."""
-    return method.lstrip("/").split("/", 1)[0]
-
-
 def needs_token(method: str, *, all_rpcs: bool) -> bool:
-    """Whether a call to `method` (gRPC's full method path) must carry the token."""
-    if method.startswith(OPEN_PREFIXES):
+    """Whether a call to `method` (gRPC's full method path) must carry the token (the table in
+    wafer.rpc.policy says which methods are admin and which are always open)."""
+    policy = policy_for(method)
+    if policy.open:
         return False
     # With auth_all_rpcs everything else needs it, including services added later: fail closed.
-    return all_rpcs or service_of(method) in ADMIN_SERVICES
+    return all_rpcs or policy.admin
 
 
 def check_bearer(metadata: Iterable[tuple[str, str | bytes]] | None, token: str) -> None:
@@ -95,6 +93,45 @@ def check_bearer(metadata: Iterable[tuple[str, str | bytes]] | None, token: str)
     # because compare_digest refuses non-ASCII str and a client may send anything.
     if not hmac.compare_digest(presented.strip().encode("utf-8"), token.encode("utf-8")):
         raise PermissionDeniedError("the bearer token is not valid for this server")
+
+
+def is_admin_call(metadata: Iterable[tuple[str, str | bytes]] | None, token: str) -> bool:
+    """Whether a call carries the right bearer token (a call that needs none may still send it)."""
+    try:
+        check_bearer(metadata, token)
+    except WaferError:
+        return False
+    return True
+
+
+def _with_eviction_rule(handler: grpc.RpcMethodHandler[Any, Any], allowed: bool) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler`, run with on-demand evictions allowed or not (wafer.registry)."""
+    if handler.unary_unary is not None:
+        unary: Any = handler.unary_unary
+
+        async def run_unary(request: Any, context: Any) -> Any:
+            allow_on_demand_eviction(allowed)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            run_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+        stream: Any = handler.unary_stream
+
+        async def run_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            allow_on_demand_eviction(allowed)
+            async for response in stream(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            run_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
 
 
 def _refusing(handler: grpc.RpcMethodHandler[Any, Any], error: WaferError) -> grpc.RpcMethodHandler[Any, Any]:
@@ -157,8 +194,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         # No handler: gRPC answers UNIMPLEMENTED, which tells an unauthenticated caller nothing new.
-        if handler is None or not needs_token(handler_call_details.method, all_rpcs=self._all_rpcs):
+        if handler is None:
             return handler
+        method = handler_call_details.method
+        if not needs_token(method, all_rpcs=self._all_rpcs):
+            if policy_for(method).open:
+                return handler
+            # An open call, which may still carry the token: only then may it evict models.
+            admin = is_admin_call(handler_call_details.invocation_metadata, self._token)
+            return _with_eviction_rule(handler, admin)
         try:
             check_bearer(handler_call_details.invocation_metadata, self._token)
         except WaferError as error:

@@ -18,8 +18,7 @@ from typing import Any
 import grpc
 
 from wafer.errors import UnavailableError
-
-_DRAINED_PREFIX = "/wafer."
+from wafer.rpc.policy import policy_for
 
 
 class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -68,7 +67,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(_DRAINED_PREFIX):
+        if handler is None or not policy_for(handler_call_details.method).drained:
             return handler
         if handler.unary_unary is not None:
             unary: Any = handler.unary_unary

@@ -25,14 +25,13 @@ import structlog
 from wafer.domain import Timings
 from wafer.errors import DeadlineExceededError, WaferError
 from wafer.metrics import Metrics
+from wafer.rpc.policy import policy_for
 from wafer.rpc.status import status_for
 
 log = structlog.get_logger("wafer.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
 RETRY_AFTER_KEY = "retry-after-ms"
-# Health checks and reflection are polled; logging each would drown the request log.
-_QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -106,7 +105,7 @@ class _Call:
 
     def finish(self) -> None:
         seconds = time.perf_counter() - self.started
-        quiet = self.method.startswith(_QUIET_PREFIXES)
+        quiet = not policy_for(self.method).logged
         getattr(log, "debug" if quiet else "info")(
             "rpc",
             request_id=self.request_id,
@@ -215,10 +214,6 @@ def _is_cancellation(error: BaseException) -> bool:
     return isinstance(error, asyncio.CancelledError | GeneratorExit)
 
 
-# Streams that follow something long-lived rather than compute an answer.
-_OPEN_ENDED_METHODS = frozenset({"/wafer.v1.Jobs/WatchJob"})
-
-
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, metrics: Metrics | None = None, default_deadline_seconds: float | None = None) -> None:
         self._metrics = metrics
@@ -233,10 +228,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
-        # Health Watch streams live as long as their client, WatchJob as long as its job; only
-        # Wafer's other calls get the default.
-        open_ended = method.startswith(_QUIET_PREFIXES) or method in _OPEN_ENDED_METHODS
-        deadline = None if open_ended else self._default_deadline
+        deadline = self._default_deadline if policy_for(method).default_deadline else None
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, handler.unary_unary, self._metrics, deadline),  # type: ignore[arg-type]

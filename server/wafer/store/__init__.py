@@ -22,7 +22,7 @@ def open_store(settings: Settings) -> VectorStore:
     if settings.store == "edge":
         from wafer.store.edge import EdgeStore
 
-        return EdgeStore(path=settings.store_dir)
+        return EdgeStore(path=settings.store_dir, max_open=settings.edge_max_open_collections)
     from wafer.store.qdrant import QdrantStore
 
     if settings.store == "url":

@@ -12,6 +12,11 @@ point in Python objects and searches them with numpy.
 
 The shard holds a lock on its write-ahead log while open, so a second process opening the same
 folder fails instead of corrupting it; `close()` releases every shard.
+
+Every open shard runs a pool of search threads (qdrant-edge derives its size from the CPUs: 8 here,
+so 400 collections ran 3,200 threads) and, once opened from disk, holds about 32 MiB. Shards are
+opened with one search thread, and at most `max_open` stay open: the least recently used is closed
+and opened again on its next call.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +69,14 @@ DIMENSIONS_KEY = "dimensions"
 MAX_PAYLOAD_INDEXES = 16
 # Points per update: bounds the memory one Python list of points takes, nothing more.
 UPSERT_BATCH = 1024
+# Collections (shards) open at once (the server's edge_max_open_collections); more are opened again
+# on demand, in about 30 ms. Each open shard runs its search threads, and one opened from disk holds
+# about 32 MiB of RSS (its in-RAM vector storage chunk) until it is closed.
+DEFAULT_MAX_OPEN = 32
+# Search threads per shard. More run the segments of one search in parallel, but a Wafer shard
+# mostly holds one segment (a 100k x 384 search took 11.4 ms with 1 thread, 12.3 ms with 8), and
+# the index service makes one store call at a time; each thread costs every open collection.
+SEARCH_THREADS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +89,20 @@ class EdgeStore(VectorStore):
     """A `VectorStore` on qdrant-edge shards under `path`.
 
     Calls are serialised with a lock: a shard may be read concurrently, but opening shards and the
-    read-then-write of an upsert (stale chunks) must not interleave.
+    read-then-write of an upsert (stale chunks) must not interleave. The lock also makes closing
+    the least recently used shard safe: no other call can be using it.
     """
 
-    def __init__(self, *, path: Path | str) -> None:
+    def __init__(self, *, path: Path | str, max_open: int = DEFAULT_MAX_OPEN) -> None:
+        if max_open < 1:
+            raise InvalidArgumentError(f"max_open must be at least 1, not {max_open}")
         self._root = Path(path)
         self._root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._closed = False
-        self._shards: dict[str, tuple[_Meta, edge.EdgeShard]] = {}
+        self._max_open = max_open
+        # Open shards, least recently used first.
+        self._shards: OrderedDict[str, tuple[_Meta, edge.EdgeShard]] = OrderedDict()
 
     # -- collections -------------------------------------------------------------------------------
 
@@ -233,10 +252,7 @@ class EdgeStore(VectorStore):
         # float16 storage: an exact search reads every stored vector, so it is bound by memory
         # bandwidth; half the bytes made it 1.5x faster at 100k x 384 (14.8 -> 10.0 ms), the same
         # neighbours, scores within about 1e-3 of float32's.
-        vectors = edge.EdgeVectorParams(
-            size=meta.dimensions, distance=edge.Distance.Cosine, datatype=edge.VectorStorageDatatype.Float16
-        )
-        config = edge.EdgeConfig(vectors=vectors)
+        config = _config(meta.dimensions, edge.VectorStorageDatatype.Float16)
         shard = edge.EdgeShard.create(str(folder / SHARD_DIR), config)
         try:
             # Documents are counted by their chunk number; an index keeps that count cheap.
@@ -249,7 +265,7 @@ class EdgeStore(VectorStore):
         # interrupted creation (an empty shard), which the next `_create` starts over.
         data = json.dumps({MODEL_KEY: meta.model, DIMENSIONS_KEY: meta.dimensions, FORMAT_KEY: FORMAT})
         write_atomically(folder / META_FILE, data.encode("utf-8"))
-        self._shards[name] = (meta, shard)
+        self._keep(name, meta, shard)
 
     def _discard_empty_shard(self, name: str, folder: Path) -> None:
         """Refuse (FAILED_PRECONDITION) to replace a shard that holds points or cannot be read."""
@@ -276,6 +292,7 @@ class EdgeStore(VectorStore):
     def _shard(self, name: str) -> tuple[_Meta, edge.EdgeShard]:
         opened = self._shards.get(name)
         if opened is not None:
+            self._shards.move_to_end(name)
             return opened
         folder = self._root / name
         if not is_collection_name(name):
@@ -293,20 +310,46 @@ class EdgeStore(VectorStore):
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise self._unreadable(name, folder, f"{META_FILE} is damaged ({exc})") from None
         try:
-            shard = edge.EdgeShard.load(str(folder / SHARD_DIR))
+            shard = _load(folder / SHARD_DIR, meta.dimensions)
         except Exception as exc:  # qdrant-edge raises plain Exception; a held WAL lock is the usual cause
             raise FailedPreconditionError(
                 f"cannot open collection {name!r} in {folder} (in use by another process, e.g. another "
                 f"Wafer server? give this one another data directory): {exc}"
             ) from None
-        self._shards[name] = (meta, shard)
+        self._keep(name, meta, shard)
         return meta, shard
+
+    def _keep(self, name: str, meta: _Meta, shard: edge.EdgeShard) -> None:
+        """Hold a shard open, closing the least recently used ones past `max_open`."""
+        self._shards[name] = (meta, shard)
+        self._shards.move_to_end(name)
+        while len(self._shards) > self._max_open:
+            _, (_, oldest) = self._shards.popitem(last=False)
+            oldest.close()
 
     def _describe(self, name: str) -> CollectionInfo:
         meta, shard = self._shard(name)
         first_chunks = edge.Filter(must_not=[edge.FieldCondition(key=CHUNK_KEY, range=edge.RangeFloat(gte=1))])
         count = shard.count(edge.CountRequest(exact=True, filter=first_chunks))
         return CollectionInfo(name=name, model=meta.model, dimensions=meta.dimensions, documents=count)
+
+
+def _config(dimensions: int, datatype: edge.VectorStorageDatatype) -> edge.EdgeConfig:
+    vectors = edge.EdgeVectorParams(size=dimensions, distance=edge.Distance.Cosine, datatype=datatype)
+    return edge.EdgeConfig(vectors=vectors, max_search_threads=SEARCH_THREADS)
+
+
+def _load(path: Path, dimensions: int) -> edge.EdgeShard:
+    """Open a shard with SEARCH_THREADS search threads. The thread count is part of the config a
+    load must be given whole, vectors included, and a shard of an earlier version keeps float32
+    vectors (a config that does not match them is refused): try float16, then float32, then open
+    the shard as it is (with qdrant-edge's own thread count) rather than not at all."""
+    for datatype in (edge.VectorStorageDatatype.Float16, edge.VectorStorageDatatype.Float32):
+        try:
+            return edge.EdgeShard.load(str(path), _config(dimensions, datatype))
+        except Exception:  # qdrant-edge raises plain Exception: an incompatible config, or worse
+            continue
+    return edge.EdgeShard.load(str(path))
 
 
 def _filter(conditions: list[tuple[str, str | int | bool]]) -> edge.Filter | None:

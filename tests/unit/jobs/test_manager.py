@@ -7,10 +7,11 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -27,7 +28,7 @@ from wafer.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from wafer.indexing import IndexService
+from wafer.indexing import IndexService, UpsertResult
 from wafer.jobs import (
     InlineSource,
     JobManager,
@@ -41,7 +42,8 @@ from wafer.jobs import (
     SqliteSource,
 )
 from wafer.jobs.manager import MAX_WATCHERS, WATCH_MIN_INTERVAL_SECONDS
-from wafer.jobs.state import JobStore
+from wafer.jobs.runner import Job
+from wafer.jobs.state import JobRecord, JobStore
 from wafer.metrics import Metrics
 from wafer.store.qdrant import QdrantStore
 
@@ -422,3 +424,90 @@ async def test_watches_are_rate_limited_and_bounded(stack: Stack, manager: JobMa
     await anext(manager.watch(other.id))
     for watch in watches[1:]:
         await watch.aclose()
+
+
+class ClearedAfterLen(deque[tuple[float, int]]):
+    """Samples the event loop clears right after a metrics scrape's thread has read their length."""
+
+    def __len__(self) -> int:
+        length = super().__len__()
+        self.clear()
+        return length
+
+
+def test_the_rate_survives_samples_cleared_while_a_scrape_reads_them() -> None:
+    # Issue 15: `rate()` checked the length, then read both ends; a clear in between (a pause, a
+    # retry) raised IndexError in the Prometheus scrape.
+    record = JobRecord(
+        id="j", collection="c", model="", source=JsonlSource(path=Path("/x.jsonl")), policy=RunPolicy(), batch_size=1
+    )
+    record.state = JobState.RUNNING
+    job = Job(record, samples=ClearedAfterLen([(1.0, 10), (2.0, 30)]))
+    assert job.rate() in (0.0, 20.0)
+    assert job.status().docs_per_second in (0.0, 20.0)
+    steady = Job(record, samples=deque([(1.0, 10), (2.0, 30)]))
+    assert steady.rate() == 20.0
+
+
+class SlowFirstWrite(IndexService):
+    """The real index, whose first upsert takes longer than the next (a batch of long documents,
+    a model busy elsewhere): the runner's next batch, in flight at the same time, finishes first."""
+
+    def __init__(self, engine: InferenceEngine, store: QdrantStore) -> None:
+        super().__init__(engine, store)
+        self.events: list[str] = []
+
+    async def upsert(self, collection: str, documents: Sequence[StoredDocument], **kwargs: Any) -> UpsertResult:
+        call = len([e for e in self.events if e.startswith("start")])
+        self.events.append(f"start {call}")
+        if call == 0:
+            await asyncio.sleep(1.0)
+        try:
+            return await super().upsert(collection, documents, **kwargs)
+        finally:
+            self.events.append(f"end {call}")
+
+
+async def run_with_slow_first_write(stack: Stack, lines: list[dict[str, str]]) -> SlowFirstWrite:
+    path = stack.settings.jobs_allowed_roots[0] / "twice.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    index = SlowFirstWrite(stack.engine, QdrantStore(path=stack.settings.data_dir / "slow-store"))
+    stack.index = index
+    manager = stack.manager()
+    await manager.start()
+    try:
+        submitted = await manager.submit(JobRequest(collection="twice", source=JsonlSource(path), batch_size=2))
+        final = await finished(manager, submitted.id)
+        assert final.state is JobState.SUCCEEDED, final.error
+    finally:
+        await manager.close()
+    return index
+
+
+async def test_an_id_written_by_two_batches_in_flight_keeps_the_newest_text(stack: Stack) -> None:
+    """Issue 13 #10: the second batch, written while the first was slow, was overwritten by it."""
+    lines = [
+        {"id": "a", "text": "old text of a"},
+        {"id": "b", "text": "text of b"},
+        {"id": "a", "text": "new text of a"},
+        {"id": "c", "text": "text of c"},
+    ]
+    index = await run_with_slow_first_write(stack, lines)
+    try:
+        stored = {d.id: d.text for d in await index.get_documents("twice", ["a", "b", "c"])}
+        assert stored == {"a": "new text of a", "b": "text of b", "c": "text of c"}
+        # The later batch waited for the earlier one's write.
+        assert index.events == ["start 0", "end 0", "start 1", "end 1"]
+    finally:
+        await index.close()
+
+
+async def test_batches_without_a_shared_id_are_still_written_in_parallel(stack: Stack) -> None:
+    lines = [{"id": f"d{i}", "text": f"text {i}"} for i in range(4)]
+    index = await run_with_slow_first_write(stack, lines)
+    try:
+        assert len(await index.get_documents("twice", [f"d{i}" for i in range(4)])) == 4
+        # The second batch was written while the first was still in flight.
+        assert index.events.index("start 1") < index.events.index("end 0"), index.events
+    finally:
+        await index.close()
