@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend
-from wafer.backends.base import ComputeInterrupted, Embeddings, InputTooLongError
+from wafer.backends.base import ComputeInterrupted, Embeddings, InputTooLongError, Tokenized
 from wafer.domain import Context, FloatMatrix, Priority
 from wafer.errors import ResourceExhaustedError
-from wafer.scheduler import ComputeGate, ModelScheduler
+from wafer.scheduler import ComputeGate, ModelScheduler, Scheduled
 from wafer.specs import BatchingSpec, ModelSpec, Task
 
 BATCH, INTERACTIVE = Priority.BATCH, Priority.INTERACTIVE
@@ -604,4 +604,87 @@ async def test_while_interactive_work_keeps_coming_batch_work_moves_in_micro_bat
         # Each search waited for at most the micro-batch in progress (10 ms target; 5 ms per text).
         assert len(waits) > 3 and max(waits) < 0.1
     finally:
+        await asyncio.to_thread(scheduler.close)
+
+
+# -- tokenizing on arrival -----------------------------------------------------------------------
+
+
+class TokenizingBackend(RecordingBackend):
+    """Tokenizes ahead, as the ONNX backend does: one token per word plus two, counted exactly."""
+
+    tokenizes_ahead = True
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.tokenized_on: list[int] = []
+
+    def tokenize(self, texts: Sequence[str], *, truncate: bool) -> Tokenized:
+        self.tokenized_on.append(threading.get_ident())
+        counts = []
+        for i, text in enumerate(texts):
+            tokens = self.count_tokens(text)
+            if tokens > self.spec.max_tokens and not truncate:
+                raise InputTooLongError(i, tokens, self.spec.max_tokens, self.spec.name)
+            counts.append(min(tokens, self.spec.max_tokens))
+        return Tokenized(items=list(texts), token_counts=counts)
+
+    def embed_tokenized(self, tokenized: Tokenized) -> Embeddings:
+        texts = [str(item) for item in tokenized.items]
+        self.calls.append(texts)
+        self.entered.set()
+        if not self.hold.wait(10):
+            raise TimeoutError("the test never released the backend")
+        return FakeBackend._embed(self, texts, truncate=True)
+
+
+class TokenizationObserver:
+    def __init__(self) -> None:
+        self.tokenized: list[float] = []
+
+    def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None:
+        pass
+
+    def record_interruption(self, model: str) -> None:
+        pass
+
+    def record_tokenization(self, model: str, seconds: float) -> None:
+        self.tokenized.append(seconds)
+
+
+async def test_requests_are_tokenized_off_the_event_loop_and_batched_by_exact_token_counts(
+    open_gate: None,
+) -> None:
+    backend = TokenizingBackend(spec(max_tokens=100))
+    observer = TokenizationObserver()
+    scheduler = ModelScheduler(
+        "m", backend, ComputeGate(), batching=BatchingSpec(max_batch_tokens=30), max_tokens=100, observer=observer
+    )
+    try:
+        held = await hold_backend(backend, scheduler)
+        # 10 one-letter words: 12 exact tokens, though 20 characters would estimate 7. Two fit 30.
+        short_words = " ".join("a" * 10)
+        tasks = [asyncio.create_task(scheduler.embed([short_words + f" {i}"], truncate=False)) for i in range(6)]
+        await asyncio.sleep(0.05)
+        backend.hold.set()
+        results = await asyncio.gather(held, *tasks)
+        assert [len(call) for call in backend.calls[1:]] == [2, 2, 2]
+        assert threading.get_ident() not in backend.tokenized_on
+        for result in results[1:]:
+            assert isinstance(result, Scheduled)
+            assert result.value.token_counts == [13]
+            assert result.tokenize_seconds > 0
+        assert len(observer.tokenized) == 7 and all(seconds > 0 for seconds in observer.tokenized)
+        first = results[1]
+        assert isinstance(first, Scheduled)
+        np.testing.assert_array_equal(
+            first.value.vectors, FakeBackend._embed(backend, [short_words + " 0"], truncate=True).vectors
+        )
+        # Bad input is refused on arrival: it never queues, and never reaches the model's thread.
+        calls = len(backend.calls)
+        with pytest.raises(InputTooLongError):
+            await scheduler.embed(["word " * 200], truncate=False)
+        assert len(backend.calls) == calls
+    finally:
+        backend.hold.set()
         await asyncio.to_thread(scheduler.close)

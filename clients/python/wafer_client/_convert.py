@@ -253,6 +253,7 @@ def timings(message: common_pb2.Timings) -> Timings:
         inference_ms=message.inference_ms,
         batch_size=message.batch_size,
         time_to_first_token_ms=message.time_to_first_token_ms,
+        tokenize_ms=message.tokenize_ms,
     )
 
 

@@ -37,7 +37,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from wafer.backends.base import Backend, ComputeInterrupted, Embeddings, InputTooLongError
+from wafer.backends.base import Backend, ComputeInterrupted, Embeddings, InputTooLongError, Tokenized
 from wafer.domain import Context, FloatMatrix, Priority
 from wafer.errors import ResourceExhaustedError, UnavailableError
 from wafer.scheduler.gate import ComputeGate
@@ -65,6 +65,8 @@ class BatchObserver(Protocol):
 
     def record_interruption(self, model: str) -> None: ...
 
+    def record_tokenization(self, model: str, seconds: float) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Scheduled(Generic[T]):
@@ -75,6 +77,8 @@ class Scheduled(Generic[T]):
     inference_seconds: float
     # Inputs in the largest backend call this request rode in (its own and others').
     batch_size: int
+    # Tokenizing the request on arrival, before it queued (backends that tokenize ahead).
+    tokenize_seconds: float = 0.0
 
 
 # -- work items ------------------------------------------------------------------------------
@@ -112,6 +116,8 @@ class _EmbedWork(_Work):
         lane: Priority,
         loop: asyncio.AbstractEventLoop,
         context: Context | None = None,
+        tokenized: Tokenized | None = None,
+        tokenize_seconds: float = 0.0,
     ) -> None:
         super().__init__(lane, loop)
         self.texts = list(texts)
@@ -119,7 +125,10 @@ class _EmbedWork(_Work):
         # The model's context (cde's corpus), not the contextvars one `context` holds.
         self.embed_context = context
         self.task = task
+        # Exact token counts when the backend tokenized ahead (`tokenized`), estimates otherwise.
         self.estimates = estimates
+        self.tokenized = tokenized
+        self.tokenize_seconds = tokenize_seconds
         self.rows = len(self.texts)
         # Rows handed to backend calls so far, and rows whose vectors came back.
         self.taken = 0
@@ -156,6 +165,7 @@ class _EmbedWork(_Work):
                     queued_seconds=self.started - self.arrived,
                     inference_seconds=self.inference_seconds,
                     batch_size=self.batch_size,
+                    tokenize_seconds=self.tokenize_seconds,
                 )
             )
 
@@ -188,6 +198,14 @@ class _Slice:
     work: _EmbedWork
     start: int
     stop: int
+
+
+def _joined(unit: list[_Slice]) -> Tokenized:
+    parts = []
+    for part in unit:
+        assert part.work.tokenized is not None
+        parts.append(part.work.tokenized.rows(part.start, part.stop))
+    return Tokenized.joined(parts)
 
 
 def _context_id(work: _EmbedWork) -> str:
@@ -253,8 +271,23 @@ class ModelScheduler:
         context: Context | None = None,
     ) -> Scheduled[Embeddings]:
         """Embed `texts`, merged with other waiting requests into as few backend calls as fit.
-        Requests are merged only with requests of the same context (none, or the same id)."""
-        estimates = [estimate_tokens(text, self._max_tokens) for text in texts]
+        Requests are merged only with requests of the same context (none, or the same id).
+
+        A backend that tokenizes ahead has the request tokenized here, on a thread beside the
+        event loop (the tokenizer's batch call releases the GIL), while the model's thread
+        computes other requests: the batch is then budgeted by exact token counts, and bad input
+        is refused before it queues."""
+        tokenized: Tokenized | None = None
+        tokenize_seconds = 0.0
+        if self._backend.tokenizes_ahead and context is None:
+            started = time.perf_counter()
+            tokenized = await asyncio.to_thread(self._backend.tokenize, texts, truncate=truncate)
+            tokenize_seconds = time.perf_counter() - started
+            if self._observer is not None:
+                self._observer.record_tokenization(self.name, tokenize_seconds)
+            estimates = tokenized.token_counts
+        else:
+            estimates = [estimate_tokens(text, self._max_tokens) for text in texts]
         work = _EmbedWork(
             texts,
             truncate=truncate,
@@ -263,6 +296,8 @@ class ModelScheduler:
             lane=lane,
             loop=asyncio.get_running_loop(),
             context=context,
+            tokenized=tokenized,
+            tokenize_seconds=tokenize_seconds,
         )
         result: Scheduled[Embeddings] = await self._wait(work)
         return result
@@ -311,7 +346,7 @@ class ModelScheduler:
 
     @property
     def tokens_per_second(self) -> float | None:
-        """Measured speed of embedding calls, in estimated tokens per second."""
+        """Measured speed of embedding calls, in (estimated, or exact) tokens per second."""
         return self._rate
 
     async def _wait(self, work: _Work) -> Any:
@@ -491,7 +526,10 @@ class ModelScheduler:
         started = time.perf_counter()
         try:
             head = unit[0].work
-            output = self._backend.embed(texts, truncate=head.truncate, context=head.embed_context)
+            if head.tokenized is not None:
+                output = self._backend.embed_tokenized(_joined(unit))
+            else:
+                output = self._backend.embed(texts, truncate=head.truncate, context=head.embed_context)
         except ComputeInterrupted:
             self._requeue(unit)
             return
