@@ -120,6 +120,10 @@ class Backend(abc.ABC):
     # it arrives, on a thread beside the event loop, and budgets merged batches by exact token
     # counts; the model's thread only computes. Non-contextual backends only.
     tokenizes_ahead: ClassVar[bool] = False
+    # Whether running several instances of the model side by side raises its throughput, so the
+    # registry loads more than one by default (`instances` in models.yaml). Extra instances serve
+    # embeddings only; `run` calls and streams go to the first.
+    scales_out: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -157,6 +161,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> Backend:
         """Read the model into memory; raise FailedPreconditionError if it cannot be used."""
+
+    @classmethod
+    def load_instances(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions, count: int) -> list[Backend]:
+        """`count` independent instances of the model, each for its own thread; a backend that can
+        share memory between them (weights) overrides this."""
+        instances: list[Backend] = []
+        try:
+            for _ in range(count):
+                instances.append(cls.load(spec, files, options))
+        except BaseException:
+            for instance in instances:
+                instance.close()
+            raise
+        return instances
 
     def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         """Embed texts (prompts already applied). Too-long inputs raise InputTooLongError

@@ -76,6 +76,7 @@ class OnnxBackend(Backend):
     tasks = frozenset({Task.EMBED, Task.RERANK})
     interruptible = True
     tokenizes_ahead = True
+    scales_out = True
 
     def __init__(
         self,
