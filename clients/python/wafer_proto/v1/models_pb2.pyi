@@ -79,13 +79,17 @@ class _QuantizationMethod:
 
 class _QuantizationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuantizationMethod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    QUANTIZATION_METHOD_DYNAMIC: _QuantizationMethod.ValueType  # 0
-    QUANTIZATION_METHOD_STATIC: _QuantizationMethod.ValueType  # 1
+    QUANTIZATION_METHOD_UNSPECIFIED: _QuantizationMethod.ValueType  # 0
+    """Dynamic."""
+    QUANTIZATION_METHOD_DYNAMIC: _QuantizationMethod.ValueType  # 1
+    QUANTIZATION_METHOD_STATIC: _QuantizationMethod.ValueType  # 2
 
 class QuantizationMethod(_QuantizationMethod, metaclass=_QuantizationMethodEnumTypeWrapper): ...
 
-QUANTIZATION_METHOD_DYNAMIC: QuantizationMethod.ValueType  # 0
-QUANTIZATION_METHOD_STATIC: QuantizationMethod.ValueType  # 1
+QUANTIZATION_METHOD_UNSPECIFIED: QuantizationMethod.ValueType  # 0
+"""Dynamic."""
+QUANTIZATION_METHOD_DYNAMIC: QuantizationMethod.ValueType  # 1
+QUANTIZATION_METHOD_STATIC: QuantizationMethod.ValueType  # 2
 Global___QuantizationMethod: _TypeAlias = QuantizationMethod  # noqa: Y015
 
 @_typing.final
