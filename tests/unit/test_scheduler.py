@@ -852,3 +852,19 @@ def test_one_owners_turns_are_held_together_until_another_owner_waits() -> None:
     for thread in (*threads, waiter, late):
         thread.join(5)
     assert order[2:] == ["b", "a3"]
+
+
+async def test_tokenization_time_reaches_the_prometheus_histogram(open_gate: None) -> None:
+    from wafer.metrics import Metrics
+
+    metrics = Metrics(models=["m"])
+    backend = TokenizingBackend(spec())
+    scheduler = ModelScheduler("m", backend, ComputeGate(), observer=metrics)
+    try:
+        await scheduler.embed(["one text", "and another"], truncate=True)
+        await scheduler.embed(["a third"], truncate=True)
+    finally:
+        await asyncio.to_thread(scheduler.close)
+    assert metrics.registry.get_sample_value("wafer_tokenization_seconds_count", {"model": "m"}) == 2
+    total = metrics.registry.get_sample_value("wafer_tokenization_seconds_sum", {"model": "m"})
+    assert total is not None and total > 0
