@@ -65,18 +65,23 @@ def served(
     cache: bool = False,
     data_dir: Path | None = None,
     settings: dict[str, str] | None = None,
+    models: Path | None = None,
+    cores: str | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A real `wafer serve` on a free port over the repository's models.yaml, in its own process,
     offline, with a fresh data folder unless given one and extra `WAFER_*` settings: yields its
     address and process once it is listening.
 
     The embedding cache is off unless asked for: benchmarks that send the same texts again would
-    otherwise measure cache hits, not the model."""
+    otherwise measure cache hits, not the model. `models`: another models.yaml; `cores`: a CPU list
+    (`taskset -c`) the server is pinned to."""
     data_dir = data_dir or Path(tempfile.mkdtemp())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WAFER_EMBEDDING_CACHE": "true" if cache else "false"}
     env.update(settings or {})
     command = [sys.executable, "-m", "wafer", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir)]
-    command += ["--models", str(ROOT / "models.yaml")]
+    command += ["--models", str(models or ROOT / "models.yaml")]
+    if cores is not None:
+        command = ["taskset", "-c", cores, *command]
     if threads is not None:
         command += ["--threads", str(threads)]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)

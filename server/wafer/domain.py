@@ -47,6 +47,7 @@ class Timings:
     inference_ms: float = 0.0
     batch_size: int = 0
     time_to_first_token_ms: float = 0.0
+    tokenize_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -58,6 +58,7 @@ def _timings(scheduled: Scheduled[Any], *, waited: float, batch_size: int | None
         queue_ms=_ms(waited + scheduled.queued_seconds),
         inference_ms=_ms(scheduled.inference_seconds),
         batch_size=batch_size or scheduled.batch_size,
+        tokenize_ms=_ms(scheduled.tokenize_seconds),
     )
 
 

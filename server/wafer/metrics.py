@@ -154,6 +154,13 @@ class Metrics:
             buckets=BATCH_TOKEN_BUCKETS,
             registry=registry,
         )
+        self.tokenize_seconds = Histogram(
+            "wafer_tokenization_seconds",
+            "Time tokenizing an embedding request on arrival, before it queued (models that tokenize ahead).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.batch_interruptions = Counter(
             "wafer_batch_interruptions",
             "Batch-lane backend calls stopped because interactive work arrived (their rows ran again).",
@@ -229,6 +236,9 @@ class Metrics:
 
     def record_interruption(self, model: str) -> None:
         self.batch_interruptions.labels(model).inc()
+
+    def record_tokenization(self, model: str, seconds: float) -> None:
+        self.tokenize_seconds.labels(model).observe(seconds)
 
     def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None:
         self.prompt_tokens.labels(model, "generate").inc(prompt_tokens)

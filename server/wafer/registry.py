@@ -71,6 +71,10 @@ def allow_on_demand_eviction(allowed: bool) -> None:
     _ON_DEMAND_EVICTION.set(allowed)
 
 
+# Most instances of a model whose spec names no `instances` (backends that scale out): one per
+# thread up to this. Past a few, the instances' Python work (padding, pooling, under one GIL) is
+# what limits, and every instance costs its own session's memory (docs/models-yaml.md).
+MAX_DEFAULT_INSTANCES = 4
 # Names of models registered over the API: what a models.yaml key could reasonably be.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -85,11 +89,14 @@ class ModelState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """What a lease hands out: the spec, the backend, and the scheduler every call to it goes through."""
+    """What a lease hands out: the spec, the backend, and the scheduler every call to it goes through.
+    `backend` is the model's first instance, the one `scheduler.run` calls and streams run on;
+    `instances` holds every instance, `backend` first."""
 
     spec: ModelSpec
     backend: Backend
     scheduler: ModelScheduler
+    instances: tuple[Backend, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,23 +634,27 @@ class ModelRegistry:
         )
 
     def _load_blocking(self, backend_cls: type[Backend], spec: ModelSpec, files: ModelFiles) -> LoadedModel:
-        backend = backend_cls.load(spec, files, LoadOptions(threads=spec.threads or self._threads))
+        count, threads = instance_plan(backend_cls, spec, spec.threads or self._threads)
+        instances = backend_cls.load_instances(spec, files, LoadOptions(threads=threads), count)
         try:
             # Also the warm-up: the first call sizes ONNX Runtime's arena, so the RSS measured
             # around the load counts it.
-            backend.health()
+            for instance in instances:
+                instance.health()
         except Exception:
-            backend.close()
+            for instance in instances:
+                instance.close()
             raise
+        backend = instances[0]
         scheduler = ModelScheduler(
             spec.name,
-            backend,
+            instances,
             self._gate,
             batching=spec.batching,
             max_tokens=spec.max_tokens,
             observer=self._batch_observer,
         )
-        return LoadedModel(spec=spec, backend=backend, scheduler=scheduler)
+        return LoadedModel(spec=spec, backend=backend, scheduler=scheduler, instances=tuple(instances))
 
     async def _make_room(
         self, needed: int, loading: _Entry, *, for_spec: ModelSpec, strict: bool = True, evict: bool = True
@@ -785,8 +796,24 @@ class ModelRegistry:
 
 def _close(loaded: LoadedModel) -> None:
     loaded.scheduler.close()
-    loaded.backend.close()
+    for instance in loaded.instances or (loaded.backend,):
+        instance.close()
     trim_heap()
+
+
+def default_instances(backend_cls: type[Backend], threads: int) -> int:
+    """Instances of a model whose spec names none: one per thread, up to MAX_DEFAULT_INSTANCES, for
+    a backend that scales out; one otherwise."""
+    if not backend_cls.scales_out:
+        return 1
+    return max(1, min(MAX_DEFAULT_INSTANCES, threads))
+
+
+def instance_plan(backend_cls: type[Backend], spec: ModelSpec, threads: int) -> tuple[int, int]:
+    """How many instances of the model to load, and the threads each computes with: the model's
+    threads shared out, at least one each."""
+    count = spec.instances or default_instances(backend_cls, threads)
+    return count, max(1, threads // count)
 
 
 def _close_when_loaded(future: asyncio.Future[LoadedModel]) -> None:

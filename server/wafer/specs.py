@@ -121,6 +121,13 @@ class ModelSpec(BaseModel):
     rerank_instruction: str = DEFAULT_RERANK_INSTRUCTION
     load: LoadPolicy = LoadPolicy.ON_DEMAND
     threads: int | None = Field(default=None, gt=0, description="CPU threads; default: the server's.")
+    instances: int | None = Field(
+        default=None,
+        gt=0,
+        le=64,
+        description="Copies of the model, each on its own thread with threads/instances of the CPU "
+        "threads; default: chosen from the threads for backends that scale out (onnx), else 1.",
+    )
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     pinned: bool = Field(
         default=False, description="Never unloaded to make room under the memory budget, nor after idle time."

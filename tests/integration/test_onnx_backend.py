@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
 from tests.reference import PlainReference
-from wafer.backends.base import ComputeInterrupted, InputTooLongError, LoadOptions, ModelFiles
+from wafer.backends.base import ComputeInterrupted, InputTooLongError, LoadOptions, ModelFiles, Tokenized
 from wafer.backends.onnx import MAX_PADDING_FRACTION, OnnxBackend, sub_batches
 from wafer.errors import FailedPreconditionError, UnavailableError
 from wafer.sources import SourceResolver
@@ -114,6 +114,20 @@ def test_a_mixed_batch_matches_the_reference_and_single_calls(backend: OnnxBacke
     )
     assert result.token_counts[0] == 3
     assert result.token_counts[3] == 256
+
+
+def test_texts_tokenized_ahead_and_joined_embed_as_in_one_call(backend: OnnxBackend) -> None:
+    texts = [text for text in TEXTS if text]
+    whole = backend.embed(texts, truncate=True)
+    first = backend.tokenize(texts[:2], truncate=True)
+    second = backend.tokenize(texts[2:], truncate=True)
+    assert first.token_counts + second.token_counts == whole.token_counts
+    assert first.token_counts == [backend.count_tokens(text) for text in texts[:2]]
+    joined = backend.embed_tokenized(Tokenized.joined([first, second]))
+    np.testing.assert_allclose(joined.vectors, whole.vectors, atol=1e-5)
+    assert joined.token_counts == whole.token_counts
+    with pytest.raises(InputTooLongError):
+        backend.tokenize([LONG_TEXT], truncate=False)
 
 
 def test_vectors_are_pooled_not_normalized(backend: OnnxBackend) -> None:

@@ -8,7 +8,7 @@ from tests.fakes.fake_backend import FakeBackend
 from tests.unit.conftest import startup_settled
 from wafer.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from wafer.registry import ModelRegistry, ModelState
-from wafer.specs import Task
+from wafer.specs import ModelSpec, Task
 
 
 async def hold(registry: ModelRegistry, name: str) -> tuple[asyncio.Task[None], asyncio.Event]:
@@ -147,3 +147,17 @@ async def test_an_unload_whose_caller_gives_up_leaves_the_model_serving(registry
         pass
     release.set()
     await request
+
+
+def test_instances_default_from_the_threads_for_backends_that_scale_out() -> None:
+    from wafer.registry import MAX_DEFAULT_INSTANCES, default_instances, instance_plan
+
+    class ScalingBackend(FakeBackend):
+        scales_out = True
+
+    spec = ModelSpec(name="m", backend="fake", source="x", tasks=[Task.EMBED], dimensions=8)
+    assert [default_instances(ScalingBackend, threads) for threads in (1, 2, 3, 16)] == [1, 2, 3, MAX_DEFAULT_INSTANCES]
+    assert default_instances(FakeBackend, 16) == 1
+    assert instance_plan(ScalingBackend, spec, 16) == (4, 4)
+    assert instance_plan(ScalingBackend, spec.model_copy(update={"instances": 3}), 2) == (3, 1)
+    assert instance_plan(FakeBackend, spec.model_copy(update={"instances": 2}), 8) == (2, 4)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend
-from wafer.backends.base import ComputeInterrupted, Embeddings, InputTooLongError
+from wafer.backends.base import ComputeInterrupted, Embeddings, InputTooLongError, Tokenized
 from wafer.domain import Context, FloatMatrix, Priority
 from wafer.errors import ResourceExhaustedError
-from wafer.scheduler import ComputeGate, ModelScheduler
+from wafer.scheduler import ComputeGate, ModelScheduler, Scheduled
 from wafer.specs import BatchingSpec, ModelSpec, Task
 
 BATCH, INTERACTIVE = Priority.BATCH, Priority.INTERACTIVE
@@ -605,3 +605,266 @@ async def test_while_interactive_work_keeps_coming_batch_work_moves_in_micro_bat
         assert len(waits) > 3 and max(waits) < 0.1
     finally:
         await asyncio.to_thread(scheduler.close)
+
+
+# -- tokenizing on arrival -----------------------------------------------------------------------
+
+
+class TokenizingBackend(RecordingBackend):
+    """Tokenizes ahead, as the ONNX backend does: one token per word plus two, counted exactly."""
+
+    tokenizes_ahead = True
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.tokenized_on: list[int] = []
+
+    def tokenize(self, texts: Sequence[str], *, truncate: bool) -> Tokenized:
+        self.tokenized_on.append(threading.get_ident())
+        counts = []
+        for i, text in enumerate(texts):
+            tokens = self.count_tokens(text)
+            if tokens > self.spec.max_tokens and not truncate:
+                raise InputTooLongError(i, tokens, self.spec.max_tokens, self.spec.name)
+            counts.append(min(tokens, self.spec.max_tokens))
+        return Tokenized(items=list(texts), token_counts=counts)
+
+    def embed_tokenized(self, tokenized: Tokenized) -> Embeddings:
+        texts = [str(item) for item in tokenized.items]
+        self.calls.append(texts)
+        self.entered.set()
+        if not self.hold.wait(10):
+            raise TimeoutError("the test never released the backend")
+        return FakeBackend._embed(self, texts, truncate=True)
+
+
+class TokenizationObserver:
+    def __init__(self) -> None:
+        self.tokenized: list[float] = []
+
+    def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None:
+        pass
+
+    def record_interruption(self, model: str) -> None:
+        pass
+
+    def record_tokenization(self, model: str, seconds: float) -> None:
+        self.tokenized.append(seconds)
+
+
+async def test_requests_are_tokenized_off_the_event_loop_and_batched_by_exact_token_counts(
+    open_gate: None,
+) -> None:
+    backend = TokenizingBackend(spec(max_tokens=100))
+    observer = TokenizationObserver()
+    scheduler = ModelScheduler(
+        "m", backend, ComputeGate(), batching=BatchingSpec(max_batch_tokens=30), max_tokens=100, observer=observer
+    )
+    try:
+        held = await hold_backend(backend, scheduler)
+        # 10 one-letter words: 12 exact tokens, though 20 characters would estimate 7. Two fit 30.
+        short_words = " ".join("a" * 10)
+        tasks = [asyncio.create_task(scheduler.embed([short_words + f" {i}"], truncate=False)) for i in range(6)]
+        await asyncio.sleep(0.05)
+        backend.hold.set()
+        results = await asyncio.gather(held, *tasks)
+        assert [len(call) for call in backend.calls[1:]] == [2, 2, 2]
+        assert threading.get_ident() not in backend.tokenized_on
+        for result in results[1:]:
+            assert isinstance(result, Scheduled)
+            assert result.value.token_counts == [13]
+            assert result.tokenize_seconds > 0
+        assert len(observer.tokenized) == 7 and all(seconds > 0 for seconds in observer.tokenized)
+        first = results[1]
+        assert isinstance(first, Scheduled)
+        np.testing.assert_array_equal(
+            first.value.vectors, FakeBackend._embed(backend, [short_words + " 0"], truncate=True).vectors
+        )
+        # Bad input is refused on arrival: it never queues, and never reaches the model's thread.
+        calls = len(backend.calls)
+        with pytest.raises(InputTooLongError):
+            await scheduler.embed(["word " * 200], truncate=False)
+        assert len(backend.calls) == calls
+    finally:
+        backend.hold.set()
+        await asyncio.to_thread(scheduler.close)
+
+
+# -- instances -----------------------------------------------------------------------------------
+
+
+async def hold_both(
+    first: RecordingBackend, second: RecordingBackend, scheduler: ModelScheduler
+) -> list[asyncio.Task[object]]:
+    """Keep both instances busy, one holder each (sent one after the other: together they would merge)."""
+    holders: list[asyncio.Task[object]] = []
+    for i in range(2):
+        holders.append(asyncio.create_task(scheduler.embed([f"holder {i}"], truncate=False)))
+        for _ in range(500):
+            if first.entered.is_set() + second.entered.is_set() > i:
+                break
+            await asyncio.sleep(0.01)
+    assert first.entered.is_set() and second.entered.is_set()
+    return holders
+
+
+async def test_merged_batches_go_to_a_free_instance_and_run_side_by_side(open_gate: None) -> None:
+    first, second = RecordingBackend(spec()), RecordingBackend(spec())
+    scheduler = ModelScheduler("m", [first, second], ComputeGate(), max_tokens=12)
+    try:
+        assert scheduler.instances == 2
+        # Both threads are idle at first: hold whichever instance takes the first request.
+        second.hold.clear()
+        first.hold.clear()
+        held = asyncio.create_task(scheduler.embed(["holder"], truncate=False))
+        for _ in range(500):
+            if first.entered.is_set() or second.entered.is_set():
+                break
+            await asyncio.sleep(0.01)
+        if second.entered.is_set():
+            first, second = second, first
+        second.hold.set()
+        # The first instance is busy: the second computes meanwhile, in the same gate turn's time.
+        result = await asyncio.wait_for(scheduler.embed(["beside", "it"], truncate=False), 5)
+        assert second.calls == [["beside", "it"]]
+        np.testing.assert_array_equal(
+            result.value.vectors, np.concatenate([alone(second, "beside"), alone(second, "it")])
+        )
+        assert not held.done()
+        first.hold.set()
+        await held
+        assert first.calls == [["holder"]]
+    finally:
+        first.hold.set()
+        await asyncio.to_thread(scheduler.close)
+
+
+async def test_calls_and_streams_run_only_on_the_models_own_instance(open_gate: None) -> None:
+    first, second = RecordingBackend(spec()), RecordingBackend(spec())
+    scheduler = ModelScheduler("m", [first, second], ComputeGate(), max_tokens=12)
+    try:
+        for instance in (first, second):
+            instance.hold.clear()
+            instance.entered.clear()
+        holders = await hold_both(first, second, scheduler)
+        second.hold.set()
+        await asyncio.sleep(0.05)
+        call = asyncio.create_task(scheduler.run(lambda: threading.current_thread().name))
+        await asyncio.sleep(0.1)
+        # The second instance is free, yet the call waits for the first: callers close over it.
+        assert not call.done()
+        first.hold.set()
+        await asyncio.gather(*holders)
+        assert (await call).value == "wafer-m"
+
+        def steps(cancelled: Callable[[], bool]) -> Iterator[str]:
+            yield threading.current_thread().name
+
+        assert [item async for item in scheduler.stream(steps)] == ["wafer-m"]
+    finally:
+        first.hold.set()
+        await asyncio.to_thread(scheduler.close)
+
+
+async def test_across_instances_interactive_work_is_taken_before_batch_work(open_gate: None) -> None:
+    first, second = RecordingBackend(spec()), RecordingBackend(spec())
+    scheduler = ModelScheduler("m", [first, second], ComputeGate(), max_tokens=12)
+    try:
+        # Both instances busy (which holder lands on which instance is up to the threads).
+        for instance in (first, second):
+            instance.hold.clear()
+            instance.entered.clear()
+        holders = await hold_both(first, second, scheduler)
+        batch = asyncio.create_task(scheduler.embed(["bulk"], truncate=False, lane=BATCH))
+        await asyncio.sleep(0.05)
+        interactive = asyncio.create_task(scheduler.embed(["search"], truncate=False))
+        await asyncio.sleep(0.05)
+        second.hold.set()  # one instance frees up: it takes the later, interactive request first
+        await interactive
+        assert second.calls[1] == ["search"]
+        first.hold.set()
+        await asyncio.gather(*holders, batch)
+        assert ["bulk"] in first.calls[1:] + second.calls[2:]
+    finally:
+        first.hold.set()
+        second.hold.set()
+        await asyncio.to_thread(scheduler.close)
+
+
+async def test_interactive_work_interrupts_full_batches_on_every_instance(open_gate: None) -> None:
+    first, second = InterruptibleBackend(spec()), InterruptibleBackend(spec())
+    for instance in (first, second):
+        instance.seconds_per_text = 0.01
+    scheduler = ModelScheduler(
+        "m", [first, second], ComputeGate(), batching=BatchingSpec(quiet_seconds=0, max_batch_size=32)
+    )
+    try:
+        texts = [f"bulk {i}" for i in range(64)]
+        bulk = [
+            asyncio.create_task(scheduler.embed(texts[:32], truncate=False, lane=BATCH)),
+            asyncio.create_task(scheduler.embed(texts[32:], truncate=False, lane=BATCH)),
+        ]
+        await asyncio.to_thread(first.entered.wait, 5)
+        await asyncio.to_thread(second.entered.wait, 5)
+        await asyncio.sleep(0.03)
+        searched = await scheduler.embed(["search"], truncate=False)
+        assert searched.queued_seconds < 0.2
+        results = await asyncio.gather(*bulk)
+        assert first.interrupted_calls and second.interrupted_calls
+        assert scheduler.interrupted >= 2
+        for part, result in zip((texts[:32], texts[32:]), results, strict=True):
+            np.testing.assert_array_equal(result.value.vectors, np.concatenate([alone(first, t) for t in part]))
+    finally:
+        await asyncio.to_thread(scheduler.close)
+
+
+def test_one_owners_turns_are_held_together_until_another_owner_waits() -> None:
+    gate = ComputeGate()
+    model, other = object(), object()
+    inside = threading.Barrier(2, timeout=5)
+    order: list[str] = []
+    release = threading.Event()
+
+    def instance(name: str) -> None:
+        with gate.turn(BATCH, owner=model):
+            order.append(name)
+            inside.wait()  # both instances hold a turn at once, or this times out
+            release.wait(5)
+
+    def another(name: str, owner: object | None) -> None:
+        with gate.turn(BATCH, owner=owner):
+            order.append(name)
+
+    threads = [threading.Thread(target=instance, args=(name,)) for name in ("a1", "a2")]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    assert sorted(order) == ["a1", "a2"]
+    # Another model waits: a third instance of the first one may not join ahead of it.
+    waiter = threading.Thread(target=another, args=("b", other))
+    waiter.start()
+    time.sleep(0.05)
+    late = threading.Thread(target=another, args=("a3", model))
+    late.start()
+    time.sleep(0.05)
+    assert sorted(order) == ["a1", "a2"]
+    release.set()
+    for thread in (*threads, waiter, late):
+        thread.join(5)
+    assert order[2:] == ["b", "a3"]
+
+
+async def test_tokenization_time_reaches_the_prometheus_histogram(open_gate: None) -> None:
+    from wafer.metrics import Metrics
+
+    metrics = Metrics(models=["m"])
+    backend = TokenizingBackend(spec())
+    scheduler = ModelScheduler("m", backend, ComputeGate(), observer=metrics)
+    try:
+        await scheduler.embed(["one text", "and another"], truncate=True)
+        await scheduler.embed(["a third"], truncate=True)
+    finally:
+        await asyncio.to_thread(scheduler.close)
+    assert metrics.registry.get_sample_value("wafer_tokenization_seconds_count", {"model": "m"}) == 2
+    total = metrics.registry.get_sample_value("wafer_tokenization_seconds_sum", {"model": "m"})
+    assert total is not None and total > 0

@@ -253,6 +253,7 @@ def timings(message: common_pb2.Timings) -> Timings:
         inference_ms=message.inference_ms,
         batch_size=message.batch_size,
         time_to_first_token_ms=message.time_to_first_token_ms,
+        tokenize_ms=message.tokenize_ms,
     )
 
 
@@ -513,8 +514,11 @@ def get_model_request(name: str) -> models_pb2.GetModelRequest:
     return models_pb2.GetModelRequest(name=name)
 
 
-def quantize_model_request(source_model: str, name: str, *, per_tensor: bool) -> models_pb2.QuantizeModelRequest:
-    return models_pb2.QuantizeModelRequest(source_model=source_model, name=name, per_tensor=per_tensor)
+def quantize_model_request(
+    source_model: str, name: str, *, per_tensor: bool, static: bool
+) -> models_pb2.QuantizeModelRequest:
+    method = models_pb2.QUANTIZATION_METHOD_STATIC if static else models_pb2.QUANTIZATION_METHOD_DYNAMIC
+    return models_pb2.QuantizeModelRequest(source_model=source_model, name=name, per_tensor=per_tensor, method=method)
 
 
 def pull_model_request(name: str) -> models_pb2.PullModelRequest:

@@ -257,11 +257,19 @@ class WaferClient(SyncConnection):
         return _convert.model_info(self._unary(self._models.LoadModel, request, timeout))
 
     def quantize_model(
-        self, source_model: str, name: str, *, per_tensor: bool = False, timeout: Timeout = USE_CLIENT_DEFAULT
+        self,
+        source_model: str,
+        name: str,
+        *,
+        per_tensor: bool = False,
+        static: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> ModelInfo:
         """Has the server quantize the fp32 ONNX model ``source_model`` to int8 and register it as
-        ``name`` (loaded). Weights get one scale per output channel unless ``per_tensor``."""
-        request = _convert.quantize_model_request(source_model, name, per_tensor=per_tensor)
+        ``name`` (loaded). Weights get one scale per output channel unless ``per_tensor``.
+        ``static``: activations' ranges calibrated once on texts the server builds (QDQ, int8 end
+        to end) instead of measured per call; faster, less faithful (bench/RESULTS.md)."""
+        request = _convert.quantize_model_request(source_model, name, per_tensor=per_tensor, static=static)
         return _convert.model_info(self._unary(self._models.QuantizeModel, request, timeout, retry=False))
 
     def pull_model(self, name: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Generator[PullProgress, None, None]:

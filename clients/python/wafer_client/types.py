@@ -58,6 +58,8 @@ class Timings:
     inference_ms: float = 0.0
     batch_size: int = 0
     time_to_first_token_ms: float = 0.0
+    # Tokenizing the inputs on arrival (ONNX embeddings); not part of inference_ms then.
+    tokenize_ms: float = 0.0
 
 
 # eq=False: comparing numpy arrays element-wise has no single truth value, so identity is the only

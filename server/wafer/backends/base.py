@@ -1,7 +1,8 @@
 """The backend contract: load a model, run a batch, report health, close.
 
 A backend knows nothing of gRPC, queues or other models. It is driven from one worker thread
-at a time (the registry guarantees it), so it needs no locks of its own.
+at a time (the registry guarantees it), so it needs no locks of its own. The one exception is
+`tokenize`, which touches only the tokenizer and may run on any thread at any time.
 """
 
 from __future__ import annotations
@@ -72,6 +73,25 @@ class Embeddings:
 
 
 @dataclass(frozen=True, slots=True)
+class Tokenized:
+    """Texts a backend tokenized ahead of its call (`Backend.tokenize`): one item per text, opaque to
+    all but the backend (onnx: a `tokenizers.Encoding`), and each text's exact token count."""
+
+    items: Sequence[object]
+    token_counts: list[int]
+
+    def rows(self, start: int, stop: int) -> Tokenized:
+        return Tokenized(items=self.items[start:stop], token_counts=self.token_counts[start:stop])
+
+    @staticmethod
+    def joined(parts: Sequence[Tokenized]) -> Tokenized:
+        return Tokenized(
+            items=[item for part in parts for item in part.items],
+            token_counts=[count for part in parts for count in part.token_counts],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RelevanceScores:
     scores: list[float]
     token_counts: list[int]
@@ -96,6 +116,14 @@ class Backend(abc.ABC):
     # context (cde: stage 1). The engine then builds contexts through the scheduler's embed, in
     # micro-batches that interactive work can pass, instead of one long `build_context` call.
     context_rows_are_embeddings: ClassVar[bool] = False
+    # Whether `tokenize` and `embed_tokenized` exist: the scheduler then tokenizes each request when
+    # it arrives, on a thread beside the event loop, and budgets merged batches by exact token
+    # counts; the model's thread only computes. Non-contextual backends only.
+    tokenizes_ahead: ClassVar[bool] = False
+    # Whether running several instances of the model side by side raises its throughput, so the
+    # registry loads more than one by default (`instances` in models.yaml). Extra instances serve
+    # embeddings only; `run` calls and streams go to the first.
+    scales_out: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -134,10 +162,34 @@ class Backend(abc.ABC):
     def load(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions) -> Backend:
         """Read the model into memory; raise FailedPreconditionError if it cannot be used."""
 
+    @classmethod
+    def load_instances(cls, spec: ModelSpec, files: ModelFiles, options: LoadOptions, count: int) -> list[Backend]:
+        """`count` independent instances of the model, each for its own thread; a backend that can
+        share memory between them (weights) overrides this."""
+        instances: list[Backend] = []
+        try:
+            for _ in range(count):
+                instances.append(cls.load(spec, files, options))
+        except BaseException:
+            for instance in instances:
+                instance.close()
+            raise
+        return instances
+
     def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
         """Embed texts (prompts already applied). Too-long inputs raise InputTooLongError
         unless `truncate`, which keeps the first `spec.max_tokens` tokens. `context` is given to
         contextual backends only, and may be None (the model's vectors without a context)."""
+        raise self._unsupported(Task.EMBED)
+
+    def tokenize(self, texts: Sequence[str], *, truncate: bool) -> Tokenized:
+        """What `embed(texts)` would compute on, without computing (backends with `tokenizes_ahead`).
+        Raises what `embed` raises for bad input (InputTooLongError, an empty text). Thread-safe: it
+        may run on any thread while the model's thread computes."""
+        raise self._unsupported(Task.EMBED)
+
+    def embed_tokenized(self, tokenized: Tokenized) -> Embeddings:
+        """`embed` on texts `tokenize` prepared (possibly several requests' rows, joined)."""
         raise self._unsupported(Task.EMBED)
 
     @property

@@ -23,6 +23,7 @@ from wafer.backends.base import (
     InputTooLongError,
     LoadOptions,
     ModelFiles,
+    Tokenized,
 )
 from wafer.backends.pooling import pool
 from wafer.domain import Context
@@ -74,6 +75,8 @@ class _Batch:
 class OnnxBackend(Backend):
     tasks = frozenset({Task.EMBED, Task.RERANK})
     interruptible = True
+    tokenizes_ahead = True
+    scales_out = True
 
     def __init__(
         self,
@@ -159,8 +162,15 @@ class OnnxBackend(Backend):
     # -- Backend -------------------------------------------------------------------------------
 
     def embed(self, texts: Sequence[str], *, truncate: bool, context: Context | None = None) -> Embeddings:
+        return self.embed_tokenized(self.tokenize(texts, truncate=truncate))
+
+    def tokenize(self, texts: Sequence[str], *, truncate: bool) -> Tokenized:
         encodings = self._encode(texts, truncate=truncate)
-        token_counts = [len(encoding.ids) for encoding in encodings]
+        return Tokenized(items=encodings, token_counts=[len(encoding.ids) for encoding in encodings])
+
+    def embed_tokenized(self, tokenized: Tokenized) -> Embeddings:
+        encodings: Sequence[Encoding] = tokenized.items  # type: ignore[assignment]
+        token_counts = tokenized.token_counts
         vectors = np.empty((len(encodings), self._dimensions), dtype=np.float32)
         # Longest first: each sub-batch pads to its own longest row, so similar lengths share one.
         order = sorted(range(len(encodings)), key=token_counts.__getitem__, reverse=True)
@@ -172,7 +182,7 @@ class OnnxBackend(Backend):
                 vectors[rows] = pool(states, batch.attention_mask, self.spec.pooling)
         finally:
             self._options = ort.RunOptions()
-        return Embeddings(vectors=vectors, token_counts=token_counts)
+        return Embeddings(vectors=vectors, token_counts=list(token_counts))
 
     def interrupt(self) -> None:
         self._options.terminate = True

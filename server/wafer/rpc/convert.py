@@ -87,6 +87,7 @@ def timings_to_proto(timings: Timings) -> common_pb2.Timings:
         inference_ms=timings.inference_ms,
         batch_size=timings.batch_size,
         time_to_first_token_ms=timings.time_to_first_token_ms,
+        tokenize_ms=timings.tokenize_ms,
     )
 
 

@@ -121,7 +121,11 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
         self, request: models_pb2.QuantizeModelRequest, context: Context
     ) -> models_pb2.ModelInfo:
         status = await quantize_model(
-            self._registry, _name(request.source_model), _name(request.name), per_channel=not request.per_tensor
+            self._registry,
+            _name(request.source_model),
+            _name(request.name),
+            per_channel=not request.per_tensor,
+            static=request.method == models_pb2.QUANTIZATION_METHOD_STATIC,
         )
         return convert.model_info(status)
 

@@ -1,8 +1,12 @@
 """One scheduler per loaded model: two lanes, merged batches, bounded queues, one thread.
 
 Every call into a backend goes through its model's scheduler, never straight from an RPC handler:
-- **One thread owns the backend.** A llama.cpp context must never be entered from two threads,
-  and one thread per model keeps onnxruntime's own thread pool the only parallelism.
+- **One thread owns each backend instance.** A llama.cpp context must never be entered from two
+  threads. A model may run as several instances (`instances:` in models.yaml), each its own
+  session on its own thread with a share of the cores: each merged batch goes to a free instance,
+  so one instance's Python work (padding, pooling) overlaps another's compute, as Triton's
+  instance groups do. The first instance is the model's own (`LoadedModel.backend`): calls
+  (`run`) and streams go only to it, since callers close over it; the others take embeddings.
 - **Two lanes.** Interactive work (a person is waiting) is always taken before batch work (a
   corpus being indexed). While interactive work keeps coming, batch embeddings are cut into
   micro-batches whose estimated run time is `batching.batch_unit_ms`: an interactive request
@@ -37,7 +41,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from wafer.backends.base import Backend, ComputeInterrupted, Embeddings, InputTooLongError
+from wafer.backends.base import Backend, ComputeInterrupted, Embeddings, InputTooLongError, Tokenized
 from wafer.domain import Context, FloatMatrix, Priority
 from wafer.errors import ResourceExhaustedError, UnavailableError
 from wafer.scheduler.gate import ComputeGate
@@ -65,6 +69,8 @@ class BatchObserver(Protocol):
 
     def record_interruption(self, model: str) -> None: ...
 
+    def record_tokenization(self, model: str, seconds: float) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Scheduled(Generic[T]):
@@ -75,6 +81,8 @@ class Scheduled(Generic[T]):
     inference_seconds: float
     # Inputs in the largest backend call this request rode in (its own and others').
     batch_size: int
+    # Tokenizing the request on arrival, before it queued (backends that tokenize ahead).
+    tokenize_seconds: float = 0.0
 
 
 # -- work items ------------------------------------------------------------------------------
@@ -112,6 +120,8 @@ class _EmbedWork(_Work):
         lane: Priority,
         loop: asyncio.AbstractEventLoop,
         context: Context | None = None,
+        tokenized: Tokenized | None = None,
+        tokenize_seconds: float = 0.0,
     ) -> None:
         super().__init__(lane, loop)
         self.texts = list(texts)
@@ -119,7 +129,10 @@ class _EmbedWork(_Work):
         # The model's context (cde's corpus), not the contextvars one `context` holds.
         self.embed_context = context
         self.task = task
+        # Exact token counts when the backend tokenized ahead (`tokenized`), estimates otherwise.
         self.estimates = estimates
+        self.tokenized = tokenized
+        self.tokenize_seconds = tokenize_seconds
         self.rows = len(self.texts)
         # Rows handed to backend calls so far, and rows whose vectors came back.
         self.taken = 0
@@ -156,6 +169,7 @@ class _EmbedWork(_Work):
                     queued_seconds=self.started - self.arrived,
                     inference_seconds=self.inference_seconds,
                     batch_size=self.batch_size,
+                    tokenize_seconds=self.tokenize_seconds,
                 )
             )
 
@@ -190,6 +204,14 @@ class _Slice:
     stop: int
 
 
+def _joined(unit: list[_Slice]) -> Tokenized:
+    parts = []
+    for part in unit:
+        assert part.work.tokenized is not None
+        parts.append(part.work.tokenized.rows(part.start, part.stop))
+    return Tokenized.joined(parts)
+
+
 def _context_id(work: _EmbedWork) -> str:
     return "" if work.embed_context is None else work.embed_context.id
 
@@ -210,7 +232,7 @@ class ModelScheduler:
     def __init__(
         self,
         name: str,
-        backend: Backend,
+        backend: Backend | Sequence[Backend],
         gate: ComputeGate,
         *,
         batching: BatchingSpec | None = None,
@@ -218,7 +240,11 @@ class ModelScheduler:
         observer: BatchObserver | None = None,
     ) -> None:
         self.name = name
-        self._backend = backend
+        # Instances of one model: the first is the model's own; all are loaded alike.
+        self._instances = [backend] if isinstance(backend, Backend) else list(backend)
+        if not self._instances:
+            raise ValueError(f"model {name!r}: a scheduler needs at least one backend instance")
+        self._backend = self._instances[0]
         self._gate = gate
         self._batching = batching or BatchingSpec()
         self._max_tokens = max_tokens
@@ -231,15 +257,20 @@ class ModelScheduler:
         self._rate: float | None = None
         # Backend calls stopped for interactive work and run again (for metrics and tests).
         self.interrupted = 0
-        # Whether the call being taken is a full batch-lane batch (one that may be interrupted).
-        self._full_batch = False
-        # The embedding call running on the thread: stopped when every caller in it has gone.
-        self._running: list[_Slice] | None = None
+        # The embedding call running on each instance's thread: stopped when every caller in it
+        # has gone.
+        self._running: dict[int, list[_Slice]] = {}
         # The stream the thread is driving: its backend step is stopped when its consumer goes.
         self._driving: _StreamWork | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._serve, name=f"wafer-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(
+                target=self._serve, args=(index,), name=f"wafer-{name}" + (f"-{index}" if index else ""), daemon=True
+            )
+            for index in range(len(self._instances))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # -- asking for work (event loop side) ------------------------------------------------------
 
@@ -253,8 +284,23 @@ class ModelScheduler:
         context: Context | None = None,
     ) -> Scheduled[Embeddings]:
         """Embed `texts`, merged with other waiting requests into as few backend calls as fit.
-        Requests are merged only with requests of the same context (none, or the same id)."""
-        estimates = [estimate_tokens(text, self._max_tokens) for text in texts]
+        Requests are merged only with requests of the same context (none, or the same id).
+
+        A backend that tokenizes ahead has the request tokenized here, on a thread beside the
+        event loop (the tokenizer's batch call releases the GIL), while the model's thread
+        computes other requests: the batch is then budgeted by exact token counts, and bad input
+        is refused before it queues."""
+        tokenized: Tokenized | None = None
+        tokenize_seconds = 0.0
+        if self._backend.tokenizes_ahead and context is None:
+            started = time.perf_counter()
+            tokenized = await asyncio.to_thread(self._backend.tokenize, texts, truncate=truncate)
+            tokenize_seconds = time.perf_counter() - started
+            if self._observer is not None:
+                self._observer.record_tokenization(self.name, tokenize_seconds)
+            estimates = tokenized.token_counts
+        else:
+            estimates = [estimate_tokens(text, self._max_tokens) for text in texts]
         work = _EmbedWork(
             texts,
             truncate=truncate,
@@ -263,6 +309,8 @@ class ModelScheduler:
             lane=lane,
             loop=asyncio.get_running_loop(),
             context=context,
+            tokenized=tokenized,
+            tokenize_seconds=tokenize_seconds,
         )
         result: Scheduled[Embeddings] = await self._wait(work)
         return result
@@ -310,8 +358,12 @@ class ModelScheduler:
         return len(self._queues[lane])
 
     @property
+    def instances(self) -> int:
+        return len(self._instances)
+
+    @property
     def tokens_per_second(self) -> float | None:
-        """Measured speed of embedding calls, in estimated tokens per second."""
+        """Measured speed of embedding calls, in (estimated, or exact) tokens per second."""
         return self._rate
 
     async def _wait(self, work: _Work) -> Any:
@@ -351,11 +403,12 @@ class ModelScheduler:
         with self._changed:
             if isinstance(work, _EmbedWork):
                 work.failed = True  # rows of it in a running call are dropped, not delivered
-                running = self._running
-                if self._backend.interruptible and running is not None and all(p.work.failed for p in running):
-                    # Nobody waits for the call in progress any more (a long pooled input whose
-                    # caller left): stop it rather than compute rows nobody will read.
-                    self._backend.interrupt()
+                for index, running in self._running.items():
+                    instance = self._instances[index]
+                    if instance.interruptible and all(p.work.failed for p in running):
+                        # Nobody waits for the call in progress any more (a long pooled input
+                        # whose caller left): stop it rather than compute rows nobody will read.
+                        instance.interrupt()
             queue = self._queues[work.lane]
             if work not in queue:
                 return False
@@ -377,56 +430,74 @@ class ModelScheduler:
             return 1.0
         # Room comes back as soon as part of the queue has run: half of it is a fair hint, and a
         # retry that is a little early is refused again cheaply.
-        return min(30.0, max(0.05, tokens / self._rate / 2))
+        return min(30.0, max(0.05, tokens / (self._rate * len(self._instances)) / 2))
 
     # -- serving (the model's thread) ------------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve(self, index: int) -> None:
+        backend = self._instances[index]
+        # The model's own instance takes every kind of work; the others only embeddings.
+        primary = index == 0
         while True:
             with self._changed:
-                while not self._closed and not any(self._queues.values()):
+                while not self._closed and self._lane_for(primary) is None:
                     self._changed.wait()
                 if self._closed:
-                    self._fail_queued(UnavailableError(f"model {self.name!r} was unloaded before this request ran"))
+                    if primary:
+                        self._fail_queued(UnavailableError(f"model {self.name!r} was unloaded before this request ran"))
                     return
-                lane = Priority.INTERACTIVE if self._queues[Priority.INTERACTIVE] else Priority.BATCH
-            with self._gate.turn(lane):
+                lane = self._lane_for(primary)
+                assert lane is not None
+            with self._gate.turn(lane, owner=self):
                 # Taken inside the turn: interactive work that arrived while waiting goes first.
                 with self._changed:
-                    unit = self._take()
+                    unit, full_batch = self._take(primary)
                 if isinstance(unit, _CallWork):
                     unit.context.run(self._call, unit)
                 elif isinstance(unit, list):
-                    if self._full_batch and self._backend.interruptible:
-                        self._gate.allow_interrupt(self._backend.interrupt)
+                    if full_batch and backend.interruptible:
+                        self._gate.allow_interrupt(backend.interrupt)
                     with self._changed:
-                        self._running = unit
+                        self._running[index] = unit
                     try:
-                        unit[0].work.context.run(self._embed, unit)
+                        # A copy: another instance may be running rows of the same request in
+                        # its context, and a context is entered by one thread at a time.
+                        unit[0].work.context.copy().run(self._embed, unit, backend)
                     finally:
                         with self._changed:
-                            self._running = None
+                            del self._running[index]
             if isinstance(unit, _StreamWork):
                 unit.context.run(self._drive, unit)
 
-    def _take(self) -> _CallWork | _StreamWork | list[_Slice] | None:
-        """The next unit of work: interactive first, and within a lane the oldest request, with
-        as many other waiting embedding requests merged in as the lane's budget allows."""
-        lane = Priority.INTERACTIVE if self._queues[Priority.INTERACTIVE] else Priority.BATCH
+    def _lane_for(self, primary: bool) -> Priority | None:
+        """The lane an instance's thread takes its next unit from: interactive first; None if
+        neither holds work it may take."""
+        for lane in Priority:  # declared interactive first
+            queue = self._queues[lane]
+            if queue and (primary or any(isinstance(work, _EmbedWork) for work in queue)):
+                return lane
+        return None
+
+    def _take(self, primary: bool = True) -> tuple[_CallWork | _StreamWork | list[_Slice] | None, bool]:
+        """The next unit of work, and whether it is a full batch-lane batch (one that may be
+        interrupted): interactive first, and within a lane the oldest request, with as many other
+        waiting embedding requests merged in as the lane's budget allows. An instance other than
+        the model's own skips calls and streams."""
+        lane = self._lane_for(primary)
+        if lane is None:
+            return None, False
         queue = self._queues[lane]
-        if not queue:
-            return None
-        head = queue[0]
+        head = queue[0] if primary else next(work for work in queue if isinstance(work, _EmbedWork))
         now = time.perf_counter()
         if not isinstance(head, _EmbedWork):
             queue.popleft()
             self._release(head, head.rows)
             head.started = now
             assert isinstance(head, _CallWork | _StreamWork)
-            return head
+            return head, False
         max_rows = self._batching.max_batch_size
         max_tokens = self._unit_tokens(lane)
-        self._full_batch = lane is Priority.BATCH and max_tokens == self._batching.max_batch_tokens
+        full_batch = lane is Priority.BATCH and max_tokens == self._batching.max_batch_tokens
         rows = tokens = 0
         unit: list[_Slice] = []
         for work in list(queue):
@@ -456,7 +527,7 @@ class ModelScheduler:
                 queue.remove(work)
             if rows >= max_rows or tokens >= max_tokens:
                 break
-        return unit
+        return unit, full_batch
 
     def _unit_tokens(self, lane: Priority) -> int:
         """The token budget of the next call: full for interactive work, and for batch work on a
@@ -486,12 +557,15 @@ class ModelScheduler:
             )
         )
 
-    def _embed(self, unit: list[_Slice]) -> None:
+    def _embed(self, unit: list[_Slice], backend: Backend) -> None:
         texts = [text for part in unit for text in part.work.texts[part.start : part.stop]]
         started = time.perf_counter()
         try:
             head = unit[0].work
-            output = self._backend.embed(texts, truncate=head.truncate, context=head.embed_context)
+            if head.tokenized is not None:
+                output = backend.embed_tokenized(_joined(unit))
+            else:
+                output = backend.embed(texts, truncate=head.truncate, context=head.embed_context)
         except ComputeInterrupted:
             self._requeue(unit)
             return
@@ -500,7 +574,7 @@ class ModelScheduler:
                 # Someone's input failed the merged call: run each request's rows alone, so only
                 # the one it belongs to gets the error.
                 for part in unit:
-                    self._embed([part])
+                    self._embed([part], backend)
             else:
                 part = unit[0]
                 if isinstance(exc, InputTooLongError):
@@ -570,8 +644,9 @@ class ModelScheduler:
                     work.resolve(error)
 
     def close(self) -> None:
-        """Stop the thread after the unit it is running; requests still queued get UNAVAILABLE."""
+        """Stop the threads after the units they are running; requests still queued get UNAVAILABLE."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()

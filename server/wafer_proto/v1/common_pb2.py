@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15wafer/v1/common.proto\x12\x08wafer.v1\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"e\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*P\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_EMBED\x10\x01\x12\x0f\n\x0bTASK_RERANK\x10\x02\x12\x11\n\rTASK_GENERATE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15wafer/v1/common.proto\x12\x08wafer.v1\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"z\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\x12\x13\n\x0btokenize_ms\x18\x05 \x01(\x01*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*P\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_EMBED\x10\x01\x12\x0f\n\x0bTASK_RERANK\x10\x02\x12\x11\n\rTASK_GENERATE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wafer.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=219
-  _globals['_PRIORITY']._serialized_end=301
-  _globals['_TASK']._serialized_start=303
-  _globals['_TASK']._serialized_end=383
+  _globals['_PRIORITY']._serialized_start=240
+  _globals['_PRIORITY']._serialized_end=322
+  _globals['_TASK']._serialized_start=324
+  _globals['_TASK']._serialized_end=404
   _globals['_USAGE']._serialized_start=35
   _globals['_USAGE']._serialized_end=114
   _globals['_TIMINGS']._serialized_start=116
-  _globals['_TIMINGS']._serialized_end=217
+  _globals['_TIMINGS']._serialized_end=238
 # @@protoc_insertion_point(module_scope)

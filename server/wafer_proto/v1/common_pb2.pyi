@@ -111,10 +111,13 @@ class Timings(_message.Message):
     INFERENCE_MS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
+    TOKENIZE_MS_FIELD_NUMBER: _builtins.int
     queue_ms: _builtins.float
     """Waiting for the model: for it to load, then in its scheduler's queue."""
     inference_ms: _builtins.float
-    """Running the model (tokenization included)."""
+    """Running the model. Models that tokenize on arrival (ONNX) report that apart, in
+    tokenize_ms; for the others this includes tokenization.
+    """
     batch_size: _builtins.int
     """Inputs in the largest model call this request rode in: requests waiting together are
     merged, so this counts other callers' inputs too. An LLM rerank counts its documents;
@@ -122,6 +125,10 @@ class Timings(_message.Message):
     """
     time_to_first_token_ms: _builtins.float
     """Generate only: from the call's arrival to its first token."""
+    tokenize_ms: _builtins.float
+    """Tokenizing the inputs when the request arrived, before it queued (ONNX embeddings: the
+    scheduler budgets batches by the exact token counts). 0 where the model tokenizes as it runs.
+    """
     def __init__(
         self,
         *,
@@ -129,10 +136,11 @@ class Timings(_message.Message):
         inference_ms: _builtins.float = ...,
         batch_size: _builtins.int = ...,
         time_to_first_token_ms: _builtins.float = ...,
+        tokenize_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "inference_ms", b"inference_ms", "queue_ms", b"queue_ms", "time_to_first_token_ms", b"time_to_first_token_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "inference_ms", b"inference_ms", "queue_ms", b"queue_ms", "time_to_first_token_ms", b"time_to_first_token_ms", "tokenize_ms", b"tokenize_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

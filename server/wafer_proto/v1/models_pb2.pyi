@@ -73,6 +73,25 @@ LOAD_POLICY_ON_DEMAND: LoadPolicy.ValueType  # 2
 """On its first request, or by LoadModel."""
 Global___LoadPolicy: _TypeAlias = LoadPolicy  # noqa: Y015
 
+class _QuantizationMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QuantizationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuantizationMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUANTIZATION_METHOD_UNSPECIFIED: _QuantizationMethod.ValueType  # 0
+    """Dynamic."""
+    QUANTIZATION_METHOD_DYNAMIC: _QuantizationMethod.ValueType  # 1
+    QUANTIZATION_METHOD_STATIC: _QuantizationMethod.ValueType  # 2
+
+class QuantizationMethod(_QuantizationMethod, metaclass=_QuantizationMethodEnumTypeWrapper): ...
+
+QUANTIZATION_METHOD_UNSPECIFIED: QuantizationMethod.ValueType  # 0
+"""Dynamic."""
+QUANTIZATION_METHOD_DYNAMIC: QuantizationMethod.ValueType  # 1
+QUANTIZATION_METHOD_STATIC: QuantizationMethod.ValueType  # 2
+Global___QuantizationMethod: _TypeAlias = QuantizationMethod  # noqa: Y015
+
 @_typing.final
 class ModelInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -318,6 +337,7 @@ class QuantizeModelRequest(_message.Message):
     SOURCE_MODEL_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PER_TENSOR_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
     source_model: _builtins.str
     """The fp32 ONNX model of the catalog to quantize."""
     name: _builtins.str
@@ -327,16 +347,23 @@ class QuantizeModelRequest(_message.Message):
     (the default) is far more faithful for about the same size: on
     paraphrase-MiniLM-L3 and 2000 SMS texts, min cosine to fp32 0.988 against 0.896.
     """
+    method: Global___QuantizationMethod.ValueType
+    """How activations are quantized. Dynamic (the default) quantizes them at run time;
+    static calibrates their ranges once, on texts the server builds, and stores them
+    in the graph (QDQ): int8 end to end, VNNI-friendly, but less faithful on BERT
+    encoders (bench/RESULTS.md, "Static int8").
+    """
     def __init__(
         self,
         *,
         source_model: _builtins.str = ...,
         name: _builtins.str = ...,
         per_tensor: _builtins.bool = ...,
+        method: Global___QuantizationMethod.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "per_tensor", b"per_tensor", "source_model", b"source_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "name", b"name", "per_tensor", b"per_tensor", "source_model", b"source_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

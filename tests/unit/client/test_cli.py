@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from tests.unit.client.fake_server import REPLY, FakeServer, Script
 from wafer_client import WaferClient
 from wafer_client.cli import app
+from wafer_proto.v1 import models_pb2
 
 runner = CliRunner()
 # Wide enough that rich tables do not fold the cells the assertions look for.
@@ -92,6 +93,10 @@ def test_models_quantize_and_pull(fake_server: FakeServer, script: Script) -> No
     assert code == 0 and "fake-int8: quantized, now ready" in out
     request = script.requests["QuantizeModel"][0]
     assert (request.source_model, request.name, request.per_tensor) == ("fake-embed", "fake-int8", True)
+    assert request.method == models_pb2.QUANTIZATION_METHOD_DYNAMIC
+    code, _, _ = wafer(fake_server, "models", "quantize", "fake-embed", "--name", "fake-static", "--static")
+    assert code == 0
+    assert script.requests["QuantizeModel"][1].method == models_pb2.QUANTIZATION_METHOD_STATIC
     code, out, err = wafer(fake_server, "models", "pull", "fake-embed")
     assert code == 0, err
     assert "verified" in err and "every file is in the server's model cache" in out
