@@ -168,7 +168,9 @@ def _wrap_unary(
 ) -> UnaryBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, request, context, metrics)
-        current = _current.set(call)
+        # Never reset: each RPC runs in its own task, whose context ends with it, and a stream's
+        # generator may be finalized from another context, where resetting would raise.
+        _current.set(call)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
             try:
                 await call.begin()
@@ -180,7 +182,6 @@ def _wrap_unary(
                 await call.settle(error)
             finally:
                 call.finish()
-                _current.reset(current)
 
     return handle
 
@@ -190,7 +191,9 @@ def _wrap_stream(
 ) -> StreamBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = _Call(method, request, context, metrics)
-        current = _current.set(call)
+        # Never reset: each RPC runs in its own task, whose context ends with it, and a stream's
+        # generator may be finalized from another context, where resetting would raise.
+        _current.set(call)
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
             try:
                 await call.begin()
@@ -205,7 +208,6 @@ def _wrap_stream(
                 await call.settle(error)
             finally:
                 call.finish()
-                _current.reset(current)
 
     return handle
 
