@@ -305,3 +305,10 @@ async def _collect(
     scheduler: ModelScheduler, messages: tuple[ChatMessage, ...], sampling: SamplingParams, lane: Priority
 ) -> list[GenerationDelta]:
     return [d async for d in scheduler.generate(prompt=None, messages=messages, sampling=sampling, lane=lane)]
+
+
+def test_an_interrupt_between_steps_costs_a_retry_not_the_answer(backend: GgufBackend) -> None:
+    sampling = SamplingParams(max_tokens=8, temperature=0.0)
+    expected = texts([alone(backend, chat(QUESTIONS[2]), sampling)])
+    engine_of(backend).interrupt()  # e.g. a caller that left just as its stream ended
+    assert texts([alone(backend, chat(QUESTIONS[2]), sampling)]) == expected

@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from wafer.backends.base import (
     Backend,
+    ComputeInterrupted,
     Embeddings,
     GenerationStreams,
     InputTooLongError,
@@ -367,7 +368,11 @@ class GgufBackend(Backend):
                     return
                 if self._engine is not engine:
                     raise UnavailableError(f"model {self.spec.name!r} has been unloaded")
-                for _, delta in engine.step_streams([stream]):
+                try:
+                    deltas = engine.step_streams([stream])
+                except ComputeInterrupted:  # nothing moved: the step runs again
+                    continue
+                for _, delta in deltas:
                     yield delta
         finally:
             if self._engine is engine:

@@ -347,9 +347,12 @@ class ModelScheduler:
 
         work = _GenWork(request, on_start, lane, asyncio.get_running_loop())
         self._submit(work)
+        ended = False
         try:
             while True:
                 item = await work.items.get()
+                if item is _DONE or isinstance(item, BaseException):
+                    ended = True
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
@@ -359,7 +362,7 @@ class ModelScheduler:
         finally:
             work.stop.set()
             if not self._withdraw(work):
-                if not work.released.done():
+                if not ended and not work.released.done():
                     streams.interrupt()  # it may be in a step: stop that now, not at the step's end
                 await asyncio.shield(work.released)
 
