@@ -93,6 +93,7 @@ bench: install
 	$(BIN)/python -m bench.search --write
 	$(BIN)/python -m bench.indexing --write
 	$(BIN)/python -m bench.jobs --write
+	$(BIN)/python -m bench.generation --write $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_CLIENT)/node_modules

@@ -91,6 +91,11 @@ class GenerationSpec(BaseModel):
         description="KV cache cells (tokens) of each stream: its prompt plus its reply. The cache holds "
         "parallel + 1 times this (one more sequence for reranking). Default and most: context_length.",
     )
+    prompt_cache: bool = Field(
+        default=True,
+        description="Keep each finished stream's prompt in its sequence's cells, so a later prompt that "
+        "starts the same way (a system prompt, a chat history) decodes only the rest.",
+    )
 
 
 class ModelSpec(BaseModel):

@@ -16,6 +16,7 @@ from wafer.backends.gguf import GgufBackend
 from wafer.backends.gguf_streams import PREFILL_CHUNK, Stream, StreamEngine
 from wafer.domain import ChatMessage, GenerationDelta, Priority, SamplingParams
 from wafer.errors import InvalidArgumentError
+from wafer.metrics import Metrics
 from wafer.scheduler import ComputeGate, ModelScheduler
 from wafer.sources import SourceResolver
 from wafer.specs import ModelSpec
@@ -81,10 +82,12 @@ def texts(runs: list[list[GenerationDelta]]) -> list[str]:
 
 
 def assert_free(engine: StreamEngine, backend: GgufBackend) -> None:
+    """No stream runs, and the sequences hold nothing but their cached prompt prefixes."""
     assert engine.active == 0
     memory = llama_cpp.llama_get_memory(backend._gen.ptr)  # type: ignore[union-attr]
     for seq in range(engine.slots + 1):
-        assert llama_cpp.llama_memory_seq_pos_max(memory, seq) == -1, f"sequence {seq} still holds cells"
+        held = llama_cpp.llama_memory_seq_pos_max(memory, seq) + 1
+        assert held == engine.cached_prefix(seq), f"sequence {seq} holds {held} cells"
 
 
 # -- the same tokens together as alone -------------------------------------------------------------
@@ -184,10 +187,11 @@ def test_each_stream_has_kv_cells_of_its_own(resolver: SourceResolver, smollm2_s
 def test_interrupt_stops_a_long_prefill_within_50_ms_and_the_step_runs_again(backend: GgufBackend) -> None:
     engine = engine_of(backend)
     sampling = SamplingParams(max_tokens=4, temperature=0.0)
-    messages = chat(LONG_CONTEXT + "\nWhen does the train leave?")
-    expected = texts([alone(backend, messages, sampling)])
+    # A prompt no earlier test sent: nothing of it is cached, the whole of it is prefilled.
+    messages = chat("A timetable to interrupt. " + LONG_CONTEXT + "\nWhen does the train leave?")
     stream = engine.open(prompt=None, messages=messages, sampling=sampling)
     assert engine.admit(stream)
+    assert engine.cached_tokens(stream) == 0
     # The machine is shared: the best of three attempts is held to 50 ms, every one to 500 ms.
     delays = []
     for _ in range(3):
@@ -210,10 +214,12 @@ def test_interrupt_stops_a_long_prefill_within_50_ms_and_the_step_runs_again(bac
     assert min(delays) < 0.05, delays
     assert max(delays) < 0.5, delays
     assert isinstance(stream, Stream) and stream.prefilled == 0, "an interrupted step leaves nothing behind"
+    memory = llama_cpp.llama_get_memory(backend._gen.ptr)  # type: ignore[union-attr]
+    assert llama_cpp.llama_memory_seq_pos_max(memory, stream.seq) == -1
     out: list[GenerationDelta] = []
     while not stream.closed:
         out += [delta for _, delta in engine.step()]
-    assert texts([out]) == expected
+    assert texts([out]) == texts([alone(backend, messages, sampling)])
     assert_free(engine, backend)
 
 
@@ -312,3 +318,90 @@ def test_an_interrupt_between_steps_costs_a_retry_not_the_answer(backend: GgufBa
     expected = texts([alone(backend, chat(QUESTIONS[2]), sampling)])
     engine_of(backend).interrupt()  # e.g. a caller that left just as its stream ended
     assert texts([alone(backend, chat(QUESTIONS[2]), sampling)]) == expected
+
+
+# -- the prompt cache --------------------------------------------------------------------------------
+
+
+def load(resolver: SourceResolver, spec: ModelSpec, **generation: object) -> GgufBackend:
+    spec = spec.model_copy(update={"generation": spec.generation.model_copy(update=generation)})
+    return GgufBackend.load(spec, ModelFiles(weights=resolver.resolve(spec.source, model=spec.name)), LoadOptions(2))
+
+
+def system_chat(question: str) -> tuple[ChatMessage, ...]:
+    return (ChatMessage("system", LONG_CONTEXT), ChatMessage("user", question))
+
+
+def test_a_shared_system_prompt_is_decoded_once_and_changes_no_token(
+    backend: GgufBackend, resolver: SourceResolver, smollm2_spec: ModelSpec
+) -> None:
+    engine = engine_of(backend)
+    requests = [
+        (system_chat("When does the first train leave?"), SamplingParams(max_tokens=16, temperature=0.0)),
+        (system_chat("When does the last train leave?"), SamplingParams(max_tokens=16, temperature=0.0)),
+        (system_chat("Which train is the fastest?"), SamplingParams(max_tokens=16, temperature=0.9, seed=3)),
+    ]
+    uncached = load(resolver, smollm2_spec, prompt_cache=False)
+    try:
+        expected = texts([alone(uncached, m, s) for m, s in requests])
+        assert engine_of(uncached).cache_hits == 0
+    finally:
+        uncached.close()
+    hits = engine.cache_hits
+    got: list[list[GenerationDelta]] = []
+    cached: list[int] = []
+    for messages, sampling in requests:
+        stream = engine.open(prompt=None, messages=messages, sampling=sampling)
+        assert engine.admit(stream)
+        cached.append(engine.cached_tokens(stream))
+        out: list[GenerationDelta] = []
+        while not stream.closed:
+            out += [delta for _, delta in engine.step()]
+        got.append(out)
+    assert texts(got) == expected
+    assert cached[1] >= 2 * PREFILL_CHUNK and cached[2] == cached[1], cached
+    assert engine.cache_hits - hits == (2 if cached[0] == 0 else 3)
+    assert_free(engine, backend)
+
+
+def test_the_least_recently_used_prefix_is_evicted_first(resolver: SourceResolver, smollm2_spec: ModelSpec) -> None:
+    small = load(resolver, smollm2_spec, parallel=2)
+    try:
+        engine = engine_of(small)
+        sampling = SamplingParams(max_tokens=2, temperature=0.0)
+
+        def finish(messages: tuple[ChatMessage, ...]) -> Stream:
+            stream = engine.open(prompt=None, messages=messages, sampling=sampling)
+            assert isinstance(stream, Stream) and engine.admit(stream)
+            while not stream.closed:
+                engine.step()
+            return stream
+
+        trains = (ChatMessage("system", LONG_CONTEXT), ChatMessage("user", "When?"))
+        boats = (ChatMessage("system", LONG_CONTEXT.replace("train", "boat")), ChatMessage("user", "When?"))
+        first = finish(trains)
+        second = finish(boats)
+        assert first.seq != second.seq
+        assert engine.cached_prefix(first.seq) > 0 and engine.cached_prefix(second.seq) > 0
+        finish(chat("Something else entirely."))  # no match: takes the sequence used least recently
+        assert engine.cached_prefix(first.seq) == 0
+        assert engine.cached_prefix(second.seq) > 0
+        assert finish(boats).cached >= PREFILL_CHUNK
+    finally:
+        small.close()
+
+
+async def test_prompt_cache_hits_and_misses_are_counted(backend: GgufBackend) -> None:
+    metrics = Metrics(models=["smollm2-test"])
+    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate(), observer=metrics)
+    try:
+        sampling = SamplingParams(max_tokens=2, temperature=0.0)
+        for question in ("Unrelated question number one?", "Which platform?", "Which platform now?"):
+            messages = chat(question) if question.startswith("Unrelated") else system_chat(question)
+            await _collect(scheduler, messages, sampling, Priority.INTERACTIVE)
+        sample = metrics.registry.get_sample_value
+        assert (sample("wafer_prompt_cache_hits_total", {"model": "smollm2-test"}) or 0) >= 1
+        assert (sample("wafer_prompt_cache_misses_total", {"model": "smollm2-test"}) or 0) >= 1
+        assert (sample("wafer_prompt_cache_tokens_total", {"model": "smollm2-test"}) or 0) >= PREFILL_CHUNK
+    finally:
+        await asyncio.to_thread(scheduler.close)

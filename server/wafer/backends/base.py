@@ -97,6 +97,15 @@ class GenerationStreams(abc.ABC):
     def close(self, stream: object) -> None:
         """Stop `stream` (admitted or not) and free what it holds; closing twice does nothing."""
 
+    def cached_tokens(self, stream: object) -> int:
+        """Prompt tokens of an admitted stream found in the backend's prompt cache (not decoded again)."""
+        return 0
+
+    @property
+    def caches_prompts(self) -> bool:
+        """Whether the backend keeps prompt prefixes between streams (for the hit/miss metrics)."""
+        return False
+
     @abc.abstractmethod
     def interrupt(self) -> None:
         """Stop the running `step` soon (it raises ComputeInterrupted); called from another thread."""

@@ -216,6 +216,7 @@ class GgufBackend(Backend):
                 is_end=lambda token: bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)),
                 model_name=spec.name,
                 threads=int(gen.threads),
+                prompt_cache=spec.generation.prompt_cache,
             )
 
     # -- Loading -------------------------------------------------------------------------------

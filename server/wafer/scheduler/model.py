@@ -73,6 +73,8 @@ class BatchObserver(Protocol):
 
     def record_interruption(self, model: str) -> None: ...
 
+    def record_prompt_cache(self, model: str, cached_tokens: int) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Scheduled(Generic[T]):
@@ -508,6 +510,8 @@ class ModelScheduler:
             work.started = time.perf_counter()
             work.context.run(work.on_start)
             self._active.append(work)
+            if self._observer is not None and streams.caches_prompts:
+                self._observer.record_prompt_cache(self.name, streams.cached_tokens(work.handle))
 
     def _next_stream(self, slots: int) -> _GenWork | None:
         free = slots - len(self._active)
