@@ -499,7 +499,7 @@ class ModelScheduler:
                     work.release()
                     continue
             if not streams.admit(work.handle):
-                with self._changed:  # no cells for it yet: it waits at the head of its lane
+                with self._changed:  # no room for it yet: it waits at the head of its lane
                     if not work.stop.is_set():
                         self._queues[work.lane].appendleft(work)
                         self._queued_rows[work.lane] += work.rows
