@@ -44,7 +44,7 @@ from wafer.backends.base import (
     ModelFiles,
     RelevanceScores,
 )
-from wafer.backends.gguf_streams import Stream, StreamEngine
+from wafer.backends.gguf_streams import ABORT_IF_FLAG_SET, NO_ABORT, Stream, StreamEngine
 from wafer.domain import ChatMessage, Context, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
@@ -122,10 +122,6 @@ _EMBED_SEQS = 64
 
 # llama_decode's return code when the abort callback stopped it.
 _DECODE_ABORTED = 2
-# ggml_abort_callback is `bool (*)(void *)`; strlen of a one-byte flag string answers it: 0 (go on)
-# or 1 (abort), the same register on every ABI llama.cpp runs on.
-_ABORT_IF_SET = llama_cpp.ggml_abort_callback(int(ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value or 0))
-_NO_ABORT = llama_cpp.ggml_abort_callback()  # a null function pointer: no callback
 
 _log = structlog.get_logger("wafer.llama_cpp")
 _GGML_LOG_WARN = 3
@@ -224,12 +220,12 @@ class _Context:
         return i
 
     def decode(self) -> None:
-        llama_cpp.llama_set_abort_callback(self.ptr, _ABORT_IF_SET, ctypes.cast(self._abort, ctypes.c_void_p))
+        llama_cpp.llama_set_abort_callback(self.ptr, ABORT_IF_FLAG_SET, ctypes.cast(self._abort, ctypes.c_void_p))
         try:
             rc = int(llama_cpp.llama_decode(self.ptr, self.batch))
         finally:
             self.batch.n_tokens = 0
-            llama_cpp.llama_set_abort_callback(self.ptr, _NO_ABORT, None)
+            llama_cpp.llama_set_abort_callback(self.ptr, NO_ABORT, None)
         if rc == _DECODE_ABORTED:
             raise ComputeInterrupted
         if rc != 0:

@@ -60,8 +60,8 @@ PREFILL_CHUNK = 256
 # it. libc's strlen reads the flag without Python: it returns the flag byte's string length, 0 or 1,
 # in the register a `bool` result is read from (x86-64 and AArch64 calling conventions).
 _libc = ctypes.CDLL(None)
-_ABORT_IF_FLAG_SET = ctypes.cast(_libc.strlen, llama_cpp.ggml_abort_callback)
-_NO_ABORT = llama_cpp.ggml_abort_callback()  # a null function pointer: no callback
+ABORT_IF_FLAG_SET = ctypes.cast(_libc.strlen, llama_cpp.ggml_abort_callback)
+NO_ABORT = llama_cpp.ggml_abort_callback()  # a null function pointer: no callback
 # Seconds between two looks at the load average.
 _LOAD_CHECK_SECONDS = 1.0
 
@@ -310,12 +310,12 @@ class StreamEngine(GenerationStreams):
         self.adapt_threads()
         ctx = self._ctx
         flag = self._abort_flag
-        llama_cpp.llama_set_abort_callback(ctx.ptr, _ABORT_IF_FLAG_SET, ctypes.cast(flag, ctypes.c_void_p))
+        llama_cpp.llama_set_abort_callback(ctx.ptr, ABORT_IF_FLAG_SET, ctypes.cast(flag, ctypes.c_void_p))
         try:
             rc = int(llama_cpp.llama_decode(ctx.ptr, ctx.batch))
         finally:
             ctx.batch.n_tokens = 0
-            llama_cpp.llama_set_abort_callback(ctx.ptr, _NO_ABORT, None)
+            llama_cpp.llama_set_abort_callback(ctx.ptr, NO_ABORT, None)
             # Cleared after the decode, not before: an interrupt that came before it started (interactive
             # work that arrived as the turn began) must stop it, not be forgotten.
             flag[0] = b"\x00"
