@@ -4,7 +4,6 @@ give each caller exactly what it gets alone, free their cells when they end, and
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -36,21 +35,13 @@ LONG_CONTEXT = " ".join(f"Note {i}: the train to the coast leaves at {i % 12 + 1
 @pytest.fixture(scope="module")
 def backend(resolver: SourceResolver, smollm2_spec: ModelSpec) -> Iterator[GgufBackend]:
     files = ModelFiles(weights=resolver.resolve(smollm2_spec.source, model=smollm2_spec.name))
-    loaded = GgufBackend.load(smollm2_spec, files, LoadOptions(threads=2))
+    # One thread, so the engine's load-following thread count cannot change between the runs a
+    # test compares. At two threads, a long prompt prefilled in chunks beside running streams came
+    # out different from the same prompt alone (llama.cpp's threaded kernels sum in another order
+    # for another batch shape); the four-stream comparisons held at two threads too.
+    loaded = GgufBackend.load(smollm2_spec, files, LoadOptions(threads=1))
     yield loaded
     loaded.close()
-
-
-@pytest.fixture(autouse=True)
-def steady_threads(backend: GgufBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every decode of a test on the configured 2 threads. The engine follows the machine's load
-    average, and another thread count sums in another order: what these tests compare (a stream
-    together and alone) is only equal at one thread count."""
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    engine = engine_of(backend)
-    engine._load_checked = float("-inf")  # adapt at the next step, not up to a second later
-    engine.adapt_threads()
-    assert engine.threads == 2
 
 
 def engine_of(backend: GgufBackend) -> StreamEngine:
