@@ -15,7 +15,7 @@ so a crash leaves the old context or the new one, never half of either.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import random
 import threading
 from collections.abc import Sequence
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from wafer.domain import Context
+from wafer.files import write_atomically
 
 
 def sample_corpus(documents: Sequence[str], size: int) -> list[str]:
@@ -93,13 +94,9 @@ class ContextStore:
 
     def put(self, collection: str, model: str, context: Context) -> None:
         self._folder.mkdir(parents=True, exist_ok=True)
-        path = self._path(collection)
-        temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        with temporary.open("wb") as file:
-            np.savez(file, vectors=context.vectors, model=np.array(model))
-            file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)
+        buffer = io.BytesIO()
+        np.savez(buffer, vectors=context.vectors, model=np.array(model))
+        write_atomically(self._path(collection), buffer.getvalue())
         with self._lock:
             self._loaded[collection] = StoredContext(model=model, context=context)
 

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 
 from tests.reference import PlainReference
 from wafer.backends.base import ComputeInterrupted, InputTooLongError, LoadOptions, ModelFiles
-from wafer.backends.onnx import MAX_PADDING_FRACTION, OnnxBackend, _sub_batches
+from wafer.backends.onnx import MAX_PADDING_FRACTION, OnnxBackend, sub_batches
 from wafer.errors import FailedPreconditionError, UnavailableError
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, ModelSpec, Pooling
@@ -137,7 +137,7 @@ def test_sub_batches_keep_caller_order(backend: OnnxBackend) -> None:
 def test_sub_batch_planning_respects_the_budget() -> None:
     lengths = [256, 10, 10, 12, 11, 9, 200, 5]
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-    batches = list(_sub_batches(order, lengths, 300))
+    batches = list(sub_batches(order, lengths, 300))
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     for batch in batches:
         width = max(lengths[i] for i in batch)
@@ -149,8 +149,8 @@ def test_sub_batch_planning_respects_the_budget() -> None:
         width = max(lengths[i] for i in batch)
         assert all(lengths[i] >= (1 - MAX_PADDING_FRACTION) * width for i in batch)
     assert [lengths[i] for i in batches[-1]] == [5]
-    assert list(_sub_batches([], [], 300)) == []
-    assert list(_sub_batches([0], [500], 300)) == [[0]]
+    assert list(sub_batches([], [], 300)) == []
+    assert list(sub_batches([0], [500], 300)) == [[0]]
 
 
 def test_paraphrases_are_closer_than_unrelated_sentences(backend: OnnxBackend) -> None:

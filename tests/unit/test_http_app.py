@@ -103,9 +103,13 @@ async def test_a_client_hanging_up_ends_the_generation_and_its_admission(serve: 
         async with trickle():
             response = await client.send(client.build_request("POST", "/v1/completions", json=body), stream=True)
             assert response.status_code == 200
-            assert (await anext(response.aiter_lines())).startswith("data: ")
+            # Held in a name: a dropped line iterator is finalized by the loop at some later point,
+            # and its finalization closes the response, a hang-up before the one this test makes.
+            lines = response.aiter_lines()
+            assert (await anext(lines)).startswith("data: ")
         assert door.drain.in_flight == 1  # held between two tokens
         await response.aclose()
+        del lines
         # Hung up: the task driving the generation is cancelled; it lets go of its admission once
         # the model's thread has let go of the stream (at its next token: open the gate for it).
         FakeBackend.gate.set()

@@ -52,7 +52,7 @@ from wafer.backends.base import (
     LoadOptions,
     ModelFiles,
 )
-from wafer.backends.onnx import _load_tokenizers, _Padding, _sub_batches
+from wafer.backends.onnx import Padding, load_tokenizers, sub_batches
 from wafer.domain import Context, FloatMatrix
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec, Task
@@ -410,7 +410,7 @@ class CdeBackend(Backend):
         type0: FloatMatrix,
         truncating: Tokenizer,
         counting: Tokenizer,
-        padding: _Padding,
+        padding: Padding,
     ) -> None:
         super().__init__(spec)
         self._shape = shape
@@ -460,7 +460,7 @@ class CdeBackend(Backend):
         del weights
         stage1 = _session(spec, model1, used1, options.threads)
         stage2 = _session(spec, model2, used2, options.threads)
-        truncating, counting, padding = _load_tokenizers(spec, files.tokenizer)
+        truncating, counting, padding = load_tokenizers(spec, files.tokenizer)
         return cls(
             spec,
             shape=shape,
@@ -549,7 +549,7 @@ class CdeBackend(Backend):
         # Every row also carries `extra` context positions: the budget counts them.
         padded = [count + extra for count in token_counts]
         try:
-            for rows in _sub_batches(order, padded, budget):
+            for rows in sub_batches(order, padded, budget):
                 vectors[rows] = forward(self._pad([encodings[row] for row in rows]))
         finally:
             self._options = ort.RunOptions()

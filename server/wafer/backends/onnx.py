@@ -56,7 +56,7 @@ IntMatrix = NDArray[np.int64]
 
 
 @dataclass(frozen=True, slots=True)
-class _Padding:
+class Padding:
     """The tokenizer's own padding token, applied by us per sub-batch."""
 
     id: int
@@ -82,7 +82,7 @@ class OnnxBackend(Backend):
         session: Any,
         truncating: Tokenizer,
         counting: Tokenizer,
-        padding: _Padding,
+        padding: Padding,
         inputs: dict[str, type[np.signedinteger[Any]]],
         output: str,
     ) -> None:
@@ -117,7 +117,7 @@ class OnnxBackend(Backend):
             raise FailedPreconditionError(
                 f"model {spec.name!r}: the onnx backend needs a `tokenizer` (a tokenizer.json)"
             )
-        truncating, counting, padding = _load_tokenizers(spec, files.tokenizer)
+        truncating, counting, padding = load_tokenizers(spec, files.tokenizer)
         session = _load_session(spec, files.weights, options.threads)
         inputs = _declared_inputs(spec, session)
         output = _choose_output(spec, session)
@@ -166,7 +166,7 @@ class OnnxBackend(Backend):
         order = sorted(range(len(encodings)), key=token_counts.__getitem__, reverse=True)
         options = self._options
         try:
-            for rows in _sub_batches(order, token_counts, self.padded_token_budget):
+            for rows in sub_batches(order, token_counts, self.padded_token_budget):
                 batch = self._pad([encodings[row] for row in rows])
                 states = self._forward(batch, options)
                 vectors[rows] = pool(states, batch.attention_mask, self.spec.pooling)
@@ -244,7 +244,7 @@ class OnnxBackend(Backend):
         return np.asarray(states, dtype=np.float32)
 
 
-def _sub_batches(order: Sequence[int], lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
+def sub_batches(order: Sequence[int], lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
     """Split `order` (longest first) into consecutive runs whose padded size (rows x longest) fits
     `budget` and in which no row is padded by more than MAX_PADDING_FRACTION of its width.
 
@@ -264,7 +264,7 @@ def _sub_batches(order: Sequence[int], lengths: Sequence[int], budget: int) -> I
         yield rows
 
 
-def _load_tokenizers(spec: ModelSpec, path: Path) -> tuple[Tokenizer, Tokenizer, _Padding]:
+def load_tokenizers(spec: ModelSpec, path: Path) -> tuple[Tokenizer, Tokenizer, Padding]:
     try:
         truncating = Tokenizer.from_file(str(path))
         counting = Tokenizer.from_file(str(path))
@@ -279,7 +279,7 @@ def _load_tokenizers(spec: ModelSpec, path: Path) -> tuple[Tokenizer, Tokenizer,
     if pad_id is None:
         pad_token = saved.get("pad_token") or "[PAD]"
         pad_id = truncating.token_to_id(pad_token)
-    padding = _Padding(
+    padding = Padding(
         # Padding positions are masked out, so any valid id works when the tokenizer names none.
         id=int(pad_id) if pad_id is not None else 0,
         type_id=int(saved.get("pad_type_id") or 0),

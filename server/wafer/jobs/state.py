@@ -9,8 +9,6 @@ has written.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from wafer.files import write_atomically
 from wafer.jobs.policy import RunPolicy
 from wafer.jobs.sources import Cursor, JsonlSource, SourceSpec, SqliteSource
 
@@ -182,26 +181,6 @@ def _check_record(record: JobRecord) -> None:
         raise ValueError("negative cursor or counts")
     if not record.id or not all(ch.isalnum() for ch in record.id):
         raise ValueError(f"job id {record.id[:32]!r} is not a job id")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash at any point leaves the old or the new content."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        Path(temporary).replace(path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the folder is synced.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class JobStore:

@@ -17,10 +17,8 @@ folder fails instead of corrupting it; `close()` releases every shard.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ import qdrant_edge as edge
 import structlog
 
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
+from wafer.files import write_atomically
 from wafer.store.base import (
     CHUNK_KEY,
     FORMAT,
@@ -309,26 +308,6 @@ class EdgeStore(VectorStore):
         first_chunks = edge.Filter(must_not=[edge.FieldCondition(key=CHUNK_KEY, range=edge.RangeFloat(gte=1))])
         count = shard.count(edge.CountRequest(exact=True, filter=first_chunks))
         return CollectionInfo(name=name, model=meta.model, dimensions=meta.dimensions, documents=count)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash or power cut at any point leaves the old or the
-    new content: a synced temporary file renamed over it, then the folder synced."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        Path(temporary).replace(path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _check_name(name: str) -> None:

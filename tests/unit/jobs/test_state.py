@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from wafer.files import write_atomically
 from wafer.jobs.policy import RunPolicy
 from wafer.jobs.sources import Cursor, JsonlSource, SqliteSource
-from wafer.jobs.state import RECORD_SUFFIX, JobRecord, JobState, JobStore, from_json, to_json, write_atomically
+from wafer.jobs.state import RECORD_SUFFIX, JobRecord, JobState, JobStore, from_json, to_json
 
 
 def record(job_id: str, **changes: object) -> JobRecord:
