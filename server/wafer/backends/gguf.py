@@ -44,7 +44,7 @@ from wafer.backends.base import (
     ModelFiles,
     RelevanceScores,
 )
-from wafer.backends.gguf_streams import ABORT_IF_FLAG_SET, NO_ABORT, Stream, StreamEngine
+from wafer.backends.gguf_streams import ABORT_IF_FLAG_SET, Stream, StreamEngine
 from wafer.domain import ChatMessage, Context, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
@@ -176,6 +176,10 @@ class _Context:
         # Python (a Python callback would take the GIL hundreds of times per decode). The stream
         # engine (gguf_streams) installs its own flag around its own decodes.
         self._abort = ctypes.create_string_buffer(2)
+        # The flag llama.cpp's abort callback reads now. It stays installed between decodes and is
+        # changed only when another flag's turn comes: llama_set_abort_callback logs each call, and
+        # two log lines per token crossed into Python and structlog (2% of a token step, profiled).
+        self._abort_installed: ctypes.Array[ctypes.c_char] | None = None
 
     def claim(self, seq: int = -1) -> object:
         """Start a new use of the context, emptying its cache (or sequence `seq` of it: the streams'
@@ -219,13 +223,18 @@ class _Context:
         batch.n_tokens = i + 1
         return i
 
+    def use_abort_flag(self, flag: ctypes.Array[ctypes.c_char]) -> None:
+        """Have the next decodes stop when `flag` holds a non-empty C string."""
+        if self._abort_installed is not flag:
+            llama_cpp.llama_set_abort_callback(self.ptr, ABORT_IF_FLAG_SET, ctypes.cast(flag, ctypes.c_void_p))
+            self._abort_installed = flag
+
     def decode(self) -> None:
-        llama_cpp.llama_set_abort_callback(self.ptr, ABORT_IF_FLAG_SET, ctypes.cast(self._abort, ctypes.c_void_p))
+        self.use_abort_flag(self._abort)
         try:
             rc = int(llama_cpp.llama_decode(self.ptr, self.batch))
         finally:
             self.batch.n_tokens = 0
-            llama_cpp.llama_set_abort_callback(self.ptr, NO_ABORT, None)
         if rc == _DECODE_ABORTED:
             raise ComputeInterrupted
         if rc != 0:
@@ -840,6 +849,14 @@ def _generation_params(spec: ModelSpec, threads: int, n_ctx_train: int) -> Any:
     params.kv_unified = False
     params.n_ctx = _sequence_cells(spec, n_ctx_train) * params.n_seq_max
     params.n_batch = params.n_ubatch = _GEN_BATCH
+    # Without flash attention every kernel of a decode computes each output of a sequence in an order
+    # fixed by that sequence alone, so its tokens do not depend on the other streams in the batch, on
+    # the thread count or on how its prompt was cut into chunks (see docs/architecture.md,
+    # "Generation"). With it, ggml's CPU kernel splits the keys of a lone one-token decode over the
+    # threads once 512 cells are in view and merges the partial sums (`use_split_kv_path` in
+    # ggml-cpu/ops.cpp), and tiles prompt chunks of 64 tokens or more differently from shorter ones:
+    # measured on SmolLM2, a stream's greedy tokens changed with the company it was decoded in.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     # A decode reads the logits of one token per stream at most (not of every prompt token).
     params.n_outputs_max = params.n_seq_max
     return params

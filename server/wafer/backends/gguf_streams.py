@@ -1,21 +1,30 @@
 """Continuous batching of GGUF generation: several streams decoded together in one llama.cpp context.
 
 Each stream is a sequence (its own seq_id) of the model's generation context. A *step* is one
-llama_decode: either the next token of every stream that is generating, or the next chunk of one
-joining stream's prompt. Prompt chunks and token steps alternate, so a new stream starts at once
+llama_decode: either the next token of every stream that is generating, or the next chunks of the
+joining streams' prompts. Prompt chunks and token steps alternate, so a new stream starts at once
 and a long prompt delays the others by a chunk per step, never by its whole prefill. A stream that
 ends, or whose caller leaves, gives its sequence and its cells back at once.
 
-A stream's output does not depend on who else is being served; three things make that so, each
-found on SmolLM2-135M Q4_1 (2 cores) where breaking it changed the tokens:
+Streams that join together read their prompts together: a prompt step holds the next chunk of
+every joining prompt that fits in PREFILL_CHUNK tokens (the first one always), so the fourth of four
+callers who arrive at once waits for one prefill, not for three others and their token steps.
+
+A stream's tokens do not depend on who else is being served, on when it joined, on how its prompt
+was cut into chunks, on the thread count or on the prompt cache: its logits are bit-for-bit those of
+the stream alone (docs/architecture.md, "Generation", has the evidence and the limits). Three things
+make that so on llama.cpp's CPU backend:
+- Flash attention is off in the generation context (gguf._generation_params). Its CPU kernel splits
+  a lone one-token decode's keys over the threads once 512 cells are in view and merges partial sums
+  (`use_split_kv_path` in ggml-cpu/ops.cpp), and tiles chunks of 64 or more prompt tokens per
+  sequence another way than shorter ones: measured on SmolLM2, a stream's greedy tokens then changed
+  with the thread count and with the streams beside it. Without it every kernel computes each output
+  of a sequence in an order fixed by that sequence alone (a matrix product's element is one dot
+  product over the same inputs, whatever the batch; masked cells add exact zeros).
 - Every sequence has cells of its own (llama.cpp's non-unified KV cache: a stream of cells per
-  sequence), emptied when its stream ends, so a stream's keys always sit at cells 0.. as when it is
-  alone. In one shared pool its cells land wherever others left room, the attention sums run in
-  another order, and a seeded sample drifted within a few tokens.
-- A prompt chunk is decoded on its own. Four prompts prefilled in one decode continued differently
-  from each prompt alone (first different greedy token after 11 to 31 tokens); llama.cpp also cuts a
-  batch of unequal sequences into equal slices when sequences have cells of their own.
-- The chunk size is the same whether a stream runs alone or not.
+  sequence), emptied when its stream ends, so a stream's keys sit at cells 0.. as when it is alone.
+- The engine never puts two sequences' tokens in one cell or one sampler: each stream has its own
+  seeded sampler chain.
 
 `interrupt` stops a step in the middle of its llama_decode through llama.cpp's abort callback (the
 CPU backend polls it after every graph node); the step leaves nothing behind and runs again.
@@ -25,8 +34,8 @@ sequence. A new stream takes the free sequence whose cached tokens share the lon
 prompt and decodes only the rest (the same system prompt, the same chat history); without any
 match it takes the least recently used free sequence, whose cache it replaces. The cache is thus
 bounded by the free sequences' cells and evicts least recently used first. Only whole chunks are
-reused, so the rest of the prompt is cut into the same chunks as without a cache, and the tokens
-are the same with and without it.
+reused, so the rest of the prompt is cut into the same chunks as without a cache (which, without
+flash attention, would not change a token either), and the tokens are the same with and without it.
 
 The thread count follows the machine's load. llama.cpp's threads meet at a barrier after every graph
 node; when another process keeps a core busy, one of them waits for a time slice at each barrier.
@@ -61,7 +70,6 @@ PREFILL_CHUNK = 256
 # in the register a `bool` result is read from (x86-64 and AArch64 calling conventions).
 _libc = ctypes.CDLL(None)
 ABORT_IF_FLAG_SET = ctypes.cast(_libc.strlen, llama_cpp.ggml_abort_callback)
-NO_ABORT = llama_cpp.ggml_abort_callback()  # a null function pointer: no callback
 # Seconds between two looks at the load average.
 _LOAD_CHECK_SECONDS = 1.0
 
@@ -266,24 +274,17 @@ class StreamEngine(GenerationStreams):
         return len(self._active)
 
     def step_streams(self, streams: Sequence[Stream]) -> list[tuple[object, GenerationDelta]]:
-        """One decode for `streams` (admitted ones): the next prompt chunk of the first one still
-        reading its prompt, if the last step was not a chunk too; otherwise every generating
+        """One decode for `streams` (admitted ones): the next prompt chunk of the streams still
+        reading their prompts, if the last step was not a chunk too; otherwise every generating
         stream's next token."""
         ctx = self._ctx
-        reading = next((s for s in streams if s.prefilled < len(s.tokens)), None)
-        generating = [s for s in streams if s.prefilled == len(s.tokens)]
-        if reading is not None and (not generating or not self._chunk_last):
+        # In sequence order: llama.cpp puts only consecutive sequence ids in one micro-batch of a
+        # non-unified cache (llama_batch_allocr::split_equal), so an unordered step costs more graphs.
+        reading = sorted((s for s in streams if s.prefilled < len(s.tokens)), key=lambda s: s.seq)
+        generating = sorted((s for s in streams if s.prefilled == len(s.tokens)), key=lambda s: s.seq)
+        if reading and (not generating or not self._chunk_last):
             self._chunk_last = True
-            start = reading.prefilled
-            end = min(start + PREFILL_CHUNK, len(reading.tokens))
-            index = 0
-            for k in range(start, end):
-                index = ctx.add(reading.tokens[k], k, reading.seq, k == len(reading.tokens) - 1)
-            self._decode()
-            reading.prefilled = reading.pos = end
-            if end < len(reading.tokens):
-                return []
-            return [(reading, delta) for delta in self._sample(reading, index)]
+            return self._prefill(reading)
         self._chunk_last = False
         if not generating:
             return []
@@ -292,6 +293,33 @@ class StreamEngine(GenerationStreams):
         deltas: list[tuple[object, GenerationDelta]] = []
         for stream, index in outputs:
             stream.pos += 1
+            deltas += [(stream, delta) for delta in self._sample(stream, index)]
+        return deltas
+
+    def _prefill(self, reading: list[Stream]) -> list[tuple[object, GenerationDelta]]:
+        """The next chunk of the first reading stream's prompt, and of the others' while the step
+        holds at most PREFILL_CHUNK tokens, in one decode: streams that join together read their
+        prompts together. Each stream's chunk ends at a multiple of PREFILL_CHUNK or its prompt's end."""
+        ctx = self._ctx
+        chunks: list[tuple[Stream, int]] = []
+        total = 0
+        for stream in reading:
+            end = min((stream.prefilled // PREFILL_CHUNK + 1) * PREFILL_CHUNK, len(stream.tokens))
+            if chunks and total + end - stream.prefilled > PREFILL_CHUNK:
+                continue
+            total += end - stream.prefilled
+            chunks.append((stream, end))
+        outputs: list[tuple[Stream, int]] = []
+        for stream, end in chunks:
+            for k in range(stream.prefilled, end):
+                index = ctx.add(stream.tokens[k], k, stream.seq, k == len(stream.tokens) - 1)
+            if end == len(stream.tokens):
+                outputs.append((stream, index))
+        self._decode()
+        for stream, end in chunks:
+            stream.prefilled = stream.pos = end
+        deltas: list[tuple[object, GenerationDelta]] = []
+        for stream, index in outputs:
             deltas += [(stream, delta) for delta in self._sample(stream, index)]
         return deltas
 
@@ -310,12 +338,11 @@ class StreamEngine(GenerationStreams):
         self.adapt_threads()
         ctx = self._ctx
         flag = self._abort_flag
-        llama_cpp.llama_set_abort_callback(ctx.ptr, ABORT_IF_FLAG_SET, ctypes.cast(flag, ctypes.c_void_p))
+        ctx.use_abort_flag(flag)
         try:
             rc = int(llama_cpp.llama_decode(ctx.ptr, ctx.batch))
         finally:
             ctx.batch.n_tokens = 0
-            llama_cpp.llama_set_abort_callback(ctx.ptr, NO_ABORT, None)
             # Cleared after the decode, not before: an interrupt that came before it started (interactive
             # work that arrived as the turn began) must stop it, not be forgotten.
             flag[0] = b"\x00"
