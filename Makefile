@@ -101,6 +101,7 @@ bench: install
 	$(BIN)/python -m bench.jobs --write
 	$(BIN)/python -m bench.cde --write
 	$(BIN)/python -m bench.decoder_embed --write
+	$(BIN)/python -m bench.generation --write $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_CLIENT)/node_modules

@@ -29,7 +29,6 @@ from wafer.domain import (
     FloatMatrix,
     GenerateChunk,
     GenerateRequest,
-    GenerationDelta,
     InputType,
     Priority,
     RankedDocument,
@@ -404,21 +403,21 @@ class InferenceEngine:
     async def _stream(
         self, model: LoadedModel, request: GenerateRequest, arrived: float
     ) -> AsyncGenerator[GenerateChunk, None]:
-        name, backend = model.spec.name, model.backend
+        name = model.spec.name
         started: float | None = None
         first_token: float | None = None
 
-        def start(cancelled: Callable[[], bool]) -> Iterator[GenerationDelta]:
+        def on_start() -> None:
             nonlocal started
             started = time.perf_counter()
-            return backend.generate(
-                prompt=request.prompt,
-                messages=request.messages,
-                sampling=request.sampling,
-                cancelled=cancelled,
-            )
 
-        deltas = model.scheduler.stream(start, lane=request.priority)
+        deltas = model.scheduler.generate(
+            prompt=request.prompt,
+            messages=request.messages,
+            sampling=request.sampling,
+            lane=request.priority,
+            on_start=on_start,
+        )
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 now = time.perf_counter()

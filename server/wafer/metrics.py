@@ -167,6 +167,24 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.prompt_cache_hits = Counter(
+            "wafer_prompt_cache_hits",
+            "Generations whose prompt began with a prefix already in the model's KV cache.",
+            ["model"],
+            registry=registry,
+        )
+        self.prompt_cache_misses = Counter(
+            "wafer_prompt_cache_misses",
+            "Generations whose prompt was decoded from its first token (prompt cache on).",
+            ["model"],
+            registry=registry,
+        )
+        self.prompt_cache_tokens = Counter(
+            "wafer_prompt_cache_tokens",
+            "Prompt tokens found in the KV cache, not decoded again.",
+            ["model"],
+            registry=registry,
+        )
         self.prompt_tokens = Counter(
             "wafer_prompt_tokens",
             "Input tokens read by a model: texts embedded, pairs scored, prompts of generations.",
@@ -239,6 +257,13 @@ class Metrics:
 
     def record_tokenization(self, model: str, seconds: float) -> None:
         self.tokenize_seconds.labels(model).observe(seconds)
+
+    def record_prompt_cache(self, model: str, cached_tokens: int) -> None:
+        if cached_tokens:
+            self.prompt_cache_hits.labels(model).inc()
+            self.prompt_cache_tokens.labels(model).inc(cached_tokens)
+        else:
+            self.prompt_cache_misses.labels(model).inc()
 
     def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None:
         self.prompt_tokens.labels(model, "generate").inc(prompt_tokens)

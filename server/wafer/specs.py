@@ -77,6 +77,30 @@ class BatchingSpec(BaseModel):
     )
 
 
+class GenerationSpec(BaseModel):
+    """How a GGUF model serves several generation streams at once (see wafer.backends.gguf_streams)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    parallel: int = Field(
+        default=4,
+        gt=0,
+        le=64,
+        description="Streams decoded together, each a sequence of one llama.cpp context; more wait in the queue.",
+    )
+    kv_cells: int | None = Field(
+        default=None,
+        gt=0,
+        description="KV cache cells (tokens) of each stream: its prompt plus its reply. The cache holds "
+        "parallel + 1 times this (one more sequence for reranking). Default and most: context_length.",
+    )
+    prompt_cache: bool = Field(
+        default=True,
+        description="Keep each finished stream's prompt in its sequence's cells, so a later prompt that "
+        "starts the same way (a system prompt, a chat history) decodes only the rest.",
+    )
+
+
 class ModelSpec(BaseModel):
     """One entry of `models.yaml`."""
 
@@ -129,6 +153,7 @@ class ModelSpec(BaseModel):
         "threads; default: chosen from the threads for backends that scale out (onnx), else 1.",
     )
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
     pinned: bool = Field(
         default=False, description="Never unloaded to make room under the memory budget, nor after idle time."
     )

@@ -266,7 +266,11 @@ def test_relevance_ranks_the_answering_document_first(backend: GgufBackend, work
     result = on(worker, lambda: backend.score_relevance(QUERY, documents, instruction=instruction, truncate=False))
     assert all(0.0 <= s <= 1.0 for s in result.scores)
     assert int(np.argmax(result.scores)) == 1
-    assert result.scores[1] > max(result.scores[0], result.scores[2]) + 0.05
+    # Lowered from 0.05 when the generation context (which scores relevance too) turned flash attention
+    # off for streams' bit-for-bit equality (docs/architecture.md, "Generation"): the softmax then
+    # reaches the value product in f16, and this example's scores moved from 0.148, 0.316, 0.173 to
+    # 0.135, 0.242, 0.195 (the same at 1 and 2 threads). The ranking holds; the margin is 0.046.
+    assert result.scores[1] > max(result.scores[0], result.scores[2]) + 0.04
     assert len(result.token_counts) == 3
     assert all(count > backend.count_tokens(QUERY) for count in result.token_counts)
 

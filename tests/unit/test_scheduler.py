@@ -651,6 +651,9 @@ class TokenizationObserver:
     def record_tokenization(self, model: str, seconds: float) -> None:
         self.tokenized.append(seconds)
 
+    def record_prompt_cache(self, model: str, cached_tokens: int) -> None:
+        pass
+
 
 async def test_requests_are_tokenized_off_the_event_loop_and_batched_by_exact_token_counts(
     open_gate: None,

@@ -97,6 +97,50 @@ class RelevanceScores:
     token_counts: list[int]
 
 
+class GenerationStreams(abc.ABC):
+    """Generation streams a backend decodes together (continuous batching), driven by the scheduler.
+
+    Everything runs on the model's thread except `interrupt`. The scheduler `open`s a stream when
+    a Generate call comes, `admit`s it when there is room, then calls `step` (a token for every
+    admitted stream) until each stream has sent its last delta; a stream whose caller left is
+    `close`d at once, which frees its memory.
+    """
+
+    # Streams decoded together at most; more wait in the scheduler's queue.
+    slots: int = 1
+
+    @abc.abstractmethod
+    def open(self, *, prompt: str | None, messages: Sequence[ChatMessage], sampling: SamplingParams) -> object:
+        """Check and tokenize a request (raising its InvalidArgumentError now); a handle for the others."""
+
+    @abc.abstractmethod
+    def admit(self, stream: object) -> bool:
+        """Start decoding `stream` from the next step; False if there is no room for it yet."""
+
+    @abc.abstractmethod
+    def step(self) -> list[tuple[object, GenerationDelta]]:
+        """One decode for every admitted stream: the deltas it produced, in order. A delta with a
+        finish reason is its stream's last; that stream is closed. Raises ComputeInterrupted if
+        `interrupt` stopped the decode: nothing moved, and the step may simply run again."""
+
+    @abc.abstractmethod
+    def close(self, stream: object) -> None:
+        """Stop `stream` (admitted or not) and free what it holds; closing twice does nothing."""
+
+    def cached_tokens(self, stream: object) -> int:
+        """Prompt tokens of an admitted stream found in the backend's prompt cache (not decoded again)."""
+        return 0
+
+    @property
+    def caches_prompts(self) -> bool:
+        """Whether the backend keeps prompt prefixes between streams (for the hit/miss metrics)."""
+        return False
+
+    @abc.abstractmethod
+    def interrupt(self) -> None:
+        """Stop the running `step` soon (it raises ComputeInterrupted); called from another thread."""
+
+
 class Backend(abc.ABC):
     """Base of every backend. Subclasses override the tasks they list in `tasks`."""
 
@@ -234,6 +278,11 @@ class Backend(abc.ABC):
         """Stream text. Stops early once `cancelled()` is true. The last delta has a finish reason
         and the token counts."""
         raise self._unsupported(Task.GENERATE)
+
+    def streams(self) -> GenerationStreams | None:
+        """The backend's batched generation, or None: the scheduler then drives `generate`, one
+        stream at a time."""
+        return None
 
     def interrupt(self) -> None:  # noqa: B027 - deliberately empty: most backends cannot stop a call
         """Ask the `embed` call running on the model's thread to stop soon and raise

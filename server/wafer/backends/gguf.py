@@ -11,12 +11,14 @@ class, for three reasons measured on this project's machines (SmolLM2-135M, 2 co
 - The generation context caps its outputs per batch (`n_outputs_max`): its compute buffer is
   ~18 MB instead of ~100 MB spent on logits for every token of a 512-token prompt batch.
 
+Generation streams share the generation context as separate sequences, decoded together
+(wafer.backends.gguf_streams); reranking and health checks use one more sequence of it.
+
 Everything llama.cpp hands back is untyped; it stays inside this module.
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -36,12 +38,14 @@ from wafer.backends.base import (
     Backend,
     ComputeInterrupted,
     Embeddings,
+    GenerationStreams,
     InputTooLongError,
     LoadOptions,
     ModelFiles,
     RelevanceScores,
 )
-from wafer.domain import ChatMessage, Context, FinishReason, FloatMatrix, GenerationDelta, SamplingParams
+from wafer.backends.gguf_streams import ABORT_IF_FLAG_SET, Stream, StreamEngine
+from wafer.domain import ChatMessage, Context, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
 
@@ -106,8 +110,7 @@ _POOLING: dict[Pooling, int] = {
     Pooling.LAST: llama_cpp.LLAMA_POOLING_TYPE_LAST,
 }
 
-# Tokens per llama_decode in the generation context; cancellation is checked between them during
-# prompt evaluation (~1.4 s for 512 tokens at ~360 tokens/s on 2 cores).
+# Tokens per llama_decode in the generation context: a prompt chunk and a token per stream.
 _GEN_BATCH = 512
 # Tokens per llama_decode in the embedding context of a causal model. In embedding mode llama.cpp
 # computes logits for every token, so its output buffer is tokens x vocabulary floats (25 MB here
@@ -119,9 +122,6 @@ _EMBED_SEQS = 64
 
 # llama_decode's return code when the abort callback stopped it.
 _DECODE_ABORTED = 2
-# ggml_abort_callback is `bool (*)(void *)`; strlen of a one-byte flag string answers it: 0 (go on)
-# or 1 (abort), the same register on every ABI llama.cpp runs on.
-_ABORT_IF_SET = llama_cpp.ggml_abort_callback(int(ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value or 0))
 
 _log = structlog.get_logger("wafer.llama_cpp")
 _GGML_LOG_WARN = 3
@@ -168,18 +168,24 @@ class _Context:
         self.n_ctx = min(int(params.n_ctx), int(llama_cpp.llama_n_ctx(self.ptr)))
         self.n_batch = int(params.n_batch)
         self.n_seq_max = int(params.n_seq_max)
+        self.threads = int(params.n_threads)
         self.batch: Any = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
         self._owner = object()
-        # A non-empty C string while the use in progress is to stop: llama.cpp asks its abort
-        # callback between graph nodes, and libc's strlen reads the flag without Python (a Python
-        # callback would take the GIL hundreds of times per decode).
+        # A non-empty C string while the use in progress is to stop (`abort`): `decode` hands it to
+        # llama.cpp's abort callback, asked between graph nodes, which libc's strlen answers without
+        # Python (a Python callback would take the GIL hundreds of times per decode). The stream
+        # engine (gguf_streams) installs its own flag around its own decodes.
         self._abort = ctypes.create_string_buffer(2)
-        llama_cpp.llama_set_abort_callback(self.ptr, _ABORT_IF_SET, ctypes.cast(self._abort, ctypes.c_void_p))
+        # The flag llama.cpp's abort callback reads now. It stays installed between decodes and is
+        # changed only when another flag's turn comes: llama_set_abort_callback logs each call, and
+        # two log lines per token crossed into Python and structlog (2% of a token step, profiled).
+        self._abort_installed: ctypes.Array[ctypes.c_char] | None = None
 
-    def claim(self) -> object:
-        """Start a new use of the context (emptying its cache); returns the use's token."""
+    def claim(self, seq: int = -1) -> object:
+        """Start a new use of the context, emptying its cache (or sequence `seq` of it: the streams'
+        cells stay); returns the use's token."""
         self._abort[0] = b"\x00"
-        self.clear()
+        self.clear(seq)
         self._owner = object()
         return self._owner
 
@@ -195,11 +201,15 @@ class _Context:
         """Refuse to go on with a use that another one (or close) has taken over: a generator
         left suspended must not write into the cache a later request is using."""
         if self._owner is not owner or not self.ptr:
-            raise RuntimeError("this generation was abandoned and its context reused")
+            raise RuntimeError("this use of the context was abandoned and its context reused")
 
-    def clear(self) -> None:
+    def clear(self, seq: int = -1) -> None:
+        """Empty the cache, or one sequence's cells of it."""
         if self.memory:
-            llama_cpp.llama_memory_clear(self.memory, True)
+            if seq < 0:
+                llama_cpp.llama_memory_clear(self.memory, True)
+            else:
+                llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
     def add(self, token: int, pos: int, seq: int, output: bool) -> int:
         """Append one token to the batch; returns its index (where its outputs are read)."""
@@ -213,9 +223,18 @@ class _Context:
         batch.n_tokens = i + 1
         return i
 
+    def use_abort_flag(self, flag: ctypes.Array[ctypes.c_char]) -> None:
+        """Have the next decodes stop when `flag` holds a non-empty C string."""
+        if self._abort_installed is not flag:
+            llama_cpp.llama_set_abort_callback(self.ptr, ABORT_IF_FLAG_SET, ctypes.cast(flag, ctypes.c_void_p))
+            self._abort_installed = flag
+
     def decode(self) -> None:
-        rc = int(llama_cpp.llama_decode(self.ptr, self.batch))
-        self.batch.n_tokens = 0
+        self.use_abort_flag(self._abort)
+        try:
+            rc = int(llama_cpp.llama_decode(self.ptr, self.batch))
+        finally:
+            self.batch.n_tokens = 0
         if rc == _DECODE_ABORTED:
             raise ComputeInterrupted
         if rc != 0:
@@ -247,34 +266,6 @@ class _RerankFrame:
 
     prefix: list[int]
     suffix: list[int]
-
-
-class _StopMatcher:
-    """Cuts streamed text at the first stop string, holding back text that may begin one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was reached."""
-        pending = self._held + text
-        hits = [i for i in (pending.find(stop) for stop in self._stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return pending[: min(hits)], True
-        keep = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(pending)), keep, -1):
-                if pending.endswith(stop[:k]):
-                    keep = k
-                    break
-        self._held = pending[len(pending) - keep :]
-        return pending[: len(pending) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
 
 
 class GgufBackend(Backend):
@@ -318,6 +309,23 @@ class GgufBackend(Backend):
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self._embed_limit = min(spec.max_tokens, n_ctx_train)
         self._dimensions = head.outputs if head is not None else self._n_embd
+        # Positions one sequence of the generation context may use.
+        self._window = _sequence_cells(spec, n_ctx_train)
+        # Reranking and health checks use the sequence after the streams' ones.
+        self._call_seq = spec.generation.parallel if Task.GENERATE in spec.tasks else 0
+        self._engine: StreamEngine | None = None
+        if gen is not None and Task.GENERATE in spec.tasks:
+            self._engine = StreamEngine(
+                gen,
+                slots=spec.generation.parallel,
+                window=self._window,
+                tokenize=self._request_tokens,
+                piece=self._piece,
+                is_end=lambda token: bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)),
+                model_name=spec.name,
+                threads=int(gen.threads),
+                prompt_cache=spec.generation.prompt_cache,
+            )
 
     # -- Loading -------------------------------------------------------------------------------
 
@@ -414,19 +422,25 @@ class GgufBackend(Backend):
         return spans
 
     def interrupt(self) -> None:
-        """Stop the generation or relevance decode in progress: its caller is gone (the scheduler
-        calls this only while it drives that caller's stream). Embedding calls are not stopped."""
+        """Stop the decode in progress on the generation context: a stream step (the stream engine's
+        own flag, cleared after each step) or a relevance call whose caller is gone (the context's
+        flag, cleared when the next use claims the context). Embedding calls are not stopped."""
+        if self._engine is not None:
+            self._engine.interrupt()
         if self._gen is not None:
             self._gen.abort()
 
     def health(self) -> None:
         if self._gen is not None:
             ctx = self._gen
-            ctx.claim()
-            index = self._decode(ctx, self._tokenize("ok", special=True, parse=False), 0, output_last=True)
-            assert index is not None  # nothing cancels it
-            logits = ctx.logits(index, self._n_vocab)
-            ctx.clear()
+            owner = ctx.claim(self._call_seq)
+            try:
+                index = self._decode(ctx, self._tokenize("ok", special=True, parse=False), 0, output_last=True)
+                assert index is not None  # nothing cancels it
+                logits = ctx.logits(index, self._n_vocab)
+            finally:
+                if ctx.owned_by(owner):
+                    ctx.clear(self._call_seq)
             if not bool(np.isfinite(logits).all()):
                 raise FailedPreconditionError(f"model {self.spec.name!r} produced non-finite logits")
         if self._emb is not None:
@@ -435,6 +449,7 @@ class GgufBackend(Backend):
                 raise FailedPreconditionError(f"model {self.spec.name!r} produced an invalid embedding")
 
     def close(self) -> None:
+        self._engine = None
         for ctx in (self._gen, self._emb):
             if ctx is not None:
                 ctx.close()
@@ -454,77 +469,47 @@ class GgufBackend(Backend):
         sampling: SamplingParams,
         cancelled: Callable[[], bool],
     ) -> Iterator[GenerationDelta]:
-        """Completion tokens count every sampled token, the end-of-generation one included."""
-        ctx = self._context(self._gen if Task.GENERATE in self.spec.tasks else None, Task.GENERATE)
-        if messages:
-            tokens = self._tokenize(self._render(messages), special=False, parse=True)
-        else:
-            tokens = self._tokenize(prompt or "", special=True, parse=True)
-        if not tokens:
-            raise InvalidArgumentError("the prompt is empty after tokenization")
-        if len(tokens) >= ctx.n_ctx:
-            raise InvalidArgumentError(
-                f"the prompt has {len(tokens)} tokens; model {self.spec.name!r} has a context of "
-                f"{ctx.n_ctx} tokens, which must also hold the reply: shorten the prompt"
-            )
-        budget = min(sampling.max_tokens, ctx.n_ctx - len(tokens))
-        return self._stream(ctx, tokens, budget, sampling, cancelled)
+        """Completion tokens count every sampled token, the end-of-generation one included.
 
-    def _stream(
-        self,
-        ctx: _Context,
-        tokens: list[int],
-        budget: int,
-        sampling: SamplingParams,
-        cancelled: Callable[[], bool],
-    ) -> Iterator[GenerationDelta]:
-        owner = ctx.claim()
-        sampler = _sampler(sampling)
-        try:
-            for start in range(0, len(tokens), ctx.n_batch):
-                if cancelled():
-                    return
-                ctx.check(owner)
-                for pos in range(start, min(start + ctx.n_batch, len(tokens))):
-                    ctx.add(tokens[pos], pos, 0, pos == len(tokens) - 1)
-                ctx.decode()
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            stops = _StopMatcher(sampling.stop)
-            pos, generated, previous = len(tokens), 0, -1
-            finish, tail, hit = FinishReason.LENGTH, "", False
-            while generated < budget:
-                if cancelled():
-                    return
-                ctx.check(owner)
-                if previous >= 0:  # decoded only when another token is wanted after it
-                    ctx.add(previous, pos, 0, True)
-                    ctx.decode()
-                    pos += 1
-                token = int(llama_cpp.llama_sampler_sample(sampler, ctx.ptr, -1))
-                generated += 1
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    finish = FinishReason.STOP
-                    break
-                text, hit = stops.feed(utf8.decode(self._piece(token)))
-                if hit:
-                    finish, tail = FinishReason.STOP, text
-                    break
-                if text:
-                    yield GenerationDelta(text=text)
-                previous = token
-            if not hit:
-                tail, hit = stops.feed(utf8.decode(b"", final=True))
-                if hit:
-                    finish = FinishReason.STOP
-                else:
-                    tail += stops.flush()
-            yield GenerationDelta(
-                text=tail, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=generated
+        One stream on its own, decoded as it would be among others (the scheduler uses `streams`)."""
+        engine = self._stream_engine()
+        stream = engine.open(prompt=prompt, messages=messages, sampling=sampling)
+        if not engine.admit(stream):
+            engine.close(stream)
+            raise UnavailableError(
+                f"model {self.spec.name!r} has no free sequence or KV cells for another stream; retry later"
             )
-        except ComputeInterrupted:
-            return  # `interrupt`: the caller is gone
+        return self._drive(engine, stream, cancelled)
+
+    def _drive(self, engine: StreamEngine, stream: Stream, cancelled: Callable[[], bool]) -> Iterator[GenerationDelta]:
+        try:
+            while not stream.closed:
+                if cancelled():
+                    return
+                if self._engine is not engine:
+                    raise UnavailableError(f"model {self.spec.name!r} has been unloaded")
+                try:
+                    deltas = engine.step_streams([stream])
+                except ComputeInterrupted:  # nothing moved: the step runs again
+                    continue
+                for _, delta in deltas:
+                    yield delta
         finally:
-            llama_cpp.llama_sampler_free(sampler)
+            if self._engine is engine:
+                engine.close(stream)
+
+    def streams(self) -> GenerationStreams | None:
+        return self._engine
+
+    def _stream_engine(self) -> StreamEngine:
+        self._context(self._gen if Task.GENERATE in self.spec.tasks else None, Task.GENERATE)
+        assert self._engine is not None
+        return self._engine
+
+    def _request_tokens(self, prompt: str | None, messages: Sequence[ChatMessage]) -> list[int]:
+        if messages:
+            return self._tokenize(self._render(messages), special=False, parse=True)
+        return self._tokenize(prompt or "", special=True, parse=True)
 
     def _render(self, messages: Sequence[ChatMessage]) -> str:
         if self._template is None:
@@ -657,7 +642,7 @@ class GgufBackend(Backend):
             return
         frame = self._rerank_frame(query, instruction)
         prefix, suffix = frame.prefix, frame.suffix
-        limit = min(self.spec.max_tokens, ctx.n_ctx)
+        limit = min(self.spec.max_tokens, self._window)
         room = limit - len(prefix) - len(suffix)
         if room <= 0:
             raise InvalidArgumentError(
@@ -673,7 +658,8 @@ class GgufBackend(Backend):
                 body = body[:room]
             bodies.append(body + suffix)
 
-        owner = ctx.claim()
+        seq = self._call_seq
+        owner = ctx.claim(seq)
         try:
             if self._decode(ctx, prefix, 0, output_last=False, cancelled=cancelled) is None:
                 return
@@ -683,14 +669,14 @@ class GgufBackend(Backend):
                 if index is None:
                     return
                 score = self._yes_probability(ctx.logits(index, self._n_vocab))
-                llama_cpp.llama_memory_seq_rm(ctx.memory, 0, len(prefix), -1)
+                llama_cpp.llama_memory_seq_rm(ctx.memory, seq, len(prefix), -1)
                 yield score, len(prefix) + len(body)
         except ComputeInterrupted:
             return  # `interrupt`: the caller is gone
         finally:
-            # A generator dropped late must not empty the cache of a use that took the context over.
+            # A generator dropped late must not empty the cells of a use that took the context over.
             if ctx.ptr and ctx.owned_by(owner):
-                ctx.clear()
+                ctx.clear(seq)
 
     def _decode(
         self,
@@ -701,15 +687,19 @@ class GgufBackend(Backend):
         output_last: bool,
         cancelled: Callable[[], bool] = bool,
     ) -> int | None:
-        """Decode `tokens` at positions start.. in sequence 0, a batch at a time; returns the
-        batch index of the last token (where its logits are read when `output_last`), or None if
-        `cancelled()` turned true between two batches."""
+        """Decode `tokens` at positions start.. in the calls' sequence (between the streams' steps,
+        beside their cells), a batch at a time; returns the batch index of the last token (where
+        its logits are read when `output_last`), or None if `cancelled()` turned true between two
+        batches."""
         index = 0
+        seq = self._call_seq
+        if self._engine is not None:
+            self._engine.adapt_threads()
         for offset in range(0, len(tokens), ctx.n_batch):
             if cancelled():
                 return None
             for k in range(offset, min(offset + ctx.n_batch, len(tokens))):
-                index = ctx.add(tokens[k], start + k, 0, output_last and k == len(tokens) - 1)
+                index = ctx.add(tokens[k], start + k, seq, output_last and k == len(tokens) - 1)
             ctx.decode()
         return index
 
@@ -849,12 +839,30 @@ def _check_gguf_file(name: str, path: Path) -> None:
         )
 
 
+def _sequence_cells(spec: ModelSpec, n_ctx_train: int) -> int:
+    """KV cells of each sequence of the generation context: a stream's prompt and reply."""
+    window = spec.context_length or n_ctx_train
+    return min(window, spec.generation.kv_cells or window)
+
+
 def _generation_params(spec: ModelSpec, threads: int, n_ctx_train: int) -> Any:
     params = _context_params(threads)
-    params.n_ctx = spec.context_length or n_ctx_train
-    params.n_batch = params.n_ubatch = min(_GEN_BATCH, params.n_ctx)
-    # Generation and reranking read the logits of one token per decode.
-    params.n_outputs_max = 1
+    # One sequence per stream and one for the calls (reranking, health checks), each with cells of
+    # its own (see wafer.backends.gguf_streams: outputs must not depend on the other streams).
+    params.n_seq_max = spec.generation.parallel + 1 if Task.GENERATE in spec.tasks else 1
+    params.kv_unified = False
+    params.n_ctx = _sequence_cells(spec, n_ctx_train) * params.n_seq_max
+    params.n_batch = params.n_ubatch = _GEN_BATCH
+    # Without flash attention every kernel of a decode computes each output of a sequence in an order
+    # fixed by that sequence alone, so its tokens do not depend on the other streams in the batch, on
+    # the thread count or on how its prompt was cut into chunks (see docs/architecture.md,
+    # "Generation"). With it, ggml's CPU kernel splits the keys of a lone one-token decode over the
+    # threads once 512 cells are in view and merges the partial sums (`use_split_kv_path` in
+    # ggml-cpu/ops.cpp), and tiles prompt chunks of 64 tokens or more differently from shorter ones:
+    # measured on SmolLM2, a stream's greedy tokens changed with the company it was decoded in.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    # A decode reads the logits of one token per stream at most (not of every prompt token).
+    params.n_outputs_max = params.n_seq_max
     return params
 
 
@@ -953,24 +961,6 @@ def _meta_string(read: Any, model: Any, index: int, buffer: Any) -> str:
         buffer = ctypes.create_string_buffer(n + 1)
         n = int(read(model, index, buffer, len(buffer)))
     return str(buffer.raw[: max(n, 0)].decode("utf-8", errors="replace"))
-
-
-def _sampler(sampling: SamplingParams) -> Any:
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = llama_cpp.llama_sampler_chain_add
-    if sampling.temperature <= 0.0:
-        add(chain, llama_cpp.llama_sampler_init_greedy())
-        return chain
-    # Temperature first, then top-k and top-p on the tempered distribution, as transformers does.
-    add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
-    if sampling.top_k > 0:
-        add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
-    if sampling.top_p < 1.0:
-        add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-    # LLAMA_DEFAULT_SEED (2**32 - 1) asks llama.cpp for a random seed; a caller's seed must never be it.
-    seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % llama_cpp.LLAMA_DEFAULT_SEED
-    add(chain, llama_cpp.llama_sampler_init_dist(seed))
-    return chain
 
 
 def _starts_char(data: bytes, index: int) -> bool:

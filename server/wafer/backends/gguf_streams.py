@@ -1,0 +1,391 @@
+"""Continuous batching of GGUF generation: several streams decoded together in one llama.cpp context.
+
+Each stream is a sequence (its own seq_id) of the model's generation context. A *step* is one
+llama_decode: either the next token of every stream that is generating, or the next chunks of the
+joining streams' prompts. Prompt chunks and token steps alternate, so a new stream starts at once
+and a long prompt delays the others by a chunk per step, never by its whole prefill. A stream that
+ends, or whose caller leaves, gives its sequence and its cells back at once.
+
+Streams that join together read their prompts together: a prompt step holds the next chunk of
+every joining prompt that fits in PREFILL_CHUNK tokens (the first one always), so the fourth of four
+callers who arrive at once waits for one prefill, not for three others and their token steps.
+
+A stream's tokens do not depend on who else is being served, on when it joined, on how its prompt
+was cut into chunks, on the thread count or on the prompt cache: its logits are bit-for-bit those of
+the stream alone (docs/architecture.md, "Generation", has the evidence and the limits). Three things
+make that so on llama.cpp's CPU backend:
+- Flash attention is off in the generation context (gguf._generation_params). Its CPU kernel splits
+  a lone one-token decode's keys over the threads once 512 cells are in view and merges partial sums
+  (`use_split_kv_path` in ggml-cpu/ops.cpp), and tiles chunks of 64 or more prompt tokens per
+  sequence another way than shorter ones: measured on SmolLM2, a stream's greedy tokens then changed
+  with the thread count and with the streams beside it. Without it every kernel computes each output
+  of a sequence in an order fixed by that sequence alone (a matrix product's element is one dot
+  product over the same inputs, whatever the batch; masked cells add exact zeros).
+- Every sequence has cells of its own (llama.cpp's non-unified KV cache: a stream of cells per
+  sequence), emptied when its stream ends, so a stream's keys sit at cells 0.. as when it is alone.
+- The engine never puts two sequences' tokens in one cell or one sampler: each stream has its own
+  seeded sampler chain.
+
+`interrupt` stops a step in the middle of its llama_decode through llama.cpp's abort callback (the
+CPU backend polls it after every graph node); the step leaves nothing behind and runs again.
+
+Prompt (prefix) cache: a stream that ends leaves the cells of its prompt's whole chunks in its
+sequence. A new stream takes the free sequence whose cached tokens share the longest prefix with its
+prompt and decodes only the rest (the same system prompt, the same chat history); without any
+match it takes the least recently used free sequence, whose cache it replaces. The cache is thus
+bounded by the free sequences' cells and evicts least recently used first. Only whole chunks are
+reused, so the rest of the prompt is cut into the same chunks as without a cache (which, without
+flash attention, would not change a token either), and the tokens are the same with and without it.
+
+The thread count follows the machine's load. llama.cpp's threads meet at a barrier after every graph
+node; when another process keeps a core busy, one of them waits for a time slice at each barrier.
+Measured on 2 cores: 2 threads fell to 12.9 tokens/s with one core busy elsewhere while 1 thread kept
+52.8; with a load of 16, 32 tokens took 72 s on 2 threads and 2.8 s on 1. Before a step (at most once
+a second) the engine counts the cores others keep busy (the load average less its own threads) and
+uses the cores left, at least one and at most the model's `threads`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import llama_cpp
+
+from wafer.backends.base import ComputeInterrupted, GenerationStreams
+from wafer.domain import ChatMessage, FinishReason, GenerationDelta, SamplingParams
+from wafer.errors import InvalidArgumentError
+
+# Prompt tokens decoded per step: a chunk takes ~0.7 s at ~360 tokens/s on 2 cores, which is what
+# the other streams' next token waits at most.
+PREFILL_CHUNK = 256
+
+# llama.cpp's abort callback is polled after every graph node (~700 per SmolLM2 decode) by a compute
+# thread. A Python callback would take the GIL each time, and wait for it while the event loop holds
+# it. libc's strlen reads the flag without Python: it returns the flag byte's string length, 0 or 1,
+# in the register a `bool` result is read from (x86-64 and AArch64 calling conventions).
+_libc = ctypes.CDLL(None)
+ABORT_IF_FLAG_SET = ctypes.cast(_libc.strlen, llama_cpp.ggml_abort_callback)
+# Seconds between two looks at the load average.
+_LOAD_CHECK_SECONDS = 1.0
+
+
+def threads_for_load(configured: int, current: int, load: float, cores: int) -> int:
+    """Threads to decode with when the 1-minute load average is `load` and `current` of them are ours."""
+    others = max(0.0, load - current)
+    return max(1, min(configured, int(cores - others + 0.5)))
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back text that may begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        pending = self._held + text
+        hits = [i for i in (pending.find(stop) for stop in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return pending[: min(hits)], True
+        keep = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(pending)), keep, -1):
+                if pending.endswith(stop[:k]):
+                    keep = k
+                    break
+        self._held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def make_sampler(sampling: SamplingParams) -> Any:
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = llama_cpp.llama_sampler_chain_add
+    if sampling.temperature <= 0.0:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    # Temperature first, then top-k and top-p on the tempered distribution, as transformers does.
+    add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+    if sampling.top_k > 0:
+        add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+    if sampling.top_p < 1.0:
+        add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+    # LLAMA_DEFAULT_SEED (2**32 - 1) asks llama.cpp for a random seed; a caller's seed must never be it.
+    seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % llama_cpp.LLAMA_DEFAULT_SEED
+    add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain
+
+
+class Stream:
+    """One Generate call's sequence: its prompt, where it is, and its text so far."""
+
+    def __init__(self, tokens: list[int], budget: int, sampling: SamplingParams) -> None:
+        self.tokens = tokens
+        self.budget = budget
+        self.sampling = sampling
+        self.seq = -1  # -1 until admitted
+        self.prefilled = 0  # prompt tokens in the cache
+        self.pos = 0  # position of the next token decoded
+        self.previous = -1  # the last sampled token, decoded at the next step
+        self.generated = 0
+        self.cached = 0  # prompt tokens whose cells were found in the cache
+        self.sampler: Any = None
+        self.closed = False
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopMatcher(sampling.stop)
+
+
+class StreamEngine(GenerationStreams):
+    """The streams of one llama.cpp generation context. `ctx` is gguf's _Context."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        *,
+        slots: int,
+        window: int,
+        tokenize: Callable[[str | None, Sequence[ChatMessage]], list[int]],
+        piece: Callable[[int], bytes],
+        is_end: Callable[[int], bool],
+        model_name: str,
+        threads: int,
+        prompt_cache: bool = True,
+    ) -> None:
+        self._ctx = ctx
+        self._threads_max = threads
+        self.threads = threads
+        self._cores = os.cpu_count() or 1
+        self._load_checked = float("-inf")
+        self.slots = slots
+        self._window = window
+        self._tokenize = tokenize
+        self._piece = piece
+        self._is_end = is_end
+        self._model_name = model_name
+        self._prompt_cache = prompt_cache
+        # Free sequences: the prompt tokens whose cells each still holds, and when it was last used.
+        self._free: dict[int, tuple[list[int], float]] = {seq: ([], float("-inf")) for seq in range(slots)}
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._active: list[Stream] = []
+        self._abort_flag = ctypes.create_string_buffer(2)
+        # Whether the last step was a prompt chunk: chunks and token steps take turns.
+        self._chunk_last = False
+
+    # -- GenerationStreams ---------------------------------------------------------------------
+
+    def open(self, *, prompt: str | None, messages: Sequence[ChatMessage], sampling: SamplingParams) -> Stream:
+        tokens = self._tokenize(prompt, messages)
+        if not tokens:
+            raise InvalidArgumentError("the prompt is empty after tokenization")
+        limit = self._window
+        if len(tokens) >= limit:
+            raise InvalidArgumentError(
+                f"the prompt has {len(tokens)} tokens; model {self._model_name!r} has a context of "
+                f"{limit} tokens, which must also hold the reply: shorten the prompt"
+            )
+        return Stream(tokens, min(sampling.max_tokens, limit - len(tokens)), sampling)
+
+    def admit(self, stream: object) -> bool:
+        assert isinstance(stream, Stream)
+        if stream.closed or stream.seq >= 0:
+            return stream.seq >= 0
+        if not self._free:
+            return False
+        seq, reuse = self._sequence_for(stream.tokens)
+        del self._free[seq]
+        if self._ctx.memory:
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, reuse, -1)
+        stream.seq = seq
+        stream.prefilled = stream.pos = stream.cached = reuse
+        if self._prompt_cache:
+            if reuse:
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
+        stream.sampler = make_sampler(stream.sampling)
+        self._active.append(stream)
+        return True
+
+    def step(self) -> list[tuple[object, GenerationDelta]]:
+        return self.step_streams(self._active)
+
+    def close(self, stream: object) -> None:
+        assert isinstance(stream, Stream)
+        if stream.closed:
+            return
+        stream.closed = True
+        if stream.seq < 0:
+            return
+        # The prompt's whole chunks stay, as a cached prefix; the rest (reply included) goes.
+        keep = min(stream.prefilled, len(stream.tokens)) // PREFILL_CHUNK * PREFILL_CHUNK if self._prompt_cache else 0
+        if self._ctx.memory:
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, stream.seq, keep, -1)
+        llama_cpp.llama_sampler_free(stream.sampler)
+        stream.sampler = None
+        self._active.remove(stream)
+        self._free[stream.seq] = (stream.tokens[:keep], time.monotonic())
+
+    @property
+    def caches_prompts(self) -> bool:
+        return self._prompt_cache
+
+    def cached_tokens(self, stream: object) -> int:
+        assert isinstance(stream, Stream)
+        return stream.cached
+
+    def cached_prefix(self, seq: int) -> int:
+        """Tokens cached in free sequence `seq` (0 if it is not free)."""
+        return len(self._free.get(seq, ([], 0.0))[0])
+
+    def _sequence_for(self, tokens: list[int]) -> tuple[int, int]:
+        """The free sequence for a prompt, and how many of its tokens' cells it already holds: the
+        longest reusable prefix, else the least recently used sequence."""
+        best, reuse = min(self._free, key=lambda seq: self._free[seq][1]), 0
+        for seq, (cached, _) in self._free.items():
+            common = 0
+            for a, b in zip(cached, tokens, strict=False):
+                if a != b:
+                    break
+                common += 1
+            # Whole chunks only, and never the whole prompt: its last token's logits are needed.
+            usable = min(common, len(tokens) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+            if usable > reuse:
+                best, reuse = seq, usable
+        return best, reuse
+
+    def interrupt(self) -> None:
+        self._abort_flag[0] = b"\x01"
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def step_streams(self, streams: Sequence[Stream]) -> list[tuple[object, GenerationDelta]]:
+        """One decode for `streams` (admitted ones): the next prompt chunk of the streams still
+        reading their prompts, if the last step was not a chunk too; otherwise every generating
+        stream's next token."""
+        ctx = self._ctx
+        # In sequence order: llama.cpp puts only consecutive sequence ids in one micro-batch of a
+        # non-unified cache (llama_batch_allocr::split_equal), so an unordered step costs more graphs.
+        reading = sorted((s for s in streams if s.prefilled < len(s.tokens)), key=lambda s: s.seq)
+        generating = sorted((s for s in streams if s.prefilled == len(s.tokens)), key=lambda s: s.seq)
+        if reading and (not generating or not self._chunk_last):
+            self._chunk_last = True
+            return self._prefill(reading)
+        self._chunk_last = False
+        if not generating:
+            return []
+        outputs = [(s, ctx.add(s.previous, s.pos, s.seq, True)) for s in generating]
+        self._decode()
+        deltas: list[tuple[object, GenerationDelta]] = []
+        for stream, index in outputs:
+            stream.pos += 1
+            deltas += [(stream, delta) for delta in self._sample(stream, index)]
+        return deltas
+
+    def _prefill(self, reading: list[Stream]) -> list[tuple[object, GenerationDelta]]:
+        """The next chunk of the first reading stream's prompt, and of the others' while the step
+        holds at most PREFILL_CHUNK tokens, in one decode: streams that join together read their
+        prompts together. Each stream's chunk ends at a multiple of PREFILL_CHUNK or its prompt's end."""
+        ctx = self._ctx
+        chunks: list[tuple[Stream, int]] = []
+        total = 0
+        for stream in reading:
+            end = min((stream.prefilled // PREFILL_CHUNK + 1) * PREFILL_CHUNK, len(stream.tokens))
+            if chunks and total + end - stream.prefilled > PREFILL_CHUNK:
+                continue
+            total += end - stream.prefilled
+            chunks.append((stream, end))
+        outputs: list[tuple[Stream, int]] = []
+        for stream, end in chunks:
+            for k in range(stream.prefilled, end):
+                index = ctx.add(stream.tokens[k], k, stream.seq, k == len(stream.tokens) - 1)
+            if end == len(stream.tokens):
+                outputs.append((stream, index))
+        self._decode()
+        for stream, end in chunks:
+            stream.prefilled = stream.pos = end
+        deltas: list[tuple[object, GenerationDelta]] = []
+        for stream, index in outputs:
+            deltas += [(stream, delta) for delta in self._sample(stream, index)]
+        return deltas
+
+    def adapt_threads(self) -> None:
+        """Use the cores other processes leave free (see the module docstring)."""
+        now = time.monotonic()
+        if now - self._load_checked < _LOAD_CHECK_SECONDS:
+            return
+        self._load_checked = now
+        threads = threads_for_load(self._threads_max, self.threads, os.getloadavg()[0], self._cores)
+        if threads != self.threads:
+            llama_cpp.llama_set_n_threads(self._ctx.ptr, threads, threads)
+            self.threads = threads
+
+    def _decode(self) -> None:
+        self.adapt_threads()
+        ctx = self._ctx
+        flag = self._abort_flag
+        ctx.use_abort_flag(flag)
+        try:
+            rc = int(llama_cpp.llama_decode(ctx.ptr, ctx.batch))
+        finally:
+            ctx.batch.n_tokens = 0
+            # Cleared after the decode, not before: an interrupt that came before it started (interactive
+            # work that arrived as the turn began) must stop it, not be forgotten.
+            flag[0] = b"\x00"
+        if rc == 2:  # llama.cpp aborted and took the batch's cells back out of the cache
+            raise ComputeInterrupted
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _sample(self, stream: Stream, index: int) -> list[GenerationDelta]:
+        """Sample `stream`'s next token from the logits at batch `index`; its deltas, and closes it
+        when that was its last token. Completion tokens count the end-of-generation one."""
+        token = int(llama_cpp.llama_sampler_sample(stream.sampler, self._ctx.ptr, index))
+        stream.generated += 1
+        deltas: list[GenerationDelta] = []
+        finish: FinishReason | None = None
+        tail, hit = "", False
+        if self._is_end(token):
+            finish = FinishReason.STOP
+        else:
+            text, hit = stream.stops.feed(stream.utf8.decode(self._piece(token)))
+            if hit:
+                finish, tail = FinishReason.STOP, text
+            else:
+                if text:
+                    deltas.append(GenerationDelta(text=text))
+                stream.previous = token
+                if stream.generated >= stream.budget:
+                    finish = FinishReason.LENGTH
+        if finish is None:
+            return deltas
+        if not hit:
+            tail, hit = stream.stops.feed(stream.utf8.decode(b"", final=True))
+            if hit:
+                finish = FinishReason.STOP
+            else:
+                tail += stream.stops.flush()
+        deltas.append(
+            GenerationDelta(
+                text=tail,
+                finish_reason=finish,
+                prompt_tokens=len(stream.tokens),
+                completion_tokens=stream.generated,
+            )
+        )
+        self.close(stream)
+        return deltas

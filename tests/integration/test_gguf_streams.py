@@ -1,0 +1,454 @@
+"""Continuous batching on the real SmolLM2-135M-Instruct (Q4_1): several streams decoded together
+give each caller exactly what it gets alone, free their cells when they end, and stop mid-decode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import llama_cpp
+import pytest
+
+from wafer.backends.base import ComputeInterrupted, LoadOptions, ModelFiles
+from wafer.backends.gguf import GgufBackend
+from wafer.backends.gguf_streams import PREFILL_CHUNK, Stream, StreamEngine
+from wafer.domain import ChatMessage, GenerationDelta, Priority, SamplingParams
+from wafer.errors import InvalidArgumentError
+from wafer.metrics import Metrics
+from wafer.scheduler import ComputeGate, ModelScheduler
+from wafer.sources import SourceResolver
+from wafer.specs import ModelSpec
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = (
+    "Tell me a story about a dragon.",
+    "What is the capital of France? Explain its history.",
+    "Write a poem about the sea.",
+    "List ten fruits and describe each one.",
+)
+LONG_CONTEXT = " ".join(f"Note {i}: the train to the coast leaves at {i % 12 + 1} o'clock." for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def backend(resolver: SourceResolver, smollm2_spec: ModelSpec) -> Iterator[GgufBackend]:
+    files = ModelFiles(weights=resolver.resolve(smollm2_spec.source, model=smollm2_spec.name))
+    # Two threads, and the engine follows the machine's load: a test's runs may decode at different
+    # thread counts, which must not change a token (flash attention is off: see gguf._generation_params).
+    loaded = GgufBackend.load(smollm2_spec, files, LoadOptions(threads=2))
+    yield loaded
+    loaded.close()
+
+
+def pin_threads(engine: StreamEngine, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Make the engine decode on `threads` threads from its next step: a load average that leaves
+    that many cores free."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(engine.threads + engine._cores - threads),) * 3)
+    engine._load_checked = float("-inf")  # adapt at the next step, not up to a second later
+    engine.adapt_threads()
+    assert engine.threads == threads
+
+
+def engine_of(backend: GgufBackend) -> StreamEngine:
+    streams = backend.streams()
+    assert isinstance(streams, StreamEngine)
+    return streams
+
+
+def chat(question: str) -> tuple[ChatMessage, ...]:
+    return (ChatMessage("user", question),)
+
+
+def samplings() -> list[SamplingParams]:
+    greedy = SamplingParams(max_tokens=40, temperature=0.0)
+    seeded = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, top_k=40, seed=7)
+    return [greedy, seeded, greedy, seeded]
+
+
+def alone(backend: GgufBackend, messages: tuple[ChatMessage, ...], sampling: SamplingParams) -> list[GenerationDelta]:
+    return list(backend.generate(prompt=None, messages=messages, sampling=sampling, cancelled=lambda: False))
+
+
+def together(
+    engine: StreamEngine, requests: list[tuple[tuple[ChatMessage, ...], SamplingParams]], joins: list[int]
+) -> list[list[GenerationDelta]]:
+    """Run the requests as streams of one engine; request i joins at step joins[i]."""
+    streams = [engine.open(prompt=None, messages=m, sampling=s) for m, s in requests]
+    out: dict[int, list[GenerationDelta]] = {id(s): [] for s in streams}
+    step = 0
+    while any(not s.closed for s in streams):
+        for stream, join in zip(streams, joins, strict=True):
+            if join == step:
+                assert engine.admit(stream)
+        for handle, delta in engine.step():
+            out[id(handle)].append(delta)
+        step += 1
+    return [out[id(s)] for s in streams]
+
+
+def texts(runs: list[list[GenerationDelta]]) -> list[str]:
+    return ["".join(d.text for d in run) + f"|{run[-1].finish_reason}" for run in runs]
+
+
+def assert_free(engine: StreamEngine, backend: GgufBackend) -> None:
+    """No stream runs, and the sequences hold nothing but their cached prompt prefixes."""
+    assert engine.active == 0
+    memory = llama_cpp.llama_get_memory(backend._gen.ptr)  # type: ignore[union-attr]
+    for seq in range(engine.slots + 1):
+        held = llama_cpp.llama_memory_seq_pos_max(memory, seq) + 1
+        assert held == engine.cached_prefix(seq), f"sequence {seq} holds {held} cells"
+
+
+# -- the same tokens together as alone -------------------------------------------------------------
+
+
+def test_four_streams_together_produce_what_each_produces_alone(backend: GgufBackend) -> None:
+    engine = engine_of(backend)
+    requests = list(zip([chat(q) for q in QUESTIONS], samplings(), strict=True))
+    expected = texts([alone(backend, m, s) for m, s in requests])
+    assert len(set(expected)) == 4
+
+    assert texts(together(engine, requests, joins=[0, 0, 0, 0])) == expected
+    # Joining while the others generate: each prompt is prefilled between their tokens.
+    assert texts(together(engine, requests, joins=[0, 3, 4, 11])) == expected
+    assert_free(engine, backend)
+
+
+def test_streams_that_join_together_read_their_prompts_in_one_step(backend: GgufBackend) -> None:
+    """The fourth of four callers who arrive at once waits for one prefill, not for four."""
+    engine = engine_of(backend)
+    sampling = SamplingParams(max_tokens=4, temperature=0.0)
+    streams = [engine.open(prompt=None, messages=chat(q + " Briefly."), sampling=sampling) for q in QUESTIONS]
+    for stream in streams:
+        assert engine.admit(stream)
+    engine.step()
+    assert all(isinstance(s, Stream) and s.prefilled == len(s.tokens) and s.generated == 1 for s in streams)
+    for stream in streams:
+        engine.close(stream)
+    assert_free(engine, backend)
+
+
+def test_a_long_prompt_prefilled_in_chunks_beside_running_streams(backend: GgufBackend) -> None:
+    engine = engine_of(backend)
+    long = (chat(LONG_CONTEXT + "\nWhen does the train leave?"), SamplingParams(max_tokens=16, temperature=0.0))
+    requests = [long, *zip([chat(q) for q in QUESTIONS[:3]], samplings()[:3], strict=True)]
+    prompt = engine.open(prompt=None, messages=long[0], sampling=long[1])
+    assert isinstance(prompt, Stream)
+    assert len(prompt.tokens) > 2 * PREFILL_CHUNK
+    engine.close(prompt)
+    expected = texts([alone(backend, m, s) for m, s in requests])
+    assert texts(together(engine, requests, joins=[2, 0, 0, 1])) == expected
+    assert_free(engine, backend)
+
+
+def test_the_thread_count_changes_no_token(backend: GgufBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine changes its thread count with the machine's load, between two steps of a stream.
+    A prompt of more than 512 tokens: with flash attention, llama.cpp's CPU kernel splits a lone
+    stream's keys over the threads from 512 cells on, and the greedy tokens changed."""
+    engine = engine_of(backend)
+    if engine._cores < 2:
+        pytest.skip("needs two cores")
+    messages = chat(LONG_CONTEXT + "\nWhich trains leave at noon?")
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    runs = []
+    for threads in (1, 2):
+        pin_threads(engine, monkeypatch, threads)
+        runs.append(texts([alone(backend, messages, greedy)]))
+    assert runs[0] == runs[1]
+    pin_threads(engine, monkeypatch, 1)
+    expected = texts([alone(backend, m, s) for m, s in zip([chat(q) for q in QUESTIONS], samplings(), strict=True)])
+    pin_threads(engine, monkeypatch, 2)
+    requests = list(zip([chat(q) for q in QUESTIONS], samplings(), strict=True))
+    assert texts(together(engine, requests, joins=[0, 1, 2, 3])) == expected
+
+
+def test_usage_and_finish_reasons_match_a_lone_stream(backend: GgufBackend) -> None:
+    engine = engine_of(backend)
+    sampling = SamplingParams(max_tokens=12, temperature=0.0)
+    requests = [(chat(q), sampling) for q in QUESTIONS]
+    lone = [alone(backend, m, s)[-1] for m, s in requests]
+    last = [run[-1] for run in together(engine, requests, joins=[0, 1, 2, 3])]
+    assert [(d.prompt_tokens, d.completion_tokens, d.finish_reason) for d in last] == [
+        (d.prompt_tokens, d.completion_tokens, d.finish_reason) for d in lone
+    ]
+
+
+# -- room: sequences and cells ---------------------------------------------------------------------
+
+
+def test_a_closed_stream_frees_its_cells_and_sequence_at_once(backend: GgufBackend) -> None:
+    engine = engine_of(backend)
+    streams = [
+        engine.open(prompt=None, messages=chat(q), sampling=SamplingParams(max_tokens=200, temperature=0.0))
+        for q in QUESTIONS
+    ]
+    for stream in streams:
+        assert engine.admit(stream)
+    extra = engine.open(prompt=None, messages=chat("hi"), sampling=SamplingParams(max_tokens=8, temperature=0.0))
+    assert not engine.admit(extra), "all sequences are taken"
+    for _ in range(3):
+        engine.step()
+    memory = llama_cpp.llama_get_memory(backend._gen.ptr)  # type: ignore[union-attr]
+    first = streams[0]
+    assert isinstance(first, Stream)
+    assert llama_cpp.llama_memory_seq_pos_max(memory, first.seq) >= 0
+    seq = first.seq
+    engine.close(first)
+    assert llama_cpp.llama_memory_seq_pos_max(memory, seq) == -1
+    assert engine.admit(extra)
+    for stream in [*streams[1:], extra]:
+        engine.close(stream)
+    assert_free(engine, backend)
+
+
+def test_each_stream_has_kv_cells_of_its_own(resolver: SourceResolver, smollm2_spec: ModelSpec) -> None:
+    spec = smollm2_spec.model_copy(
+        update={"generation": smollm2_spec.generation.model_copy(update={"parallel": 2, "kv_cells": 256})}
+    )
+    files = ModelFiles(weights=resolver.resolve(spec.source, model=spec.name))
+    small = GgufBackend.load(spec, files, LoadOptions(threads=2))
+    try:
+        engine = engine_of(small)
+        sampling = SamplingParams(max_tokens=1000, temperature=0.0)
+        first, second, third = (engine.open(prompt=None, messages=chat(q), sampling=sampling) for q in QUESTIONS[:3])
+        assert isinstance(first, Stream)
+        assert len(first.tokens) + first.budget == 256, "a reply is capped by its sequence's cells"
+        assert engine.admit(first) and engine.admit(second)
+        assert not engine.admit(third), "two sequences, both taken"
+        engine.close(first)
+        assert engine.admit(third)
+        with pytest.raises(InvalidArgumentError, match="context of 256 tokens"):
+            engine.open(prompt=LONG_CONTEXT, messages=(), sampling=sampling)
+        for stream in (second, third):
+            engine.close(stream)
+    finally:
+        small.close()
+
+
+# -- interruption -------------------------------------------------------------------------------
+
+
+def test_interrupt_stops_a_long_prefill_within_50_ms_and_the_step_runs_again(backend: GgufBackend) -> None:
+    engine = engine_of(backend)
+    sampling = SamplingParams(max_tokens=4, temperature=0.0)
+    # A prompt no earlier test sent: nothing of it is cached, the whole of it is prefilled.
+    messages = chat("A timetable to interrupt. " + LONG_CONTEXT + "\nWhen does the train leave?")
+    stream = engine.open(prompt=None, messages=messages, sampling=sampling)
+    assert engine.admit(stream)
+    assert engine.cached_tokens(stream) == 0
+    # The machine is shared: the best of three attempts is held to 50 ms, every one to 500 ms.
+    delays = []
+    for _ in range(3):
+        seen: list[float] = []
+
+        def step(seen: list[float] = seen) -> None:
+            try:
+                engine.step()
+            except ComputeInterrupted:
+                seen.append(time.perf_counter())
+
+        thread = threading.Thread(target=step)
+        thread.start()
+        time.sleep(0.05)  # well inside the chunk's decode (~0.7 s for 256 tokens)
+        asked = time.perf_counter()
+        engine.interrupt()
+        thread.join(10)
+        assert seen, "the decode was not interrupted"
+        delays.append(seen[0] - asked)
+    assert min(delays) < 0.05, delays
+    assert max(delays) < 0.5, delays
+    assert isinstance(stream, Stream) and stream.prefilled == 0, "an interrupted step leaves nothing behind"
+    memory = llama_cpp.llama_get_memory(backend._gen.ptr)  # type: ignore[union-attr]
+    assert llama_cpp.llama_memory_seq_pos_max(memory, stream.seq) == -1
+    out: list[GenerationDelta] = []
+    while not stream.closed:
+        out += [delta for _, delta in engine.step()]
+    assert texts([out]) == texts([alone(backend, messages, sampling)])
+    assert_free(engine, backend)
+
+
+# -- through the scheduler ---------------------------------------------------------------------------
+
+
+async def test_concurrent_generate_calls_are_decoded_together(backend: GgufBackend) -> None:
+    requests = list(zip([chat(q) for q in QUESTIONS], samplings(), strict=True))
+    expected = texts([alone(backend, m, s) for m, s in requests])
+    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate())
+    try:
+        first_token: list[float] = []
+        finished: list[float] = []
+
+        async def call(messages: tuple[ChatMessage, ...], sampling: SamplingParams) -> list[GenerationDelta]:
+            out: list[GenerationDelta] = []
+            async for delta in scheduler.generate(prompt=None, messages=messages, sampling=sampling):
+                if not out:
+                    first_token.append(time.perf_counter())
+                out.append(delta)
+            finished.append(time.perf_counter())
+            return out
+
+        runs = await asyncio.gather(*(call(m, s) for m, s in requests))
+        assert texts(list(runs)) == expected
+        # Nobody's first token waited for another's whole answer.
+        assert max(first_token) < min(finished)
+        assert_free(engine_of(backend), backend)
+    finally:
+        await asyncio.to_thread(scheduler.close)
+
+
+async def test_a_caller_that_leaves_frees_its_sequence_and_the_others_go_on(backend: GgufBackend) -> None:
+    sampling = SamplingParams(max_tokens=24, temperature=0.0)
+    expected = texts([alone(backend, chat(QUESTIONS[1]), sampling)])
+    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate())
+    try:
+
+        async def leave_early() -> None:
+            stream = scheduler.generate(
+                prompt=None, messages=chat(QUESTIONS[0]), sampling=SamplingParams(max_tokens=400, temperature=0.0)
+            )
+            count = 0
+            async for _ in stream:
+                count += 1
+                if count == 3:
+                    break
+            await stream.aclose()
+
+        async def stay() -> list[GenerationDelta]:
+            return [d async for d in scheduler.generate(prompt=None, messages=chat(QUESTIONS[1]), sampling=sampling)]
+
+        started = time.perf_counter()
+        _, kept = await asyncio.gather(leave_early(), stay())
+        assert texts([kept]) == expected
+        # 400 tokens would take many seconds; the one that left stopped.
+        assert time.perf_counter() - started < 60
+        assert_free(engine_of(backend), backend)
+    finally:
+        await asyncio.to_thread(scheduler.close)
+
+
+async def test_batch_lane_streams_leave_a_sequence_for_interactive_ones(backend: GgufBackend) -> None:
+    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate())
+    engine = engine_of(backend)
+    try:
+        long = SamplingParams(max_tokens=60, temperature=0.0)
+        batch = [asyncio.create_task(_collect(scheduler, chat(q), long, Priority.BATCH)) for q in QUESTIONS]
+        for _ in range(1000):
+            if engine.active == engine.slots - 1:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert engine.active == engine.slots - 1, "a batch-lane stream took the last sequence"
+        started = time.perf_counter()
+        quick = await _collect(
+            scheduler, chat("hi"), SamplingParams(max_tokens=4, temperature=0.0), Priority.INTERACTIVE
+        )
+        assert quick[-1].completion_tokens >= 1
+        assert not all(task.done() for task in batch), "the interactive call waited for batch-lane answers"
+        assert time.perf_counter() - started < 60
+        await asyncio.gather(*batch)
+        assert_free(engine, backend)
+    finally:
+        await asyncio.to_thread(scheduler.close)
+
+
+async def _collect(
+    scheduler: ModelScheduler, messages: tuple[ChatMessage, ...], sampling: SamplingParams, lane: Priority
+) -> list[GenerationDelta]:
+    return [d async for d in scheduler.generate(prompt=None, messages=messages, sampling=sampling, lane=lane)]
+
+
+def test_an_interrupt_between_steps_costs_a_retry_not_the_answer(backend: GgufBackend) -> None:
+    sampling = SamplingParams(max_tokens=8, temperature=0.0)
+    expected = texts([alone(backend, chat(QUESTIONS[2]), sampling)])
+    engine_of(backend).interrupt()  # e.g. a caller that left just as its stream ended
+    assert texts([alone(backend, chat(QUESTIONS[2]), sampling)]) == expected
+
+
+# -- the prompt cache --------------------------------------------------------------------------------
+
+
+def load(resolver: SourceResolver, spec: ModelSpec, **generation: object) -> GgufBackend:
+    spec = spec.model_copy(update={"generation": spec.generation.model_copy(update=generation)})
+    return GgufBackend.load(spec, ModelFiles(weights=resolver.resolve(spec.source, model=spec.name)), LoadOptions(2))
+
+
+def system_chat(question: str) -> tuple[ChatMessage, ...]:
+    return (ChatMessage("system", LONG_CONTEXT), ChatMessage("user", question))
+
+
+def test_a_shared_system_prompt_is_decoded_once_and_changes_no_token(
+    backend: GgufBackend, resolver: SourceResolver, smollm2_spec: ModelSpec
+) -> None:
+    engine = engine_of(backend)
+    requests = [
+        (system_chat("When does the first train leave?"), SamplingParams(max_tokens=16, temperature=0.0)),
+        (system_chat("When does the last train leave?"), SamplingParams(max_tokens=16, temperature=0.0)),
+        (system_chat("Which train is the fastest?"), SamplingParams(max_tokens=16, temperature=0.9, seed=3)),
+    ]
+    uncached = load(resolver, smollm2_spec, prompt_cache=False)
+    try:
+        expected = texts([alone(uncached, m, s) for m, s in requests])
+        assert engine_of(uncached).cache_hits == 0
+    finally:
+        uncached.close()
+    hits = engine.cache_hits
+    got: list[list[GenerationDelta]] = []
+    cached: list[int] = []
+    for messages, sampling in requests:
+        stream = engine.open(prompt=None, messages=messages, sampling=sampling)
+        assert engine.admit(stream)
+        cached.append(engine.cached_tokens(stream))
+        out: list[GenerationDelta] = []
+        while not stream.closed:
+            out += [delta for _, delta in engine.step()]
+        got.append(out)
+    assert texts(got) == expected
+    assert cached[1] >= 2 * PREFILL_CHUNK and cached[2] == cached[1], cached
+    assert engine.cache_hits - hits == (2 if cached[0] == 0 else 3)
+    assert_free(engine, backend)
+
+
+def test_the_least_recently_used_prefix_is_evicted_first(resolver: SourceResolver, smollm2_spec: ModelSpec) -> None:
+    small = load(resolver, smollm2_spec, parallel=2)
+    try:
+        engine = engine_of(small)
+        sampling = SamplingParams(max_tokens=2, temperature=0.0)
+
+        def finish(messages: tuple[ChatMessage, ...]) -> Stream:
+            stream = engine.open(prompt=None, messages=messages, sampling=sampling)
+            assert isinstance(stream, Stream) and engine.admit(stream)
+            while not stream.closed:
+                engine.step()
+            return stream
+
+        trains = (ChatMessage("system", LONG_CONTEXT), ChatMessage("user", "When?"))
+        boats = (ChatMessage("system", LONG_CONTEXT.replace("train", "boat")), ChatMessage("user", "When?"))
+        first = finish(trains)
+        second = finish(boats)
+        assert first.seq != second.seq
+        assert engine.cached_prefix(first.seq) > 0 and engine.cached_prefix(second.seq) > 0
+        finish(chat("Something else entirely."))  # no match: takes the sequence used least recently
+        assert engine.cached_prefix(first.seq) == 0
+        assert engine.cached_prefix(second.seq) > 0
+        assert finish(boats).cached >= PREFILL_CHUNK
+    finally:
+        small.close()
+
+
+async def test_prompt_cache_hits_and_misses_are_counted(backend: GgufBackend) -> None:
+    metrics = Metrics(models=["smollm2-test"])
+    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate(), observer=metrics)
+    try:
+        sampling = SamplingParams(max_tokens=2, temperature=0.0)
+        for question in ("Unrelated question number one?", "Which platform?", "Which platform now?"):
+            messages = chat(question) if question.startswith("Unrelated") else system_chat(question)
+            await _collect(scheduler, messages, sampling, Priority.INTERACTIVE)
+        sample = metrics.registry.get_sample_value
+        assert (sample("wafer_prompt_cache_hits_total", {"model": "smollm2-test"}) or 0) >= 1
+        assert (sample("wafer_prompt_cache_misses_total", {"model": "smollm2-test"}) or 0) >= 1
+        assert (sample("wafer_prompt_cache_tokens_total", {"model": "smollm2-test"}) or 0) >= PREFILL_CHUNK
+    finally:
+        await asyncio.to_thread(scheduler.close)
