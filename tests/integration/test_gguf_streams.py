@@ -4,7 +4,6 @@ give each caller exactly what it gets alone, free their cells when they end, and
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -44,9 +43,9 @@ def backend(resolver: SourceResolver, smollm2_spec: ModelSpec) -> Iterator[GgufB
 
 
 def pin_threads(engine: StreamEngine, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
-    """Make the engine decode on `threads` threads from its next step: a load average that leaves
+    """Make the engine decode on `threads` threads from its next step: other processes that leave
     that many cores free."""
-    monkeypatch.setattr(os, "getloadavg", lambda: (float(engine.threads + engine._cores - threads),) * 3)
+    monkeypatch.setattr(engine, "_outside_load", lambda: float(engine._cores - threads))
     engine._load_checked = float("-inf")  # adapt at the next step, not up to a second later
     engine.adapt_threads()
     assert engine.threads == threads

@@ -41,8 +41,10 @@ The thread count follows the machine's load. llama.cpp's threads meet at a barri
 node; when another process keeps a core busy, one of them waits for a time slice at each barrier.
 Measured on 2 cores: 2 threads fell to 12.9 tokens/s with one core busy elsewhere while 1 thread kept
 52.8; with a load of 16, 32 tokens took 72 s on 2 threads and 2.8 s on 1. Before a step (at most once
-a second) the engine counts the cores others keep busy (the load average less its own threads) and
-uses the cores left, at least one and at most the model's `threads`.
+a second) the engine counts the cores other processes kept busy since its last look (the machine's
+busy CPU time less this whole process's own, `OutsideLoad`) and uses the cores left, at least one and
+at most the model's `threads`. Not the load average: it trails by a minute, so the engine's own past
+threads read as someone else's, and a step down to one thread kept itself there.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import llama_cpp
+import psutil
 
 from wafer.backends.base import ComputeInterrupted, GenerationStreams
 from wafer.domain import ChatMessage, FinishReason, GenerationDelta, SamplingParams
@@ -70,14 +73,55 @@ PREFILL_CHUNK = 256
 # in the register a `bool` result is read from (x86-64 and AArch64 calling conventions).
 _libc = ctypes.CDLL(None)
 ABORT_IF_FLAG_SET = ctypes.cast(_libc.strlen, llama_cpp.ggml_abort_callback)
-# Seconds between two looks at the load average.
+# Seconds between two looks at what other processes keep busy.
 _LOAD_CHECK_SECONDS = 1.0
 
 
-def threads_for_load(configured: int, current: int, load: float, cores: int) -> int:
-    """Threads to decode with when the 1-minute load average is `load` and `current` of them are ours."""
-    others = max(0.0, load - current)
-    return max(1, min(configured, int(cores - others + 0.5)))
+def threads_for_load(configured: int, others: float, cores: int) -> int:
+    """Threads to decode with when other processes keep `others` cores busy."""
+    return max(1, min(configured, int(cores - max(0.0, others) + 0.5)))
+
+
+class OutsideLoad:
+    """Cores that other processes kept busy between two calls: the machine's busy CPU time less
+    this process's own (every thread of it: decoding, gRPC, tokenizing), over the wall time."""
+
+    def __init__(
+        self,
+        machine_busy: Callable[[], float] | None = None,
+        own_busy: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._machine_busy = machine_busy or machine_busy_seconds
+        self._own_busy = own_busy or own_busy_seconds
+        self._clock = clock
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        return self._clock(), self._machine_busy(), self._own_busy()
+
+    def __call__(self) -> float:
+        now, busy, own = self._sample()
+        then, busy_then, own_then = self._last
+        self._last = (now, busy, own)
+        if now <= then:
+            return 0.0
+        return max(0.0, (busy - busy_then) - (own - own_then)) / (now - then)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot."""
+    times = psutil.cpu_times()
+    # Idle and I/O wait are not busy; guest time is counted in user and nice already (Linux).
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    guests = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+    return float(sum(times)) - idle - guests
+
+
+def own_busy_seconds() -> float:
+    """CPU seconds this process (all its threads) has spent busy."""
+    own = os.times()
+    return own.user + own.system
 
 
 class StopMatcher:
@@ -165,6 +209,7 @@ class StreamEngine(GenerationStreams):
         self._threads_max = threads
         self.threads = threads
         self._cores = os.cpu_count() or 1
+        self._outside_load: Callable[[], float] = OutsideLoad()
         self._load_checked = float("-inf")
         self.slots = slots
         self._window = window
@@ -329,7 +374,7 @@ class StreamEngine(GenerationStreams):
         if now - self._load_checked < _LOAD_CHECK_SECONDS:
             return
         self._load_checked = now
-        threads = threads_for_load(self._threads_max, self.threads, os.getloadavg()[0], self._cores)
+        threads = threads_for_load(self._threads_max, self._outside_load(), self._cores)
         if threads != self.threads:
             llama_cpp.llama_set_n_threads(self._ctx.ptr, threads, threads)
             self.threads = threads
