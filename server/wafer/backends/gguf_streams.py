@@ -91,21 +91,27 @@ class OutsideLoad:
         machine_busy: Callable[[], float] | None = None,
         own_busy: Callable[[], float] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_window: float = 3.0,
     ) -> None:
         self._machine_busy = machine_busy or machine_busy_seconds
         self._own_busy = own_busy or own_busy_seconds
         self._clock = clock
+        self._max_window = max_window
         self._last = self._sample()
 
     def _sample(self) -> tuple[float, float, float]:
         return self._clock(), self._machine_busy(), self._own_busy()
 
-    def __call__(self) -> float:
+    def __call__(self) -> float | None:
+        """Cores others kept busy since the last call; None when that was more than `max_window`
+        seconds ago (an idle engine): an average over a long past says nothing of now, and a
+        burst of someone else's minutes ago must not slow the first tokens of a new answer."""
         now, busy, own = self._sample()
         then, busy_then, own_then = self._last
         self._last = (now, busy, own)
-        if now <= then:
-            return 0.0
+        if now <= then or now - then > self._max_window:
+            return None
         return max(0.0, (busy - busy_then) - (own - own_then)) / (now - then)
 
 
@@ -209,7 +215,7 @@ class StreamEngine(GenerationStreams):
         self._threads_max = threads
         self.threads = threads
         self._cores = os.cpu_count() or 1
-        self._outside_load: Callable[[], float] = OutsideLoad()
+        self._outside_load: Callable[[], float | None] = OutsideLoad()
         self._load_checked = float("-inf")
         self.slots = slots
         self._window = window
@@ -374,7 +380,10 @@ class StreamEngine(GenerationStreams):
         if now - self._load_checked < _LOAD_CHECK_SECONDS:
             return
         self._load_checked = now
-        threads = threads_for_load(self._threads_max, self._outside_load(), self._cores)
+        others = self._outside_load()
+        if others is None:  # the engine was idle: judge from the next second, not the idle time
+            return
+        threads = threads_for_load(self._threads_max, others, self._cores)
         if threads != self.threads:
             llama_cpp.llama_set_n_threads(self._ctx.ptr, threads, threads)
             self.threads = threads

@@ -54,6 +54,18 @@ def test_the_process_own_work_is_not_outside_load() -> None:
     assert outside() == 0.0
 
 
+def test_a_reading_over_an_idle_engines_past_says_nothing() -> None:
+    """After a long idle time, a burst of someone else's minutes ago does not slow a new answer's
+    first tokens: the reading is None, and the next one covers the last second only."""
+    clocks = Clocks()
+    outside = OutsideLoad(lambda: clocks.machine, lambda: clocks.own, lambda: clocks.wall, max_window=3.0)
+    clocks.run(20.0, own_cores=0.0, other_cores=2.0)
+    clocks.run(10.0, own_cores=0.0, other_cores=0.0)
+    assert outside() is None
+    clocks.run(1.0, own_cores=2.0, other_cores=0.0)
+    assert outside() == 0.0
+
+
 def test_the_readings_count_this_process() -> None:
     """The real readings: a process spinning on a core shows in its own time and the machine's."""
     own, machine = own_busy_seconds(), machine_busy_seconds()
