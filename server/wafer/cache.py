@@ -24,14 +24,12 @@ updates it. All SQLite work runs on the cache's own thread, off the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -41,6 +39,7 @@ import structlog
 
 from wafer.backends.base import Embeddings, InputTooLongError
 from wafer.domain import FloatMatrix
+from wafer.serial import SerialExecutor
 from wafer.specs import ModelSpec
 
 log = structlog.get_logger("wafer.cache")
@@ -176,12 +175,12 @@ class EmbeddingCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._max_entries = max_entries
         self._metrics = metrics
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wafer-cache")
+        self._thread = SerialExecutor("wafer-cache")
         self._lock = threading.Lock()  # guards the counters, read from any thread
         self._hits = 0
         self._misses = 0
         # Opened on the cache thread: every use of the connection happens there.
-        self._db, (self._clock, self._count) = self._thread.submit(self._open, path).result()
+        self._db, (self._clock, self._count) = self._thread.call(lambda: self._open(path))
 
     def _open(self, path: Path) -> tuple[sqlite3.Connection, tuple[int, int]]:
         """The cache at `path`; one that cannot be read (truncated, not SQLite, a folder) is moved
@@ -249,22 +248,20 @@ class EmbeddingCache:
     def stats(self) -> CacheStats:
         with self._lock:
             hits, misses = self._hits, self._misses
-        entries = self._thread.submit(
-            lambda: int(self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
-        ).result()
+        entries = self._thread.call(lambda: int(self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]))
         return CacheStats(hits=hits, misses=misses, entries=entries)
 
     def close(self) -> None:
         def shut() -> None:
             self._db.close()
 
-        self._thread.submit(shut).result()
-        self._thread.shutdown(wait=True)
+        self._thread.call(shut)
+        self._thread.close()
 
     # -- on the cache thread -----------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        return await self._thread.run(fn)
 
     def _get(self, keys: list[bytes]) -> dict[int, tuple[np.ndarray, int]]:
         positions: dict[bytes, list[int]] = {}

@@ -13,7 +13,6 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
@@ -34,6 +33,7 @@ from wafer.domain import (
 )
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from wafer.serial import SerialExecutor
 from wafer.specs import Task
 from wafer.store.base import (
     CollectionInfo,
@@ -112,7 +112,7 @@ class IndexService:
         # Held while a new collection's context is built, so two first upserts agree on one.
         self._context_locks: dict[str, asyncio.Lock] = {}
         # One thread, in order: the embedded Qdrant client is not meant to be entered concurrently.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wafer-store")
+        self._thread = SerialExecutor("wafer-store")
         # Collection -> model. A collection's model never changes, so searches need not ask the
         # store (which counts documents to describe a collection) every time.
         self._models: dict[str, str] = {}
@@ -419,10 +419,10 @@ class IndexService:
 
     async def close(self) -> None:
         await self._in_store_thread(self._store.close)
-        self._thread.shutdown(wait=True)
+        self._thread.close()
 
     async def _in_store_thread(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        return await self._thread.run(fn)
 
     def _check_payload(self, document: StoredDocument) -> None:
         payload = user_payload(document.id, document.payload)

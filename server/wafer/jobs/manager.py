@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import secrets
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -45,6 +44,7 @@ from wafer.jobs.sources import (
     open_reader,
 )
 from wafer.jobs.state import RESUMABLE, JobRecord, JobState, JobStore, to_json
+from wafer.serial import SerialExecutor
 from wafer.store.base import check_collection_name
 
 log = structlog.get_logger("wafer.jobs")
@@ -100,7 +100,7 @@ class JobManager:
         self._slots = asyncio.Semaphore(settings.jobs_max_running)
         self._changed = asyncio.Event()
         # Records are written on one thread, in the order they were taken on the event loop.
-        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wafer-jobs")
+        self._disk = SerialExecutor("wafer-jobs")
         self._closing = False
         self._watchers = 0
         self._runner = JobRunner(
@@ -143,7 +143,7 @@ class JobManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._disk.shutdown(wait=True)
+        self._disk.close()
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -385,4 +385,4 @@ class JobManager:
         self._changed = asyncio.Event()
 
     async def _on_disk(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._disk, fn)
+        return await self._disk.run(fn)

@@ -20,7 +20,6 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -36,6 +35,7 @@ from wafer.indexing import IndexService, derived_id
 from wafer.jobs.policy import PolicyChecker, RunPolicy
 from wafer.jobs.sources import Batch, Cursor, ReadLimits, SourceReader, TooManyRowsError, open_reader
 from wafer.jobs.state import JobRecord, JobState
+from wafer.serial import SerialExecutor
 
 log = structlog.get_logger("wafer.jobs")
 
@@ -137,16 +137,16 @@ class _ReaderThread:
 
     def __init__(self, job_id: str, limits: ReadLimits) -> None:
         self.limits = limits
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wafer-job-{job_id}")
+        self._thread = SerialExecutor(f"wafer-job-{job_id}")
 
     async def run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        return await self._thread.run(fn)
 
     def close(self, reader: SourceReader | None) -> None:
         self.limits.stop.set()
         if reader is not None:
-            self._pool.submit(reader.close)
-        self._pool.shutdown(wait=False)
+            self._thread.submit(reader.close)
+        self._thread.close(wait=False)
 
 
 @dataclass(eq=False)
