@@ -1,44 +1,16 @@
-"""The model registry: every model of the catalog, its state, and who is using it.
-
-States: UNLOADED → LOADING → READY → UNLOADING → UNLOADED, and FAILED when a load fails.
-- A request *leases* a model for its duration. Leasing an unloaded model loads it (on demand);
-  leasing a loading model waits for it.
-- Unloading refuses new leases (UNAVAILABLE), waits for the held ones to end, then frees the model.
-  Freeing a llama.cpp model under a running call would crash the process; this never does.
-- A swap (a load with a new spec) loads the new instance beside the old one, moves new leases to it
-  in one step, and frees the old one once the leases it holds end: a lease keeps the instance it was
-  given, so no request sees a model change under it. A new spec that fails to load changes nothing.
-- Under a memory budget a load first unloads idle, unpinned models, least recently used first, or is
-  refused (RESOURCE_EXHAUSTED) naming what holds the memory. Automatic unloads (eviction, keep-alive)
-  only take idle models, and a request arriving meanwhile waits and loads the model again rather
-  than failing; only an admin's unload answers UNAVAILABLE.
-- An on-demand load may unload other models to make room only for a caller allowed to
-  (`allow_on_demand_eviction`): with an admin token set, the RPC layer allows it only to calls that
-  carry the token. Otherwise a load that fits the budget as it is goes ahead, and one that would
-  unload another model is refused (PERMISSION_DENIED): unloading is an admin act. LoadModel may always.
-- Loads run one at a time, so the memory a load adds is estimated as the change in RSS across the
-  load and its warm-up call (which is where ONNX Runtime sizes its arena). Only an estimate: other
-  models keep computing meanwhile.
-"""
+"""The registry's lifecycle: model states, on-demand loads, leases, swaps and safe unloads (see
+wafer.registry's docstring). What the memory budget allows is `memory.MemoryPolicy`'s to say."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import ctypes
-import ctypes.util
-import functools
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
 
-import psutil
 import structlog
 
 from wafer.backends.base import Backend, LoadOptions, ModelFiles
@@ -52,24 +24,13 @@ from wafer.errors import (
     UnavailableError,
     WaferError,
 )
+from wafer.registry.entries import Entry, Instance, LoadedModel, ModelState, ModelStatus, now
+from wafer.registry.memory import MemoryPolicy, files_size, on_demand_eviction_allowed, rss, trim_heap
 from wafer.scheduler import BatchObserver, ComputeGate, ModelScheduler
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, LoadPolicy, ModelSpec, Task, spec_from_text
 
 log = structlog.get_logger(__name__)
-
-NEVER_LOADED = "never loaded"
-# Whether the current call (its task, and the tasks it starts) may unload other models to make room
-# for an on-demand load. A context variable, not a parameter: the engine between the RPC layer and
-# the lease knows nothing of callers. True where nothing says otherwise (no token set, in-process use).
-_ON_DEMAND_EVICTION: contextvars.ContextVar[bool] = contextvars.ContextVar("wafer_on_demand_eviction", default=True)
-
-
-def allow_on_demand_eviction(allowed: bool) -> None:
-    """Say, for the rest of the current task, whether an on-demand load may unload other models
-    to make room under the memory budget (see the module's docstring)."""
-    _ON_DEMAND_EVICTION.set(allowed)
-
 
 # Most instances of a model whose spec names no `instances` (backends that scale out): one per
 # thread up to this. Past a few, the instances' Python work (padding, pooling, under one GIL) is
@@ -77,120 +38,6 @@ def allow_on_demand_eviction(allowed: bool) -> None:
 MAX_DEFAULT_INSTANCES = 4
 # Names of models registered over the API: what a models.yaml key could reasonably be.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class ModelState(StrEnum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    READY = "ready"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedModel:
-    """What a lease hands out: the spec, the backend, and the scheduler every call to it goes through.
-    `backend` is the model's first instance, the one `scheduler.run` calls and streams run on;
-    `instances` holds every instance, `backend` first."""
-
-    spec: ModelSpec
-    backend: Backend
-    scheduler: ModelScheduler
-    instances: tuple[Backend, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ModelStatus:
-    """A snapshot of one model, for listing."""
-
-    spec: ModelSpec
-    state: ModelState
-    default_for: tuple[Task, ...]
-    memory_bytes: int
-    load_seconds: float
-    last_used: datetime | None
-    active_requests: int
-    error: str
-    # Requests queued for the model, per lane, not yet handed to the backend.
-    waiting_interactive: int = 0
-    waiting_batch: int = 0
-    pinned: bool = False
-    keep_alive_seconds: float | None = None
-    # Why the model is not loaded; empty while it is.
-    not_loaded_reason: str = ""
-
-
-@dataclass(slots=True)
-class _Instance:
-    """One loaded copy of a model. During a swap a name has two: the current one and a retiring one."""
-
-    loaded: LoadedModel
-    memory_bytes: int
-    load_seconds: float
-    active: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-
-class _Entry:
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self.state = ModelState.UNLOADED
-        self.current: _Instance | None = None
-        self.retiring: list[_Instance] = []
-        self.retire_tasks: set[asyncio.Task[None]] = set()
-        self.error = spec.requires
-        self.not_loaded_reason = NEVER_LOADED
-        # What the last load of this spec measured; the estimate for its next load.
-        self.measured_bytes = 0
-        self.last_used: datetime | None = None
-        # Monotonic time of the last lease's end (or of the load): the LRU and keep-alive clock.
-        self.last_active = time.monotonic()
-        self.loading: asyncio.Task[WaferError | None] | None = None
-        self.loading_spec: ModelSpec | None = None
-        # Set while the entry is not UNLOADING; automatic unloads make leases wait on it.
-        self.settled = asyncio.Event()
-        self.settled.set()
-        self.auto_unloading = False
-        # Unloaded by the registry (eviction, keep-alive) rather than by an admin or never loaded.
-        self.auto_unloaded = False
-        self.pinned_override: bool | None = None
-        self.keep_alive_override: float | None = None
-
-    @property
-    def pinned(self) -> bool:
-        return self.spec.pinned if self.pinned_override is None else self.pinned_override
-
-    @property
-    def keep_alive_seconds(self) -> float | None:
-        if self.keep_alive_override is None:
-            return self.spec.keep_alive_seconds
-        return self.keep_alive_override or None
-
-    @property
-    def memory_bytes(self) -> int:
-        return sum(i.memory_bytes for i in self.instances)
-
-    @property
-    def instances(self) -> list[_Instance]:
-        return ([self.current] if self.current is not None else []) + self.retiring
-
-    def serviceable(self) -> bool:
-        if self.state is ModelState.READY:
-            return True
-        return self.auto_unloaded and self.state is not ModelState.FAILED
-
-    def evictable(self) -> bool:
-        current = self.current
-        return (
-            self.state is ModelState.READY
-            and current is not None
-            and current.active == 0
-            and self.loading is None
-            and not self.pinned
-        )
 
 
 Listener = Callable[[], None]
@@ -220,21 +67,25 @@ class ModelRegistry:
             self._check_spec(spec)
         self._threads = threads
         self._drain_timeout = drain_timeout_seconds
-        self._entries = {name: _Entry(spec) for name, spec in catalog.models.items()}
+        self._entries = {name: Entry(spec) for name, spec in catalog.models.items()}
         self._load_lock = asyncio.Lock()
         self._gate = gate or ComputeGate()
         self._batch_observer = batch_observer
         self._listeners: list[Listener] = []
-        self._budget = memory_budget_bytes
-        self._memory_wait = memory_wait_seconds
-        self._keep_alive_check = keep_alive_check_seconds
+        self._memory = MemoryPolicy(
+            self._entries,
+            self._evict,
+            budget_bytes=memory_budget_bytes,
+            wait_seconds=memory_wait_seconds,
+            keep_alive_check_seconds=keep_alive_check_seconds,
+        )
         self._reaper: asyncio.Task[None] | None = None
 
     # -- queries -------------------------------------------------------------------------------
 
     @property
     def memory_budget_bytes(self) -> int | None:
-        return self._budget
+        return self._memory.budget_bytes
 
     @property
     def resolver(self) -> SourceResolver:
@@ -307,7 +158,7 @@ class ModelRegistry:
 
     def memory_in_use(self) -> int:
         """Memory held by every loaded instance, retiring ones included, as measured at their load."""
-        return sum(entry.memory_bytes for entry in self._entries.values())
+        return self._memory.in_use()
 
     def defaults_ready(self) -> bool:
         """True when every task's default model is READY, or was unloaded by the registry itself
@@ -354,7 +205,7 @@ class ModelRegistry:
                     raise UnavailableError(f"model {spec.name!r} is being unloaded; retry once it is loaded again")
                 await entry.settled.wait()
                 continue
-            await self.load(spec.name, evict=_ON_DEMAND_EVICTION.get())
+            await self.load(spec.name, evict=on_demand_eviction_allowed())
         instance = entry.current
         assert instance is not None
         instance.active += 1
@@ -376,7 +227,7 @@ class ModelRegistry:
             if entry.spec.load is LoadPolicy.STARTUP:
                 self._start_loading(entry, entry.spec)
         if self._reaper is None:
-            self._reaper = asyncio.create_task(self._unload_idle_models(), name="keep-alive")
+            self._reaper = asyncio.create_task(self._memory.unload_idle_models(), name="keep-alive")
 
     async def load(
         self,
@@ -398,7 +249,7 @@ class ModelRegistry:
         if entry is None:
             if spec is None:
                 raise NotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(self._entries))}")
-            entry = self._entries[name] = _Entry(spec)
+            entry = self._entries[name] = Entry(spec)
         while True:
             if entry.state is ModelState.UNLOADING and entry.loading is None:
                 if not entry.auto_unloading:
@@ -458,7 +309,7 @@ class ModelRegistry:
         entry.current = None
         entry.auto_unloaded = False
         # Once out of the entry the model must be freed and marked so, even if the caller goes away.
-        await asyncio.shield(self._free(entry, instance, f"unloaded by admin at {_now()}"))
+        await asyncio.shield(self._free(entry, instance, f"unloaded by admin at {now()}"))
         return self.status(name)
 
     async def close(self) -> None:
@@ -483,13 +334,13 @@ class ModelRegistry:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> Entry:
         entry = self._entries.get(name)
         if entry is None:
             raise NotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(self._entries))}")
         return entry
 
-    def _start_loading(self, entry: _Entry, spec: ModelSpec, *, evict: bool = True) -> asyncio.Task[WaferError | None]:
+    def _start_loading(self, entry: Entry, spec: ModelSpec, *, evict: bool = True) -> asyncio.Task[WaferError | None]:
         before = entry.state
         if entry.current is None:
             self._set_state(entry, ModelState.LOADING)
@@ -497,7 +348,7 @@ class ModelRegistry:
         entry.loading = asyncio.create_task(self._load(entry, spec, before, evict=evict), name=f"load-{spec.name}")
         return entry.loading
 
-    async def _load(self, entry: _Entry, spec: ModelSpec, before: ModelState, *, evict: bool) -> WaferError | None:
+    async def _load(self, entry: Entry, spec: ModelSpec, before: ModelState, *, evict: bool) -> WaferError | None:
         """Load `spec` for `entry` and put it in service; the error, if it fails, is returned to
         whoever waits (a background load has no caller to raise to)."""
         swap = spec != entry.spec
@@ -518,7 +369,7 @@ class ModelRegistry:
                 self._notify()  # a failed swap: the old instance keeps serving, as it is
             elif isinstance(error, ResourceExhaustedError | PermissionDeniedError) and not swap:
                 # Not a fault of the model: it stays loadable, and says why it is not loaded.
-                entry.not_loaded_reason = f"load refused at {_now()}: {error.message}"
+                entry.not_loaded_reason = f"load refused at {now()}: {error.message}"
                 self._set_state(entry, before)
             elif swap:
                 # All or nothing: the entry keeps its spec and its state from before the attempt.
@@ -532,7 +383,7 @@ class ModelRegistry:
         self._install(entry, spec, instance)
         return None
 
-    def _install(self, entry: _Entry, spec: ModelSpec, instance: _Instance) -> None:
+    def _install(self, entry: Entry, spec: ModelSpec, instance: Instance) -> None:
         old = entry.current
         entry.spec = spec
         entry.current = instance
@@ -556,7 +407,7 @@ class ModelRegistry:
             entry.retire_tasks.add(retire)
             retire.add_done_callback(entry.retire_tasks.discard)
 
-    async def _retire(self, entry: _Entry, old: _Instance) -> None:
+    async def _retire(self, entry: Entry, old: Instance) -> None:
         """Free a swapped-out instance once the requests it still holds end."""
         await old.idle.wait()
         try:
@@ -577,30 +428,30 @@ class ModelRegistry:
         if entry.retire_tasks:
             await asyncio.shield(asyncio.gather(*entry.retire_tasks))
 
-    async def _load_instance(self, spec: ModelSpec, entry: _Entry, *, evict: bool) -> _Instance:
+    async def _load_instance(self, spec: ModelSpec, entry: Entry, *, evict: bool) -> Instance:
         pending: asyncio.Future[LoadedModel] | None = None
         try:
             async with self._load_lock:
                 backend_cls = self._backend_for(spec)
                 files = await asyncio.to_thread(self._files, spec)
                 estimate = entry.measured_bytes if spec == entry.spec else 0
-                await self._make_room(max(estimate, _size(files)), entry, for_spec=spec, evict=evict)
+                await self._memory.make_room(max(estimate, files_size(files)), entry, for_spec=spec, evict=evict)
                 started = time.perf_counter()
                 # Memory freed earlier but still mapped would be reused by this load and hide it.
                 await asyncio.to_thread(trim_heap)
-                rss_before = _rss()
+                rss_before = rss()
                 loop = asyncio.get_running_loop()
                 pending = loop.run_in_executor(None, self._load_blocking, backend_cls, spec, files)
                 loaded = await pending
-                instance = _Instance(
+                instance = Instance(
                     loaded=loaded,
-                    memory_bytes=max(0, _rss() - rss_before),
+                    memory_bytes=max(0, rss() - rss_before),
                     load_seconds=time.perf_counter() - started,
                 )
                 # The estimate may have been low (a first load): make room for what it really took,
                 # as far as idle models allow; the model is loaded by now either way.
                 if evict:
-                    await self._make_room(instance.memory_bytes, entry, for_spec=spec, strict=False)
+                    await self._memory.make_room(instance.memory_bytes, entry, for_spec=spec, strict=False)
         except asyncio.CancelledError:
             # Shutdown while loading: the load thread cannot be interrupted; free what it returns.
             if pending is not None:
@@ -656,86 +507,7 @@ class ModelRegistry:
         )
         return LoadedModel(spec=spec, backend=backend, scheduler=scheduler, instances=tuple(instances))
 
-    async def _make_room(
-        self, needed: int, loading: _Entry, *, for_spec: ModelSpec, strict: bool = True, evict: bool = True
-    ) -> None:
-        """Evict idle, unpinned models, least recently used first, until `needed` more bytes fit the
-        budget. Models busy with requests soon are idle: wait up to `memory_wait_seconds` for them
-        before refusing the load. Runs under the load lock, so no other load races it. Without
-        `evict`, a load that does not fit as it is, where unloading others could make it fit, is
-        refused (PermissionDeniedError)."""
-        if self._budget is None:
-            return
-        if not evict and self.memory_in_use() + needed > self._budget:
-            others = [e for e in self._entries.values() if e is not loading and e.memory_bytes > 0 and not e.pinned]
-            if others:
-                raise PermissionDeniedError(
-                    f"model {for_spec.name!r} is not loaded, and loading it needs about {_mb(needed)} where the "
-                    f"memory budget has {_mb(max(0, self._budget - self.memory_in_use()))} free: it would unload "
-                    f"{', '.join(e.spec.name for e in others)}. Unloading models is an admin act: send the admin "
-                    "token with this call, or have an admin load the model (LoadModel)"
-                )
-        deadline = time.monotonic() + self._memory_wait
-        while True:
-            await self._evict_idle(needed, loading, for_spec)
-            if not strict or self.memory_in_use() + needed <= self._budget:
-                return
-            releases = self._pending_releases(loading)
-            remaining = deadline - time.monotonic()
-            if not releases or remaining <= 0:
-                break
-            # Also wakes on a timer: an admin's unload elsewhere frees memory without an event here.
-            await asyncio.wait(releases, timeout=min(remaining, 0.1), return_when=asyncio.FIRST_COMPLETED)
-            for waiter in releases:
-                waiter.cancel()
-        holders = [self._holder(e) for e in self._entries.values() if e.memory_bytes > 0]
-        raise ResourceExhaustedError(
-            f"loading model {for_spec.name!r} needs about {_mb(needed)} but the memory budget is "
-            f"{_mb(self._budget)} and {_mb(self.memory_in_use())} is held by models that cannot be "
-            f"evicted: {', '.join(holders) or 'none'}. Unload one, unpin one, or raise WAFER_MEMORY_BUDGET_MB",
-            retry_after_seconds=5.0,
-        )
-
-    async def _evict_idle(self, needed: int, loading: _Entry, for_spec: ModelSpec) -> None:
-        assert self._budget is not None
-        candidates = sorted(
-            (e for e in self._entries.values() if e is not loading and e.evictable()),
-            key=lambda e: e.last_active,
-        )
-        for victim in candidates:
-            if self.memory_in_use() + needed <= self._budget:
-                return
-            if not victim.evictable():  # it was leased while an earlier victim was being freed
-                continue
-            freed = victim.memory_bytes
-            await self._evict(victim, f"evicted at {_now()} to make room for {for_spec.name!r}")
-            log.info("model evicted", model=victim.spec.name, freed_mb=round(freed / 2**20, 1), for_model=for_spec.name)
-
-    def _pending_releases(self, loading: _Entry) -> list[asyncio.Future[Any]]:
-        """Waiters for memory that will become evictable or free by itself: unpinned models busy with
-        requests (idle soon), and swapped-out instances (freed once their requests end)."""
-        waiters: list[asyncio.Future[Any]] = []
-        for entry in self._entries.values():
-            # Shielded: the caller cancels its waiters, never the retirement itself.
-            waiters += [asyncio.shield(task) for task in entry.retire_tasks]
-            current = entry.current
-            if entry is not loading and not entry.pinned and current is not None and current.active:
-                waiters.append(asyncio.ensure_future(current.idle.wait()))
-        return waiters
-
-    def _holder(self, entry: _Entry) -> str:
-        why = []
-        if entry.pinned:
-            why.append("pinned")
-        if any(i.active for i in entry.instances):
-            why.append("busy")
-        if entry.retiring:
-            why.append("swapping")
-        if entry.state is not ModelState.READY:
-            why.append(entry.state.value)
-        return f"{entry.spec.name} ({_mb(entry.memory_bytes)}{', ' + ', '.join(why) if why else ''})"
-
-    async def _evict(self, entry: _Entry, reason: str) -> None:
+    async def _evict(self, entry: Entry, reason: str) -> None:
         """Unload a model that is idle now. The checks and the state change happen with no await
         between them, so no lease can slip in; leases arriving later wait and load it again."""
         instance = entry.current
@@ -745,28 +517,7 @@ class ModelRegistry:
         entry.auto_unloaded = True
         await asyncio.shield(self._free(entry, instance, reason))
 
-    async def _unload_idle_models(self) -> None:
-        """The keep-alive clock: unload models idle longer than their keep_alive_seconds."""
-        while True:
-            await asyncio.sleep(self._keep_alive_check)
-            now = time.monotonic()
-            for entry in list(self._entries.values()):
-                keep_alive = entry.keep_alive_seconds
-                if keep_alive is None or not entry.evictable():
-                    continue
-                idle = now - entry.last_active
-                if idle < keep_alive:
-                    continue
-                try:
-                    await self._evict(
-                        entry, f"unloaded at {_now()} after {idle:.0f} s idle (keep_alive {keep_alive:g} s)"
-                    )
-                except Exception as exc:  # one model failing to close must not stop the clock for the others
-                    log.warning("idle model failed to unload", model=entry.spec.name, error=repr(exc))
-                else:
-                    log.info("idle model unloaded", model=entry.spec.name, idle_seconds=round(idle, 1))
-
-    async def _free(self, entry: _Entry, instance: _Instance, reason: str) -> None:
+    async def _free(self, entry: Entry, instance: Instance, reason: str) -> None:
         try:
             await asyncio.to_thread(_close, instance.loaded)
         finally:
@@ -775,17 +526,17 @@ class ModelRegistry:
             self._end_unloading(entry, ModelState.UNLOADED)
         log.info("model unloaded", model=entry.spec.name, reason=reason)
 
-    def _begin_unloading(self, entry: _Entry, *, automatic: bool) -> None:
+    def _begin_unloading(self, entry: Entry, *, automatic: bool) -> None:
         entry.auto_unloading = automatic
         entry.settled.clear()
         self._set_state(entry, ModelState.UNLOADING)
 
-    def _end_unloading(self, entry: _Entry, state: ModelState) -> None:
+    def _end_unloading(self, entry: Entry, state: ModelState) -> None:
         entry.auto_unloading = False
         self._set_state(entry, state)
         entry.settled.set()
 
-    def _set_state(self, entry: _Entry, state: ModelState) -> None:
+    def _set_state(self, entry: Entry, state: ModelState) -> None:
         entry.state = state
         self._notify()
 
@@ -819,56 +570,3 @@ def instance_plan(backend_cls: type[Backend], spec: ModelSpec, threads: int) -> 
 def _close_when_loaded(future: asyncio.Future[LoadedModel]) -> None:
     if not future.cancelled() and future.exception() is None:
         _close(future.result())
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS. glibc keeps a freed model's arenas mapped otherwise,
-    and RSS, the budget's measure, would not come down after an unload."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-# mallopt's parameter number for the arena cap (glibc malloc.h).
-_M_ARENA_MAX = -8
-
-
-def limit_heap_arenas(count: int) -> None:
-    """Cap glibc's malloc arenas. By default each thread that allocates may get its own (up to 8 per
-    core), and every load brings new threads (its worker, ONNX Runtime's pools): freed models then
-    leave partly used arenas behind, and RSS drifts up over load/unload cycles (+50 MiB over 200
-    minilm cycles with requests running; +7 MiB with 2 arenas, bench/RESULTS.md). Call it early,
-    before the threads exist; no-op where the C library is not glibc."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(_M_ARENA_MAX, count)
-
-
-def _size(files: ModelFiles) -> int:
-    """Bytes of the model's files: the first estimate of its memory, before a load has measured it."""
-    paths = (files.weights, files.tokenizer, *files.extra.values())
-    return sum(path.stat().st_size for path in paths if path is not None)
-
-
-def _rss() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _mb(value: int) -> str:
-    return f"{value / 2**20:.0f} MB"
