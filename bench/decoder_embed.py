@@ -20,7 +20,7 @@ tokenizer.
   pooling, non-causal attention, one decode per window of packed texts, 64 sequences per decode,
   same threads), tokenizing and appending `<|endoftext|>` itself: what a hand-written client does.
   `Llama.embed` is not used: it loads weights with llama.cpp's extra buffer types, which die with
-  SIGILL on these VMs (server/wafer/backends/gguf.py).
+  SIGILL on these VMs (server/wafer/backends/gguf/).
 
 Rounds alternate raw, Wafer, raw, ... on the same texts; the ratio is Wafer against the mean of the
 raw rounds around it. The load average is printed: the machine is shared.

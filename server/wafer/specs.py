@@ -78,7 +78,7 @@ class BatchingSpec(BaseModel):
 
 
 class GenerationSpec(BaseModel):
-    """How a GGUF model serves several generation streams at once (see wafer.backends.gguf_streams)."""
+    """How a GGUF model serves several generation streams at once (see wafer.backends.gguf.streams)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

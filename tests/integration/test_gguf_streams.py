@@ -13,7 +13,7 @@ import pytest
 
 from wafer.backends.base import ComputeInterrupted, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
-from wafer.backends.gguf_streams import PREFILL_CHUNK, Stream, StreamEngine
+from wafer.backends.gguf.streams import PREFILL_CHUNK, Stream, StreamEngine
 from wafer.domain import ChatMessage, GenerationDelta, Priority, SamplingParams
 from wafer.errors import InvalidArgumentError
 from wafer.metrics import Metrics
@@ -36,7 +36,7 @@ LONG_CONTEXT = " ".join(f"Note {i}: the train to the coast leaves at {i % 12 + 1
 def backend(resolver: SourceResolver, smollm2_spec: ModelSpec) -> Iterator[GgufBackend]:
     files = ModelFiles(weights=resolver.resolve(smollm2_spec.source, model=smollm2_spec.name))
     # Two threads, and the engine follows the machine's load: a test's runs may decode at different
-    # thread counts, which must not change a token (flash attention is off: see gguf._generation_params).
+    # thread counts, which must not change a token (flash attention is off: see gguf.context.generation_params).
     loaded = GgufBackend.load(smollm2_spec, files, LoadOptions(threads=2))
     yield loaded
     loaded.close()

@@ -24,7 +24,7 @@ Every call into a backend goes through its model's scheduler, never straight fro
   RESOURCE_EXHAUSTED with a retry hint from the model's measured speed, never unbounded memory. A
   caller that cancels or whose deadline passes is removed from the queue, and its work never runs.
 - **Streams** (generation) on a backend that decodes several together (GGUF: continuous batching,
-  wafer.backends.gguf_streams) share one step per token: every admitted stream's next token in one
+  wafer.backends.gguf.streams) share one step per token: every admitted stream's next token in one
   decode, each step its own turn of the compute gate, so other models' work (and this model's
   other calls) run between steps. A new stream joins at the next step when the backend has a free
   sequence and the cells for it (`generation.parallel`, `generation.kv_cells` in models.yaml);

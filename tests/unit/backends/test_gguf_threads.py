@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from wafer.backends.gguf_streams import OutsideLoad, machine_busy_seconds, own_busy_seconds, threads_for_load
+from wafer.backends.gguf.streams import OutsideLoad, machine_busy_seconds, own_busy_seconds, threads_for_load
 
 
 @pytest.mark.parametrize(

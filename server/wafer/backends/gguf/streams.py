@@ -14,7 +14,7 @@ A stream's tokens do not depend on who else is being served, on when it joined, 
 was cut into chunks, on the thread count or on the prompt cache: its logits are bit-for-bit those of
 the stream alone (docs/architecture.md, "Generation", has the evidence and the limits). Three things
 make that so on llama.cpp's CPU backend:
-- Flash attention is off in the generation context (gguf._generation_params). Its CPU kernel splits
+- Flash attention is off in the generation context (context.generation_params). Its CPU kernel splits
   a lone one-token decode's keys over the threads once 512 cells are in view and merges partial sums
   (`use_split_kv_path` in ggml-cpu/ops.cpp), and tiles chunks of 64 or more prompt tokens per
   sequence another way than shorter ones: measured on SmolLM2, a stream's greedy tokens then changed
