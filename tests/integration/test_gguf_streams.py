@@ -148,8 +148,8 @@ def test_the_thread_count_changes_no_token(backend: GgufBackend, monkeypatch: py
     A prompt of more than 512 tokens: with flash attention, llama.cpp's CPU kernel splits a lone
     stream's keys over the threads from 512 cells on, and the greedy tokens changed."""
     engine = engine_of(backend)
-    if engine._cores < 2:
-        pytest.skip("needs two cores")
+    # llama.cpp runs two threads on one core too (slower): the test holds on any machine.
+    monkeypatch.setattr(engine, "_cores", max(engine._cores, 2))
     messages = chat(LONG_CONTEXT + "\nWhich trains leave at noon?")
     greedy = SamplingParams(max_tokens=24, temperature=0.0)
     runs = []

@@ -398,7 +398,9 @@ class GgufBackend(Backend):
         """P(yes) against P(no) as the judge's next token, per document (`relevance_steps`)."""
         scores: list[float] = []
         token_counts: list[int] = []
-        steps = self.relevance_steps(query, documents, instruction=instruction, truncate=truncate, cancelled=bool)
+        steps = self.relevance_steps(
+            query, documents, instruction=instruction, truncate=truncate, cancelled=lambda: False
+        )
         for score, tokens in steps:
             scores.append(score)
             token_counts.append(tokens)
