@@ -6,10 +6,21 @@ from pathlib import Path
 
 import pytest
 
+from wafer.registry import LoadedModel, ModelRegistry
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def loaded(registry: ModelRegistry, name: str) -> LoadedModel:
+    """The registry's own record of a ready model: its backend instances and scheduler, which a
+    lease's handle does not hand out (for tests that compare against the backend itself)."""
+    instance = registry._entries[name].current
+    assert instance is not None, f"model {name!r} is not loaded"
+    return instance.loaded
+
+
 MODELS_YAML = ROOT / "models.yaml"
 
 

@@ -1,7 +1,8 @@
 """The inference engine: what Embed, Rerank and Generate mean, independent of gRPC.
 
 It validates requests against the model that will answer them, applies the model's prompts,
-runs the backend through the model's scheduler, and post-processes (Matryoshka cuts, normalization,
+hands the work to the model's handle (which queues it on the model's own thread; the engine never
+holds a backend), and post-processes (Matryoshka cuts, normalization,
 ranking). The RPC layer only translates to and from these calls.
 """
 
@@ -9,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from wafer import chunking
 from wafer.backends.base import Embeddings, InputTooLongError
 from wafer.cache import CachedEmbeddings, EmbeddingCache, Recipe, cached_embed
 from wafer.chunking import Span
@@ -38,8 +38,8 @@ from wafer.domain import (
     Usage,
 )
 from wafer.errors import InvalidArgumentError, NotFoundError
-from wafer.registry import LoadedModel, ModelRegistry
-from wafer.scheduler import Scheduled
+from wafer.registry import ModelRegistry
+from wafer.scheduler import ModelHandle, Scheduled
 from wafer.specs import ModelSpec, RerankMethod, Task
 
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
@@ -81,10 +81,8 @@ def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
 
 
 class EngineObserver(Protocol):
-    """Told about the work only the engine sees whole: relevance batches and finished generations
-    (the metrics implement it; the scheduler reports the other batches)."""
-
-    def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None: ...
+    """Told about finished generations, which only the engine sees whole (the metrics implement
+    it; batches are reported by the model's scheduler and handle)."""
 
     def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None: ...
 
@@ -135,7 +133,7 @@ class InferenceEngine:
                 spec = model.spec
                 context = request.context
                 assert not isinstance(context, ContextRequest)
-                if context is not None and not model.backend.contextual:
+                if context is not None and not model.contextual:
                     raise _takes_no_context(spec.name)
                 dimensions = self._check_dimensions(spec, request.dimensions)
                 normalize = spec.normalize if request.normalize is None else request.normalize
@@ -147,7 +145,7 @@ class InferenceEngine:
 
                 async def compute(batch: list[str]) -> Embeddings:
                     nonlocal scheduled
-                    scheduled = await model.scheduler.embed(
+                    scheduled = await model.embed(
                         batch, truncate=request.truncate, lane=request.priority, context=context
                     )
                     return scheduled.value
@@ -212,22 +210,17 @@ class InferenceEngine:
         first stage (cde: the dataset embeddings)."""
         self._check_texts(documents, what="context_documents", limit=False)
         async with self._registry.lease(model_name, Task.EMBED) as model:
-            self._check_contextual(model.spec, model.backend.contextual)
-            backend, prompt = model.backend, model.spec.document_prompt
-            sample = [prompt + text for text in sample_corpus(documents, backend.context_size)]
-            if backend.context_rows_are_embeddings:
-                # Stage 1 of 512 documents is a minute of work at cde's real size: cut into the
-                # scheduler's micro-batches, it never holds interactive requests back for long.
-                rows = await model.scheduler.embed(sample, truncate=True, lane=priority)
-                return Context.of(rows.value.vectors)
-            built = await model.scheduler.run(lambda: backend.build_context(sample), lane=priority)
-        return Context.of(built.value)
+            self._check_contextual(model.spec, model.contextual)
+            prompt = model.spec.document_prompt
+            sample = [prompt + text for text in sample_corpus(documents, model.context_size)]
+            built = await model.build_context(sample, lane=priority)
+        return Context.of(built)
 
     async def context_size(self, model_name: str) -> int:
         """How many corpus documents the model builds a context from (loads the model)."""
         async with self._registry.lease(model_name, Task.EMBED) as model:
-            self._check_contextual(model.spec, model.backend.contextual)
-            return model.backend.context_size
+            self._check_contextual(model.spec, model.contextual)
+            return model.context_size
 
     def is_contextual(self, model_name: str) -> bool:
         """Whether the model's vectors depend on a context (its backend is contextual)."""
@@ -292,10 +285,7 @@ class InferenceEngine:
         async with self._registry.lease(model_name, Task.EMBED) as model:
             spec = model.spec
             prompt = spec.query_prompt if input_type is InputType.QUERY else spec.document_prompt
-            planned = await model.scheduler.run(
-                lambda: chunking.split(model.backend, texts, prompt=prompt), lane=priority
-            )
-            spans = planned.value
+            spans = await model.plan_chunks(texts, prompt=prompt, lane=priority)
         return spec.name, spans
 
     # -- Rerank --------------------------------------------------------------------------------
@@ -314,9 +304,7 @@ class InferenceEngine:
                     texts = [spec.query_prompt + request.query]
                     texts += [spec.document_prompt + doc for doc in request.documents]
                     try:
-                        embedded = await model.scheduler.embed(
-                            texts, truncate=request.truncate, lane=lane, task=Task.RERANK
-                        )
+                        embedded = await model.embed(texts, truncate=request.truncate, lane=lane, task=Task.RERANK)
                     except InputTooLongError as error:
                         # Row 0 is the query; documents follow.
                         if error.index == 0:
@@ -331,8 +319,6 @@ class InferenceEngine:
                         scores, token_counts, timings = await self._judge(model, request, arrived)
                     except InputTooLongError as error:
                         raise error.renamed(f"documents[{error.index}]", error.index) from None
-                    if self._metrics is not None:
-                        self._metrics.record_batch(spec.name, Task.RERANK, len(token_counts), sum(token_counts))
         order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
         if request.top_n:
             order = order[: request.top_n]
@@ -352,28 +338,27 @@ class InferenceEngine:
         )
 
     async def _judge(
-        self, model: LoadedModel, request: RerankRequest, arrived: float
+        self, model: ModelHandle, request: RerankRequest, arrived: float
     ) -> tuple[list[float], list[int], Timings]:
         """An LLM judge's scores, a document per turn of the compute gate: other models' work runs
         between two documents, and a caller that leaves (deadline, cancel, shutdown) stops the
         judging at the next document instead of leaving the model busy for minutes."""
-        spec, backend = model.spec, model.backend
         started: float | None = None
 
-        def start(cancelled: Callable[[], bool]) -> Iterator[tuple[float, int]]:
+        def on_start() -> None:
             nonlocal started
             started = time.perf_counter()
-            return backend.relevance_steps(
-                request.query,
-                request.documents,
-                instruction=spec.rerank_instruction,
-                truncate=request.truncate,
-                cancelled=cancelled,
-            )
 
         scores: list[float] = []
         token_counts: list[int] = []
-        steps = model.scheduler.stream(start, lane=request.priority)
+        steps = model.relevance(
+            request.query,
+            request.documents,
+            instruction=model.spec.rerank_instruction,
+            truncate=request.truncate,
+            lane=request.priority,
+            on_start=on_start,
+        )
         async with contextlib.aclosing(steps):
             async for score, tokens in steps:
                 scores.append(score)
@@ -401,7 +386,7 @@ class InferenceEngine:
                         yield chunk
 
     async def _stream(
-        self, model: LoadedModel, request: GenerateRequest, arrived: float
+        self, model: ModelHandle, request: GenerateRequest, arrived: float
     ) -> AsyncGenerator[GenerateChunk, None]:
         name = model.spec.name
         started: float | None = None
@@ -411,7 +396,7 @@ class InferenceEngine:
             nonlocal started
             started = time.perf_counter()
 
-        deltas = model.scheduler.generate(
+        deltas = model.generate(
             prompt=request.prompt,
             messages=request.messages,
             sampling=request.sampling,

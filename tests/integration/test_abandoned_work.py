@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODELS_YAML
+from tests.conftest import MODELS_YAML, loaded
 from wafer.backends import available_backends
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, Priority, RerankRequest
@@ -48,8 +48,8 @@ async def idle_within(engine: InferenceEngine, model: str, seconds: float) -> fl
 
 async def test_an_abandoned_pooled_embed_stops_inside_its_backend_call(engine: InferenceEngine) -> None:
     await engine.embed(EmbedRequest(inputs=["warm up"], model="minilm"))
-    async with engine.registry.lease("minilm", Task.EMBED) as model:
-        scheduler = model.scheduler
+    async with engine.registry.lease("minilm", Task.EMBED):
+        scheduler = loaded(engine.registry, "minilm").scheduler
     # About 230 windows of 256 tokens in one request: seconds of ONNX work, after a quick split.
     call = asyncio.ensure_future(
         engine.embed(EmbedRequest(inputs=[LONG_DOCUMENT * 20], model="minilm", pool_chunks=True))

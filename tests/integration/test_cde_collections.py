@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import loaded
 from tests.fakes.fake_hub import running_fake_hub
 from tests.fakes.tiny_cde import put_on_hub, write_tiny_cde
 from tests.integration.test_hub_source import closed_port_url
@@ -107,8 +108,9 @@ async def test_each_collection_gets_its_own_context_and_keeps_it(
     assert notes.context.id != invoices.context.id
     # The context is stage 1 of the authors' sample: 512 drawn with replacement from the 4 documents,
     # each with the document prompt (built through the scheduler, in micro-batches).
-    async with server.registry.lease(MODEL, Task.EMBED) as model:
-        expected = model.backend.build_context(["search_document: " + t for t in sample_corpus(NOTES, 512)])
+    async with server.registry.lease(MODEL, Task.EMBED):
+        backend = loaded(server.registry, MODEL).backend
+        expected = backend.build_context(["search_document: " + t for t in sample_corpus(NOTES, 512)])
     np.testing.assert_allclose(notes.context.vectors, expected, rtol=1e-5, atol=1e-5)
     listed = {c.name: c.context_id for c in await server.index.list_collections()}
     assert listed == {"notes": notes.context.id, "invoices": invoices.context.id}

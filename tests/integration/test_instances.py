@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from tests.conftest import loaded
 from wafer.backends import available_backends
 from wafer.backends.base import Embeddings, LoadOptions, ModelFiles, Tokenized
 from wafer.backends.onnx import OnnxBackend
@@ -108,12 +109,13 @@ async def test_the_registry_loads_the_instances_a_spec_asks_for(
     spec = minilm_spec.model_copy(update={"name": "minilm-3", "instances": 3, "load": "on_demand"})
     assert instance_plan(OnnxBackend, spec, 2) == (3, 1)
     await registry.load("minilm-3", spec=spec)
-    async with registry.lease("minilm-3", Task.EMBED) as model:
+    async with registry.lease("minilm-3", Task.EMBED) as handle:
+        model = loaded(registry, "minilm-3")
         assert len(model.instances) == 3 and model.instances[0] is model.backend
         assert model.scheduler.instances == 3
         names = {thread.name for thread in threading.enumerate()}
         assert {"wafer-minilm-3", "wafer-minilm-3-1", "wafer-minilm-3-2"} <= names
-        result = await model.scheduler.embed(TEXTS, truncate=True)
+        result = await handle.embed(TEXTS, truncate=True)
         np.testing.assert_allclose(
             result.value.vectors, model.instances[2].embed(TEXTS, truncate=True).vectors, atol=1e-5
         )

@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
+from tests.conftest import loaded
 from tests.fakes.fake_backend import FakeBackend
 from wafer.backends.base import Backend, LoadOptions, ModelFiles, NoOptions
 from wafer.errors import InvalidArgumentError, PermissionDeniedError
@@ -68,8 +69,8 @@ def head_registry(tmp_path: Path, open_gate: None) -> ModelRegistry:
 async def test_backend_receives_its_options_and_extra_files(head_registry: ModelRegistry, tmp_path: Path) -> None:
     HeadBackend.received.clear()
     try:
-        async with head_registry.lease("m", Task.EMBED) as model:
-            assert model.backend.options == HeadOptions(attention="bidirectional")
+        async with head_registry.lease("m", Task.EMBED):
+            assert loaded(head_registry, "m").backend.options == HeadOptions(attention="bidirectional")
         assert dict(HeadBackend.received[0].extra) == {"projection_head": tmp_path / "head.safetensors"}
     finally:
         await head_registry.close()

@@ -21,6 +21,12 @@ EDGES_OF_GRPC = ("wafer.rpc", "wafer.http", "wafer_client", "wafer_proto")
 RESTRICTED = {name: EDGES_OF_GRPC for name in GRPC} | {"prometheus_client": ("wafer.metrics",)}
 # The parts that record metrics run without Prometheus: they import neither it nor wafer.metrics.
 WITHOUT_PROMETHEUS = ("wafer.cache", "wafer.engine", "wafer.indexing", "wafer.jobs", "wafer.scheduler")
+# The parts that use models reach one only through the handle a lease gives (ModelHandle, whose work
+# runs on the model's thread), never its backend or scheduler: only the model's thread may call a
+# backend. A spec's `backend` is the backend's name, a string, and stays allowed.
+MODEL_USERS = ("wafer.engine", "wafer.indexing", "wafer.jobs", "wafer.http", "wafer.rpc")
+MODEL_INSIDES = frozenset({"backend", "_backend", "scheduler", "_scheduler", "instances"})
+INSIDE_TYPES = frozenset({"Backend", "ModelScheduler", "LoadedModel"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,21 @@ def part(module: str) -> str:
     if top[0] != "wafer":
         return top[0]
     return ".".join(top[:2]) if len(top) > 1 else "wafer"
+
+
+def model_insides(module: str, source: str) -> Iterator[str]:
+    """Where `source` reaches past a model handle: an attribute named like a backend, scheduler or
+    instance list (other than a spec's backend name), or an import of their types."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in MODEL_INSIDES and not _is_spec(node.value):
+            yield f"{module}:{node.lineno} reaches .{node.attr}"
+        elif isinstance(node, ast.ImportFrom):
+            yield from (f"{module}:{node.lineno} imports {a.name}" for a in node.names if a.name in INSIDE_TYPES)
+
+
+def _is_spec(node: ast.expr) -> bool:
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return name.endswith("spec")
 
 
 def documented_rules() -> dict[str, set[str]]:
@@ -181,3 +202,27 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     (found,) = [i for i in imports(fake) if i.module == "wafer.engine"]
     assert found.target == "wafer.rpc.server"
     assert part(found.target) not in RULES[part(found.module)]
+
+
+def test_model_users_reach_models_only_through_a_handle() -> None:
+    users = [m for m in KNOWN if any(m == u or m.startswith(u + ".") for u in MODEL_USERS)]
+    assert "wafer.engine" in users and "wafer.rpc.servicers" in users
+    refused = [line for m in users for line in model_insides(m, KNOWN[m].read_text(encoding="utf-8"))]
+    assert not refused, "reaches past the model handle (use its methods):\n" + "\n".join(refused)
+
+
+def test_the_handle_check_sees_a_backend() -> None:
+    """The check is not vacuous: the engine's old ways to a backend are caught, a spec's name is not."""
+    old = (
+        "from wafer.backends.base import Backend\n"
+        "async def f(model, spec, texts):\n"
+        "    kind = spec.backend, model.spec.backend\n"
+        "    if model.backend.contextual:\n"
+        "        await model.scheduler.run(lambda: split(model.backend, texts))\n"
+    )
+    assert sorted(model_insides("wafer.engine", old)) == [
+        "wafer.engine:1 imports Backend",
+        "wafer.engine:4 reaches .backend",
+        "wafer.engine:5 reaches .backend",
+        "wafer.engine:5 reaches .scheduler",
+    ]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from tests.conftest import loaded
 from tests.fakes.fake_backend import FakeBackend
 from tests.unit.conftest import fake_catalog, startup_settled
 from wafer.config import Settings
@@ -323,11 +324,12 @@ async def test_swap_moves_new_requests_and_lets_old_ones_finish(registry: ModelR
 
     async def long_request() -> None:
         async with registry.lease("lazy", Task.EMBED) as model:
+            backend = loaded(registry, "lazy").backend  # the instance this lease holds
             held.set()
             await release.wait()
             seen.append(model.spec.source)
-            assert isinstance(model.backend, FakeBackend)
-            assert not model.backend.is_closed
+            assert isinstance(backend, FakeBackend)
+            assert not backend.is_closed
 
     request = asyncio.create_task(long_request())
     await held.wait()

@@ -11,7 +11,7 @@ from enum import StrEnum
 
 from wafer.backends.base import Backend
 from wafer.errors import WaferError
-from wafer.scheduler import ModelScheduler
+from wafer.scheduler import ModelHandle, ModelScheduler
 from wafer.specs import ModelSpec, Task
 
 NEVER_LOADED = "never loaded"
@@ -27,13 +27,15 @@ class ModelState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """What a lease hands out: the spec, the backend, and the scheduler every call to it goes through.
-    `backend` is the model's first instance, the one `scheduler.run` calls and streams run on;
+    """One loaded copy of a model as the registry keeps it: the spec, the backend instances, the
+    scheduler that owns them, and the handle a lease hands out (callers never see the rest).
+    `backend` is the model's first instance, the one the scheduler's calls and streams run on;
     `instances` holds every instance, `backend` first."""
 
     spec: ModelSpec
     backend: Backend
     scheduler: ModelScheduler
+    handle: ModelHandle
     instances: tuple[Backend, ...] = ()
 
 

@@ -26,7 +26,7 @@ from wafer.errors import (
 )
 from wafer.registry.entries import Entry, Instance, LoadedModel, ModelState, ModelStatus, now
 from wafer.registry.memory import MemoryPolicy, files_size, on_demand_eviction_allowed, rss, trim_heap
-from wafer.scheduler import BatchObserver, ComputeGate, ModelScheduler
+from wafer.scheduler import BatchObserver, ComputeGate, ModelHandle, ModelScheduler
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, LoadPolicy, ModelSpec, Task, spec_from_text
 
@@ -195,8 +195,9 @@ class ModelRegistry:
     # -- use -----------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str, task: Task) -> AsyncIterator[LoadedModel]:
-        """Hold a ready model for the duration of one request, loading it first if need be."""
+    async def lease(self, name: str, task: Task) -> AsyncIterator[ModelHandle]:
+        """Hold a ready model for the duration of one request, loading it first if need be. The
+        handle is the only way to the model's backend: its work runs on the model's thread."""
         spec = self.resolve(name, task)
         entry = self._entries[spec.name]
         while entry.state is not ModelState.READY:
@@ -211,7 +212,7 @@ class ModelRegistry:
         instance.active += 1
         instance.idle.clear()
         try:
-            yield instance.loaded
+            yield instance.loaded.handle
         finally:
             instance.active -= 1
             entry.last_used = datetime.now(UTC)
@@ -505,7 +506,8 @@ class ModelRegistry:
             max_tokens=spec.max_tokens,
             observer=self._batch_observer,
         )
-        return LoadedModel(spec=spec, backend=backend, scheduler=scheduler, instances=tuple(instances))
+        handle = ModelHandle(spec, scheduler, backend, observer=self._batch_observer)
+        return LoadedModel(spec=spec, backend=backend, scheduler=scheduler, handle=handle, instances=tuple(instances))
 
     async def _evict(self, entry: Entry, reason: str) -> None:
         """Unload a model that is idle now. The checks and the state change happen with no await

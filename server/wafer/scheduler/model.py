@@ -6,7 +6,8 @@ Every call into a backend goes through its model's scheduler, never straight fro
   session on its own thread with a share of the cores: each merged batch goes to a free instance,
   so one instance's Python work (padding, pooling) overlaps another's compute, as Triton's
   instance groups do. The first instance is the model's own (`LoadedModel.backend`): calls
-  (`run`) and streams go only to it, since callers close over it; the others take embeddings.
+  (`run`) and streams go only to it, since the model's handle closes over it; the others take
+  embeddings.
 - **Two lanes.** Interactive work (a person is waiting) is always taken before batch work (a
   corpus being indexed). While interactive work keeps coming, batch embeddings are cut into
   micro-batches whose estimated run time is `batching.batch_unit_ms`: an interactive request
