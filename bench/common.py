@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from wafer.app import engine_limits
 from wafer.backends import available_backends
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
@@ -55,7 +56,7 @@ def in_process_engine(threads: int | None = None, gate: ComputeGate | None = Non
         drain_timeout_seconds=settings.unload_drain_timeout_seconds,
         gate=gate,
     )
-    return InferenceEngine(registry, settings)
+    return InferenceEngine(registry, engine_limits(settings))
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ import numpy as np
 
 from bench.common import ROOT, header, load_corpus, median, write_section
 from tests.fakes.tiny_qwen2 import TinyQwen2, write_tiny_qwen2
+from wafer.app import engine_limits
 from wafer.backends.gguf import GgufBackend
 from wafer.config import Settings
 from wafer.domain import EmbedRequest
@@ -163,7 +164,7 @@ def wafer_engine(path: Path, config: TinyQwen2, threads: int) -> tuple[Inference
         threads=threads,
         drain_timeout_seconds=30,
     )
-    return InferenceEngine(registry, settings), spec.name
+    return InferenceEngine(registry, engine_limits(settings)), spec.name
 
 
 async def wafer_round(engine: InferenceEngine, name: str, texts: list[str]) -> tuple[Round, np.ndarray]:

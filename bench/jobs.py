@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import SHARED_SMS, header, in_process_engine, median, percentile, served, write_section
+from wafer.app import job_options
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, Priority
 from wafer.engine import InferenceEngine
@@ -118,7 +119,7 @@ async def in_process(texts: list[str], corpus: Path, batch_size: int, threads: i
     checker = PolicyChecker(
         idle_for=engine.seconds_since_interactive, power=PowerProbe(settings.power_supply_root), default_idle_seconds=0
     )
-    jobs = JobManager(settings, index, checker, known_model=engine.registry.status)
+    jobs = JobManager(job_options(settings), index, checker, known_model=engine.registry.status)
     await jobs.start()
     shutil.copy(corpus, data / corpus.name)
     watch = Stopwatch()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import header, in_process_engine, load_corpus, median, percentile, write_section
+from wafer.app import engine_limits
 from wafer.cache import EmbeddingCache
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, InputType, RerankRequest
@@ -143,7 +144,7 @@ async def bench_rerank(engine: InferenceEngine, texts: list[str], queries: list[
 async def bench_cache(engine: InferenceEngine, texts: list[str], runs: int) -> tuple[list[float], list[float]]:
     folder = Path(tempfile.mkdtemp(prefix="wafer-bench-cache-"))
     cache = EmbeddingCache(folder / "cache.sqlite", max_entries=100_000)
-    cached = InferenceEngine(engine.registry, Settings(data_dir=folder), cache=cache)
+    cached = InferenceEngine(engine.registry, engine_limits(Settings(data_dir=folder)), cache=cache)
     try:
         cycle = iter(range(10**9))
         misses: list[float] = []

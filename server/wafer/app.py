@@ -15,12 +15,12 @@ from wafer.backends import available_backends
 from wafer.cache import EmbeddingCache
 from wafer.config import Settings
 from wafer.contexts import ContextStore
-from wafer.engine import InferenceEngine
+from wafer.engine import EngineLimits, InferenceEngine
 from wafer.errors import WaferError
 from wafer.http.app import Door
 from wafer.http.server import HttpServer
 from wafer.indexing import IndexService
-from wafer.jobs import JobManager, JobState, PolicyChecker, PowerProbe
+from wafer.jobs import JobManager, JobOptions, JobState, PolicyChecker, PowerProbe
 from wafer.logging import configure_logging
 from wafer.metrics import Metrics
 from wafer.registry import ModelRegistry, limit_heap_arenas
@@ -38,6 +38,30 @@ def listening_address(settings: Settings, port: int) -> str:
         return settings.address
     host = settings.address.rsplit(":", 1)[0]
     return f"{host}:{port}"
+
+
+def engine_limits(settings: Settings) -> EngineLimits:
+    """The settings the engine checks requests against."""
+    return EngineLimits(
+        max_inputs_per_request=settings.max_inputs_per_request,
+        max_input_bytes=settings.max_input_bytes,
+        max_new_tokens_limit=settings.max_new_tokens_limit,
+    )
+
+
+def job_options(settings: Settings) -> JobOptions:
+    """The settings the job manager uses."""
+    return JobOptions(
+        jobs_dir=settings.jobs_dir,
+        allowed_roots=(settings.data_dir, *settings.jobs_allowed_roots),
+        max_running=settings.jobs_max_running,
+        default_batch_size=settings.jobs_batch_size,
+        max_inputs_per_request=settings.max_inputs_per_request,
+        policy_poll_seconds=settings.jobs_policy_poll_seconds,
+        sqlite_query_seconds=settings.jobs_sqlite_query_seconds,
+        sqlite_max_rows=settings.jobs_sqlite_max_rows,
+        max_line_bytes=settings.jobs_max_line_bytes,
+    )
 
 
 async def serve(settings: Settings) -> None:
@@ -62,10 +86,10 @@ async def serve(settings: Settings) -> None:
         else None
     )
     contexts = ContextStore(settings.data_dir / "contexts")
-    engine = InferenceEngine(registry, settings, metrics, cache, contexts)
+    engine = InferenceEngine(registry, engine_limits(settings), metrics, cache, contexts)
     index = IndexService(engine, open_store(settings), contexts, max_payload_bytes=settings.max_payload_bytes)
     jobs = JobManager(
-        settings,
+        job_options(settings),
         index,
         PolicyChecker(
             idle_for=engine.seconds_since_interactive,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,7 +19,6 @@ import numpy as np
 from wafer.backends.base import Embeddings, InputTooLongError
 from wafer.cache import CachedEmbeddings, EmbeddingCache, Recipe, cached_embed
 from wafer.chunking import Span
-from wafer.config import Settings
 from wafer.contexts import ContextStore, sample_corpus
 from wafer.domain import (
     Context,
@@ -87,18 +86,27 @@ class EngineObserver(Protocol):
     def record_generation(self, model: str, prompt_tokens: int, generated_tokens: int) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """The settings the engine checks requests against (app.py builds them from Settings)."""
+
+    max_inputs_per_request: int
+    max_input_bytes: int
+    max_new_tokens_limit: int
+
+
 class InferenceEngine:
     def __init__(
         self,
         registry: ModelRegistry,
-        settings: Settings,
+        limits: EngineLimits,
         metrics: EngineObserver | None = None,
         cache: EmbeddingCache | None = None,
         contexts: ContextStore | None = None,
     ) -> None:
         self._registry = registry
         self._contexts = contexts
-        self._settings = settings
+        self._limits = limits
         self._metrics = metrics
         self._interactive_running = 0
         self._interactive_seen = time.monotonic()
@@ -110,7 +118,7 @@ class InferenceEngine:
 
     @property
     def max_inputs_per_request(self) -> int:
-        return self._settings.max_inputs_per_request
+        return self._limits.max_inputs_per_request
 
     def check_texts(self, texts: Sequence[str], *, what: str) -> None:
         """Refuses empty, too many or oversized texts, as Embed does."""
@@ -245,7 +253,7 @@ class InferenceEngine:
         ]
         owners = np.array([i for i, text_spans in enumerate(spans) for _ in text_spans])
         parts: list[EmbedResult] = []
-        limit = self._settings.max_inputs_per_request
+        limit = self._limits.max_inputs_per_request
         for first in range(0, len(pieces), limit):
             # Windows fit the model by construction; truncate only absorbs a token of rounding.
             part = replace(
@@ -454,10 +462,10 @@ class InferenceEngine:
     def _check_texts(self, texts: Sequence[str], *, what: str, limit: bool = True) -> None:
         if not texts:
             raise InvalidArgumentError(f"{what} must not be empty")
-        most = self._settings.max_inputs_per_request
+        most = self._limits.max_inputs_per_request
         if limit and len(texts) > most:
             raise InvalidArgumentError(f"{len(texts)} {what} in one request; the limit is {most}: split the request")
-        max_bytes = self._settings.max_input_bytes
+        max_bytes = self._limits.max_input_bytes
         for i, text in enumerate(texts):
             if not text.strip():
                 raise InvalidArgumentError(f"{what}[{i}] is empty")
@@ -485,9 +493,9 @@ class InferenceEngine:
             # The same limits as a prompt: per message, and for the chat as a whole.
             self._check_texts([m.content for m in request.messages], what="messages")
             total = sum(len(m.content.encode("utf-8")) for m in request.messages)
-            if total > self._settings.max_input_bytes:
+            if total > self._limits.max_input_bytes:
                 raise InvalidArgumentError(
-                    f"the messages hold {total} bytes together; the limit is {self._settings.max_input_bytes}"
+                    f"the messages hold {total} bytes together; the limit is {self._limits.max_input_bytes}"
                 )
         for i, message in enumerate(request.messages):
             if message.role not in CHAT_ROLES:
@@ -495,9 +503,9 @@ class InferenceEngine:
                     f"messages[{i}].role is {message.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}"
                 )
         sampling = request.sampling
-        if not 0 < sampling.max_tokens <= self._settings.max_new_tokens_limit:
+        if not 0 < sampling.max_tokens <= self._limits.max_new_tokens_limit:
             raise InvalidArgumentError(
-                f"max_tokens must be between 1 and {self._settings.max_new_tokens_limit}, not {sampling.max_tokens}"
+                f"max_tokens must be between 1 and {self._limits.max_new_tokens_limit}, not {sampling.max_tokens}"
             )
         if not 0.0 <= sampling.temperature <= 2.0:
             raise InvalidArgumentError(f"temperature must be in [0, 2], not {sampling.temperature:g}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MODELS_YAML, loaded
+from wafer.app import engine_limits
 from wafer.backends import available_backends
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, Priority, RerankRequest
@@ -35,7 +36,7 @@ async def engine(tmp_path: Path) -> AsyncIterator[InferenceEngine]:
         threads=settings.threads,
         drain_timeout_seconds=30,
     )
-    yield InferenceEngine(registry, settings)
+    yield InferenceEngine(registry, engine_limits(settings))
     await registry.close()
 
 

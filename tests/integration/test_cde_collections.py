@@ -15,6 +15,7 @@ from tests.conftest import loaded
 from tests.fakes.fake_hub import running_fake_hub
 from tests.fakes.tiny_cde import put_on_hub, write_tiny_cde
 from tests.integration.test_hub_source import closed_port_url
+from wafer.app import engine_limits
 from wafer.backends import available_backends
 from wafer.config import Settings
 from wafer.contexts import ContextStore, sample_corpus
@@ -72,7 +73,7 @@ class Server:
         self.registry = ModelRegistry(catalog, resolver, available_backends(), threads=1, drain_timeout_seconds=5)
         settings = Settings(data_dir=data, max_inputs_per_request=100)
         self.contexts = ContextStore(data / "contexts")
-        self.engine = InferenceEngine(self.registry, settings, contexts=self.contexts)
+        self.engine = InferenceEngine(self.registry, engine_limits(settings), contexts=self.contexts)
         self.index = IndexService(self.engine, EdgeStore(path=data / "edge"), self.contexts)
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wafer.app import engine_limits
 from wafer.backends import available_backends
 from wafer.backends.base import Backend, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
@@ -117,7 +118,11 @@ async def engines(
     settings = Settings(data_dir=tmp_path)
     cache = EmbeddingCache(tmp_path / "cache.sqlite", max_entries=1000)
     try:
-        yield InferenceEngine(registry, settings, cache=cache), InferenceEngine(registry, settings), cache
+        yield (
+            InferenceEngine(registry, engine_limits(settings), cache=cache),
+            InferenceEngine(registry, engine_limits(settings)),
+            cache,
+        )
     finally:
         cache.close()
         await registry.close()

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 
 from tests.fakes.tiny_qwen2 import TinyQwen2, write_tiny_qwen2
 from tests.llama_reference import TokenStates
+from wafer.app import engine_limits
 from wafer.backends.base import InputTooLongError, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
 from wafer.config import Settings
@@ -201,7 +202,7 @@ async def test_engine_applies_the_query_prompt_to_queries_only(weights: Path, tm
         threads=1,
         drain_timeout_seconds=5,
     )
-    engine = InferenceEngine(registry, Settings(data_dir=tmp_path / "data"))
+    engine = InferenceEngine(registry, engine_limits(Settings(data_dir=tmp_path / "data")))
     try:
         question = "where do trains to the coast leave from?"
         documents = ["Trains to the coast leave from platform 4.", "The bakery opens at seven."]

@@ -28,6 +28,7 @@ from tests.fakes.fake_hub import FakeHub, running_fake_hub
 from tests.fakes.tiny_bert import write_tiny_bert
 from tests.fakes.tiny_qwen2 import TinyQwen2, write_dense_head, write_tiny_qwen2
 from tests.qwen2_reference import Qwen2Reference, Tokenizer
+from wafer.app import engine_limits
 from wafer.backends.base import LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
 from wafer.config import Settings
@@ -144,7 +145,7 @@ async def engine(world: World, tmp_path: Path) -> AsyncIterator[InferenceEngine]
         threads=1,
         drain_timeout_seconds=5,
     )
-    yield InferenceEngine(registry, Settings(data_dir=tmp_path / "data"))
+    yield InferenceEngine(registry, engine_limits(Settings(data_dir=tmp_path / "data")))
     await registry.close()
 
 

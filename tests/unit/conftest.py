@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend
+from wafer.app import engine_limits
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.registry import ModelRegistry, ModelState
@@ -95,4 +96,4 @@ async def registry(tmp_path: Path, open_gate: None) -> AsyncIterator[ModelRegist
 
 @pytest.fixture
 def engine(registry: ModelRegistry, settings: Settings) -> InferenceEngine:
-    return InferenceEngine(registry, settings)
+    return InferenceEngine(registry, engine_limits(settings))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend
+from wafer.app import engine_limits
 from wafer.cache import EmbeddingCache, Recipe
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, InputType
@@ -48,7 +49,7 @@ def cache(cache_file: Path, metrics: Metrics) -> Iterator[EmbeddingCache]:
 def cached_engine(
     registry: ModelRegistry, settings: Settings, metrics: Metrics, cache: EmbeddingCache
 ) -> InferenceEngine:
-    return InferenceEngine(registry, settings, metrics, cache)
+    return InferenceEngine(registry, engine_limits(settings), metrics, cache)
 
 
 async def test_a_hit_skips_the_model_and_says_so(
@@ -94,11 +95,15 @@ async def test_entries_survive_a_restart(
     registry: ModelRegistry, settings: Settings, cache_file: Path, reached_model: list[str]
 ) -> None:
     first_cache = EmbeddingCache(cache_file, max_entries=1000)
-    first = await InferenceEngine(registry, settings, cache=first_cache).embed(EmbedRequest(inputs=["kept"]))
+    first = await InferenceEngine(registry, engine_limits(settings), cache=first_cache).embed(
+        EmbedRequest(inputs=["kept"])
+    )
     first_cache.close()
     second_cache = EmbeddingCache(cache_file, max_entries=1000)
     try:
-        again = await InferenceEngine(registry, settings, cache=second_cache).embed(EmbedRequest(inputs=["kept"]))
+        again = await InferenceEngine(registry, engine_limits(settings), cache=second_cache).embed(
+            EmbedRequest(inputs=["kept"])
+        )
         assert again.cached == 1
         assert reached_model == ["kept"]
         np.testing.assert_array_equal(again.vectors, first.vectors)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend, FakeContextualBackend
+from wafer.app import engine_limits
 from wafer.cache import EmbeddingCache
 from wafer.config import Settings
 from wafer.contexts import ContextStore, Reservoir, sample_corpus
@@ -62,7 +63,7 @@ def store(tmp_path: Path) -> ContextStore:
 @pytest.fixture
 def engine(registry: ModelRegistry, tmp_path: Path, store: ContextStore) -> InferenceEngine:
     settings = Settings(data_dir=tmp_path / "data", max_inputs_per_request=100, max_input_bytes=10_000)
-    return InferenceEngine(registry, settings, contexts=store)
+    return InferenceEngine(registry, engine_limits(settings), contexts=store)
 
 
 def _context(seed: int) -> Context:
@@ -144,7 +145,7 @@ async def test_requests_of_different_contexts_are_never_merged(engine: Inference
 async def test_the_cache_key_holds_the_context(registry: ModelRegistry, tmp_path: Path) -> None:
     cache = EmbeddingCache(tmp_path / "cache.sqlite", max_entries=1000)
     settings = Settings(data_dir=tmp_path / "data", max_inputs_per_request=100, max_input_bytes=10_000)
-    engine = InferenceEngine(registry, settings, cache=cache)
+    engine = InferenceEngine(registry, engine_limits(settings), cache=cache)
     try:
         a, b = _context(1), _context(2)
         first = await engine.embed(EmbedRequest(inputs=["same text"], model="ctx", context=a))

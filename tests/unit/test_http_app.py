@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from tests.fakes.fake_backend import FakeBackend
 from tests.unit.conftest import startup_settled
+from wafer.app import engine_limits
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError
@@ -41,7 +42,7 @@ async def serve(tmp_path: Path, registry: ModelRegistry) -> AsyncIterator[Serve]
     async def start(token: str | None = None, **overrides: Any) -> tuple[httpx.AsyncClient, Door]:
         settings = Settings(data_dir=tmp_path / "data", **overrides)
         door = Door(
-            engine=InferenceEngine(registry, settings),
+            engine=InferenceEngine(registry, engine_limits(settings)),
             registry=registry,
             settings=settings,
             drain=DrainInterceptor(),
@@ -235,7 +236,10 @@ def test_an_unexpected_error_is_a_500_with_the_request_id(registry: ModelRegistr
     async def exchange() -> tuple[Exchange, dict[str, Any]]:
         settings = Settings(data_dir=tmp_path / "data")
         door = Door(
-            engine=InferenceEngine(registry, settings), registry=registry, settings=settings, drain=DrainInterceptor()
+            engine=InferenceEngine(registry, engine_limits(settings)),
+            registry=registry,
+            settings=settings,
+            drain=DrainInterceptor(),
         )
         request = Request(
             {"type": "http", "method": "POST", "path": "/", "headers": [(b"x-request-id", b"rid-1")]}, receive
@@ -256,7 +260,10 @@ def test_an_unexpected_error_is_a_500_with_the_request_id(registry: ModelRegistr
 async def test_open_inference_on_a_reachable_address_is_refused(tmp_path: Path, registry: ModelRegistry) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     door = Door(
-        engine=InferenceEngine(registry, settings), registry=registry, settings=settings, drain=DrainInterceptor()
+        engine=InferenceEngine(registry, engine_limits(settings)),
+        registry=registry,
+        settings=settings,
+        drain=DrainInterceptor(),
     )
     with pytest.raises(FailedPreconditionError, match="other machines can reach it"):
         HttpServer(settings, door, address="0.0.0.0:0")
@@ -270,7 +277,10 @@ async def test_open_inference_on_a_reachable_address_is_refused(tmp_path: Path, 
 async def test_a_taken_port_fails_the_start(tmp_path: Path, registry: ModelRegistry) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     door = Door(
-        engine=InferenceEngine(registry, settings), registry=registry, settings=settings, drain=DrainInterceptor()
+        engine=InferenceEngine(registry, engine_limits(settings)),
+        registry=registry,
+        settings=settings,
+        drain=DrainInterceptor(),
     )
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

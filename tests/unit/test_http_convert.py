@@ -158,7 +158,7 @@ def chat(**body: Any) -> convert.ChatBody:
 
 
 def test_chat_request_defaults_come_from_the_settings(settings: Settings) -> None:
-    request = convert.chat_request(chat(), Priority.INTERACTIVE, settings)
+    request = convert.chat_request(chat(), Priority.INTERACTIVE, default_max_tokens=settings.default_max_new_tokens)
     assert request.sampling.max_tokens == 77
     assert request.sampling.stop == ()
     assert request.sampling.seed is None
@@ -168,13 +168,21 @@ def test_chat_request_defaults_come_from_the_settings(settings: Settings) -> Non
 
 def test_chat_request_sampling(settings: Settings) -> None:
     body = chat(max_tokens=5, temperature=0, top_p=0.5, top_k=3, seed=9, stop="END")
-    sampling = convert.chat_request(body, Priority.INTERACTIVE, settings).sampling
+    sampling = convert.chat_request(
+        body, Priority.INTERACTIVE, default_max_tokens=settings.default_max_new_tokens
+    ).sampling
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (5, 0.0, 0.5, 3)
     assert (sampling.seed, sampling.stop) == (9, ("END",))
     # The newer name wins over the older one.
-    newer = convert.chat_request(chat(max_tokens=5, max_completion_tokens=6), Priority.INTERACTIVE, settings)
+    newer = convert.chat_request(
+        chat(max_tokens=5, max_completion_tokens=6),
+        Priority.INTERACTIVE,
+        default_max_tokens=settings.default_max_new_tokens,
+    )
     assert newer.sampling.max_tokens == 6
-    assert convert.chat_request(chat(stop=["a", "b"]), Priority.INTERACTIVE, settings).sampling.stop == ("a", "b")
+    assert convert.chat_request(
+        chat(stop=["a", "b"]), Priority.INTERACTIVE, default_max_tokens=settings.default_max_new_tokens
+    ).sampling.stop == ("a", "b")
 
 
 def test_chat_content_parts_and_the_developer_role(settings: Settings) -> None:
@@ -187,13 +195,15 @@ def test_chat_content_parts_and_the_developer_role(settings: Settings) -> None:
             ]
         },
     )
-    messages = convert.chat_request(body, Priority.INTERACTIVE, settings).messages
+    messages = convert.chat_request(
+        body, Priority.INTERACTIVE, default_max_tokens=settings.default_max_new_tokens
+    ).messages
     assert [(m.role, m.content) for m in messages] == [("system", "be brief"), ("user", "one two")]
     image = convert.parse(
         convert.ChatBody, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
     )
     with pytest.raises(InvalidFieldError, match="only text parts") as raised:
-        convert.chat_request(image, Priority.INTERACTIVE, settings)
+        convert.chat_request(image, Priority.INTERACTIVE, default_max_tokens=settings.default_max_new_tokens)
     assert raised.value.param == "messages[0].content"
 
 
@@ -213,31 +223,41 @@ def test_chat_content_parts_and_the_developer_role(settings: Settings) -> None:
 )
 def test_what_wafer_cannot_honour_is_refused(settings: Settings, field: str, value: Any) -> None:
     with pytest.raises(InvalidFieldError, match="not supported") as raised:
-        convert.chat_request(chat(**{field: value}), Priority.INTERACTIVE, settings)
+        convert.chat_request(
+            chat(**{field: value}), Priority.INTERACTIVE, default_max_tokens=settings.default_max_new_tokens
+        )
     assert raised.value.param == field
 
 
 def test_neutral_values_of_unsupported_fields_pass(settings: Settings) -> None:
     neutral = chat(n=1, logprobs=False, presence_penalty=0, tool_choice="none", response_format={"type": "text"})
-    assert convert.chat_request(neutral, Priority.INTERACTIVE, settings).messages
+    assert convert.chat_request(
+        neutral, Priority.INTERACTIVE, default_max_tokens=settings.default_max_new_tokens
+    ).messages
 
 
 def test_completion_request(settings: Settings) -> None:
     body = convert.parse(convert.CompletionBody, {"prompt": ["once"], "max_tokens": 3})
-    request = convert.completion_request(body, Priority.BATCH, settings)
+    request = convert.completion_request(body, Priority.BATCH, default_max_tokens=settings.default_max_new_tokens)
     assert (request.prompt, request.sampling.max_tokens, request.priority) == ("once", 3, Priority.BATCH)
     with pytest.raises(InvalidFieldError, match="one prompt"):
         convert.completion_request(
-            convert.parse(convert.CompletionBody, {"prompt": ["a", "b"]}), Priority.INTERACTIVE, settings
+            convert.parse(convert.CompletionBody, {"prompt": ["a", "b"]}),
+            Priority.INTERACTIVE,
+            default_max_tokens=settings.default_max_new_tokens,
         )
     with pytest.raises(InvalidFieldError, match="token ids"):
         convert.completion_request(
-            convert.parse(convert.CompletionBody, {"prompt": [1, 2]}), Priority.INTERACTIVE, settings
+            convert.parse(convert.CompletionBody, {"prompt": [1, 2]}),
+            Priority.INTERACTIVE,
+            default_max_tokens=settings.default_max_new_tokens,
         )
     for field, value in (("echo", True), ("best_of", 2), ("suffix", "x")):
         refused = convert.parse(convert.CompletionBody, {"prompt": "a", field: value})
         with pytest.raises(InvalidFieldError, match="not supported"):
-            convert.completion_request(refused, Priority.INTERACTIVE, settings)
+            convert.completion_request(
+                refused, Priority.INTERACTIVE, default_max_tokens=settings.default_max_new_tokens
+            )
 
 
 def test_completion_objects() -> None:

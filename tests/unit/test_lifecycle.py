@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from tests.conftest import loaded
 from tests.fakes.fake_backend import FakeBackend
 from tests.unit.conftest import fake_catalog, startup_settled
+from wafer.app import engine_limits
 from wafer.config import Settings
 from wafer.domain import EmbedRequest
 from wafer.engine import InferenceEngine
@@ -409,7 +410,7 @@ async def test_no_request_fails_during_swaps_under_16_concurrent_clients(tmp_pat
     catalog = fake_catalog(tmp_path)
     (tmp_path / "other.bin").write_bytes(b"other weights")
     registry = make_registry(catalog, tmp_path)
-    engine = InferenceEngine(registry, Settings(data_dir=tmp_path / "data"))
+    engine = InferenceEngine(registry, engine_limits(Settings(data_dir=tmp_path / "data")))
     await registry.load("lazy")
     stop = asyncio.Event()
     answered: list[int] = []
@@ -459,7 +460,7 @@ async def test_chaos_of_requests_loads_unloads_swaps_and_evictions(tmp_path: Pat
     closed exactly once; the budget holds whenever nothing is mid-load."""
     catalog = budget_catalog(tmp_path)
     registry = make_registry(catalog, tmp_path, budget_mib=2 * MODEL_MIB + 16)
-    engine = InferenceEngine(registry, Settings(data_dir=tmp_path / "data"))
+    engine = InferenceEngine(registry, engine_limits(Settings(data_dir=tmp_path / "data")))
     names = ["a", "b", "c"]  # d is pinned: left out, or it would hold half the budget throughout
     rng = random.Random(7)
     loads, closed = FakeBackend.loads, FakeBackend.closed

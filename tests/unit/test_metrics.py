@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import wafer_client
 from tests.fakes.fake_backend import FakeBackend
 from tests.unit.conftest import fake_catalog
+from wafer.app import engine_limits
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
 from wafer.engine import InferenceEngine
@@ -55,7 +56,7 @@ async def registry(tmp_path: Path, open_gate: None, metrics: Metrics) -> AsyncIt
 
 @pytest.fixture
 def measured(registry: ModelRegistry, settings: Settings, metrics: Metrics) -> InferenceEngine:
-    return InferenceEngine(registry, settings, metrics)
+    return InferenceEngine(registry, engine_limits(settings), metrics)
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:
@@ -197,7 +198,9 @@ async def test_a_call_cancelled_while_queued_leaves_the_queue(
 async def client(measured: InferenceEngine, settings: Settings, metrics: Metrics) -> AsyncIterator[AsyncWaferClient]:
     """The Inference service alone, behind the real interceptor, on a free port of this loop."""
     server = grpc.aio.server(interceptors=[RequestInterceptor(metrics)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(measured, settings), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(measured, default_max_new_tokens=settings.default_max_new_tokens), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with AsyncWaferClient(f"127.0.0.1:{port}", timeout=10, retries=0) as client:

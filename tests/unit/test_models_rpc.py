@@ -13,6 +13,7 @@ import pytest
 from tests.fakes.fake_backend import FakeBackend
 from tests.fakes.fake_hub import FakeHub, running_fake_hub
 from tests.unit.conftest import fake_catalog
+from wafer.app import engine_limits
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.indexing import IndexService
@@ -58,7 +59,7 @@ async def stub(tmp_path: Path, hub: FakeHub, open_gate: None) -> AsyncIterator[m
         # Room for the small fake models, not for `big` (24 MiB) next to a pinned one.
         memory_budget_bytes=16 * MIB,
     )
-    engine = InferenceEngine(registry, settings)
+    engine = InferenceEngine(registry, engine_limits(settings))
     index = IndexService(engine, QdrantStore(path=tmp_path / "qdrant", check_compatibility=False))
     wafer = create_server(settings, registry, engine, index, address="127.0.0.1:0")
     await wafer.server.start()

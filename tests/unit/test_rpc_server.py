@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from tests.fakes.fake_backend import FakeBackend
+from wafer.app import engine_limits
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.indexing import IndexService
@@ -21,7 +22,7 @@ from wafer_proto.v1 import inference_pb2, inference_pb2_grpc
 @pytest.fixture
 async def channel(tmp_path: Path, registry: ModelRegistry) -> AsyncIterator[grpc.aio.Channel]:
     settings = Settings(data_dir=tmp_path / "data", default_deadline_seconds=0.3)
-    engine = InferenceEngine(registry, settings)
+    engine = InferenceEngine(registry, engine_limits(settings))
     index = IndexService(engine, QdrantStore(path=tmp_path / "qdrant", check_compatibility=False))
     wafer = create_server(settings, registry, engine, index, address="127.0.0.1:0")
     await wafer.server.start()

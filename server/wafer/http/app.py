@@ -423,7 +423,9 @@ async def chat_completions(
 ) -> dict[str, Any] | EventStream:
     parsed = convert.parse(convert.ChatBody, body)
     call.user = parsed.user
-    generate = convert.chat_request(parsed, _lane(request, parsed.priority), door.settings)
+    generate = convert.chat_request(
+        parsed, _lane(request, parsed.priority), default_max_tokens=door.settings.default_max_new_tokens
+    )
     include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
     return await _generate(door, call, generate, chat=True, stream=parsed.stream, include_usage=include_usage)
 
@@ -433,7 +435,9 @@ async def completions(
 ) -> dict[str, Any] | EventStream:
     parsed = convert.parse(convert.CompletionBody, body)
     call.user = parsed.user
-    generate = convert.completion_request(parsed, _lane(request, parsed.priority), door.settings)
+    generate = convert.completion_request(
+        parsed, _lane(request, parsed.priority), default_max_tokens=door.settings.default_max_new_tokens
+    )
     include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
     return await _generate(door, call, generate, chat=False, stream=parsed.stream, include_usage=include_usage)
 

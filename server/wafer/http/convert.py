@@ -16,7 +16,6 @@ from typing import Any, Final, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from wafer.config import Settings
 from wafer.domain import (
     ChatMessage,
     EmbedRequest,
@@ -270,8 +269,8 @@ def _refuse_unsupported(body: _GenerationBody, extra: Iterable[tuple[str, bool]]
             raise InvalidFieldError(f"{name} is not supported by Wafer; leave it out", param=name)
 
 
-def _sampling(body: _GenerationBody, max_tokens: int | None, settings: Settings) -> SamplingParams:
-    defaults = SamplingParams(max_tokens=settings.default_max_new_tokens)
+def _sampling(body: _GenerationBody, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
+    defaults = SamplingParams(max_tokens=default_max_tokens)
     stop = body.stop if body.stop is not None else []
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else defaults.max_tokens,
@@ -299,7 +298,8 @@ def _message(index: int, message: ChatMessageBody) -> ChatMessage:
     return ChatMessage(role=role, content=content or "")
 
 
-def chat_request(body: ChatBody, lane: Priority, settings: Settings) -> GenerateRequest:
+def chat_request(body: ChatBody, lane: Priority, *, default_max_tokens: int) -> GenerateRequest:
+    """`default_max_tokens`: the server's default_max_new_tokens, for a body that sets none."""
     _refuse_unsupported(
         body,
         [
@@ -314,7 +314,7 @@ def chat_request(body: ChatBody, lane: Priority, settings: Settings) -> Generate
         raise InvalidFieldError("messages must not be empty", param="messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return GenerateRequest(
-        sampling=_sampling(body, max_tokens, settings),
+        sampling=_sampling(body, max_tokens, default_max_tokens),
         model=body.model,
         messages=tuple(_message(i, m) for i, m in enumerate(body.messages)),
         priority=lane,
@@ -327,7 +327,8 @@ def _structured(response_format: Any) -> bool:
     )
 
 
-def completion_request(body: CompletionBody, lane: Priority, settings: Settings) -> GenerateRequest:
+def completion_request(body: CompletionBody, lane: Priority, *, default_max_tokens: int) -> GenerateRequest:
+    """`default_max_tokens`: the server's default_max_new_tokens, for a body that sets none."""
     _refuse_unsupported(
         body,
         [("echo", bool(body.echo)), ("best_of", body.best_of not in (None, 1)), ("suffix", bool(body.suffix))],
@@ -336,7 +337,10 @@ def completion_request(body: CompletionBody, lane: Priority, settings: Settings)
     if len(prompts) != 1:
         raise InvalidFieldError(f"one prompt per request, not {len(prompts)}", param="prompt")
     return GenerateRequest(
-        sampling=_sampling(body, body.max_tokens, settings), model=body.model, prompt=prompts[0], priority=lane
+        sampling=_sampling(body, body.max_tokens, default_max_tokens),
+        model=body.model,
+        prompt=prompts[0],
+        priority=lane,
     )
 
 

@@ -20,7 +20,6 @@ from typing import TypeVar
 
 import structlog
 
-from wafer.config import Settings
 from wafer.domain import StoredDocument
 from wafer.errors import (
     FailedPreconditionError,
@@ -60,6 +59,24 @@ MAX_WATCHERS = 256
 
 
 @dataclass(frozen=True, slots=True)
+class JobOptions:
+    """The settings the job manager uses (app.py builds them from Settings)."""
+
+    # Where the job records (and inline documents) are kept.
+    jobs_dir: Path
+    # Folders a JSONL or SQLite source may lie under: the data folder and jobs_allowed_roots.
+    allowed_roots: tuple[Path, ...]
+    max_running: int
+    # A job's batch size when its request sets none, and the most it may set.
+    default_batch_size: int
+    max_inputs_per_request: int
+    policy_poll_seconds: float
+    sqlite_query_seconds: float
+    sqlite_max_rows: int
+    max_line_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class InlineSource:
     documents: list[StoredDocument]
 
@@ -84,7 +101,7 @@ class JobRequest:
 class JobManager:
     def __init__(
         self,
-        settings: Settings,
+        options: JobOptions,
         index: IndexService,
         policy: PolicyChecker,
         *,
@@ -92,12 +109,11 @@ class JobManager:
         metrics: JobObserver | None = None,
     ) -> None:
         """`known_model(name)` raises NotFoundError for a model the catalog does not have."""
-        self._settings = settings
+        self._options = options
         self._known_model = known_model
-        self._store = JobStore(settings.jobs_dir)
-        self._roots: list[Path] = [settings.data_dir, *settings.jobs_allowed_roots]
+        self._store = JobStore(options.jobs_dir)
         self._jobs: dict[str, Job] = {}
-        self._slots = asyncio.Semaphore(settings.jobs_max_running)
+        self._slots = asyncio.Semaphore(options.max_running)
         self._changed = asyncio.Event()
         # Records are written on one thread, in the order they were taken on the event loop.
         self._disk = SerialExecutor("wafer-jobs")
@@ -109,7 +125,7 @@ class JobManager:
             read_limits=self._read_limits,
             save=self._save,
             notify=self._notify,
-            policy_poll_seconds=settings.jobs_policy_poll_seconds,
+            policy_poll_seconds=options.policy_poll_seconds,
             metrics=metrics,
         )
 
@@ -149,8 +165,8 @@ class JobManager:
 
     async def submit(self, request: JobRequest) -> JobStatus:
         check_collection_name(request.collection)
-        batch_size = request.batch_size or self._settings.jobs_batch_size
-        limit = self._settings.max_inputs_per_request
+        batch_size = request.batch_size or self._options.default_batch_size
+        limit = self._options.max_inputs_per_request
         if not 0 < batch_size <= limit:
             raise InvalidArgumentError(f"batch_size must be between 1 and {limit} (max_inputs_per_request)")
         if request.model:
@@ -334,7 +350,7 @@ class JobManager:
                 return job_id
 
     def _confined(self, source: JsonlSource | SqliteSource) -> SourceSpec:
-        path = confine(source.path, self._roots)
+        path = confine(source.path, self._options.allowed_roots)
         if isinstance(source, JsonlSource):
             return JsonlSource(path=path, id_field=source.id_field or "id", text_field=source.text_field or "text")
         return SqliteSource(
@@ -346,12 +362,12 @@ class JobManager:
 
     def _read_limits(self) -> ReadLimits:
         """Fresh limits (and stop event) for one run of a reader."""
-        settings = self._settings
+        options = self._options
         return ReadLimits(
-            roots=tuple(self._roots),
-            query_seconds=settings.jobs_sqlite_query_seconds,
-            max_rows=settings.jobs_sqlite_max_rows,
-            max_line_bytes=settings.jobs_max_line_bytes,
+            roots=options.allowed_roots,
+            query_seconds=options.sqlite_query_seconds,
+            max_rows=options.sqlite_max_rows,
+            max_line_bytes=options.max_line_bytes,
         )
 
     @staticmethod

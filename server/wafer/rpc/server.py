@@ -134,7 +134,9 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, settings), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(engine, default_max_new_tokens=settings.default_max_new_tokens), server
+    )
     models_pb2_grpc.add_ModelsServicer_to_server(
         ModelsServicer(registry, drain_timeout_seconds=settings.unload_drain_timeout_seconds), server
     )

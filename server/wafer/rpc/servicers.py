@@ -9,7 +9,6 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.errors import InvalidArgumentError
 from wafer.indexing import IndexService
@@ -47,9 +46,10 @@ def _name(value: str) -> str:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: InferenceEngine, settings: Settings) -> None:
+    def __init__(self, engine: InferenceEngine, *, default_max_new_tokens: int) -> None:
+        """`default_max_new_tokens`: Generate's max_tokens when a request leaves it unset."""
         self._engine = engine
-        self._default_max_new_tokens = settings.default_max_new_tokens
+        self._default_max_new_tokens = default_max_new_tokens
 
     async def Embed(  # noqa: N802 - names come from the proto
         self, request: inference_pb2.EmbedRequest, context: Context

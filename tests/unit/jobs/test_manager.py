@@ -17,6 +17,7 @@ import pytest
 
 from tests.fakes.fake_backend import FakeBackend
 from tests.unit.jobs.power_supply import laptop
+from wafer.app import job_options
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, Priority, StoredDocument
 from wafer.engine import InferenceEngine
@@ -65,7 +66,11 @@ class Stack:
             default_idle_seconds=self.settings.jobs_default_idle_seconds,
         )
         manager = JobManager(
-            self.settings, self.index, checker, known_model=self.engine.registry.status, metrics=self.metrics
+            job_options(self.settings),
+            self.index,
+            checker,
+            known_model=self.engine.registry.status,
+            metrics=self.metrics,
         )
         if metrics:
             self.metrics.watch_jobs(manager)
