@@ -16,11 +16,13 @@ Generation streams share the generation context as separate sequences, decoded t
 
 Everything llama.cpp hands back is untyped; it stays inside this package:
 
-- `backend.GgufBackend`: the Backend contract (generation, embeddings, relevance);
+- `backend.GgufBackend`: the Backend contract: loading, embeddings, and the entry points of
+  generation and relevance;
 - `context.py`: one llama.cpp context, and the parameters of each kind;
 - `loading.py`: the file, its metadata, `options` (`GgufOptions`), the projection head;
-- `relevance.py`: the judging prompt and its yes/no score;
-- `streams.py`: generation streams decoded together (continuous batching).
+- `relevance.py`: the judging prompt, its yes/no score, and the judge (`RelevanceJudge`);
+- `streams.py`: generation streams decoded together (continuous batching);
+- `vocab.py`: the tokenizer (tokens, pieces, offsets) and the chat template.
 """
 
 from wafer.backends.gguf.backend import GgufBackend

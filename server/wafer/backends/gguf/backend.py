@@ -1,5 +1,7 @@
 """The gguf backend: one llama.cpp model, a generation context (streams, reranking) and an
-embedding context sharing its weights (see wafer.backends.gguf's docstring)."""
+embedding context sharing its weights (see wafer.backends.gguf's docstring). Streams live in
+`streams.py`, the relevance judge in `relevance.py`, the tokenizer and chat template in `vocab.py`;
+this module loads them, embeds, and answers the Backend contract."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from typing import Any, ClassVar, cast
 
 import llama_cpp
 import numpy as np
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from pydantic import BaseModel
 
 from wafer.backends.base import (
@@ -41,17 +42,9 @@ from wafer.backends.gguf.loading import (
     read_metadata,
     route_llama_log,
 )
-from wafer.backends.gguf.relevance import (
-    NO,
-    RERANK_EXAMPLES,
-    RERANK_SYSTEM,
-    SLOTS,
-    YES,
-    RerankFrame,
-    rerank_user_turn,
-    yes_probability,
-)
+from wafer.backends.gguf.relevance import RelevanceJudge
 from wafer.backends.gguf.streams import Stream, StreamEngine
+from wafer.backends.gguf.vocab import ChatTemplate, Vocab
 from wafer.domain import ChatMessage, Context, FloatMatrix, GenerationDelta, SamplingParams
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec, Pooling, RerankMethod, Task
@@ -72,29 +65,19 @@ class GgufBackend(Backend):
         emb: LlamaContext | None,
         metadata: dict[str, str],
         head: Head | None = None,
+        judges: bool = False,
     ) -> None:
+        """`judges`: the model reranks by relevance (on `gen`)."""
         super().__init__(spec)
         self._projection = head
         self._model: Any = model
-        self._vocab: Any = llama_cpp.llama_model_get_vocab(model)
+        self._vocab = Vocab(model)
         self._gen = gen
         self._emb = emb
-        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._n_embd = int(llama_cpp.llama_model_n_embd(model))
-        self._piece_buf = ctypes.create_string_buffer(64)
-        self._template: Any = None
-        template = metadata.get("tokenizer.chat_template")
-        if template:
-            self._template = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._token_text(int(llama_cpp.llama_vocab_eos(self._vocab))),
-                bos_token=self._token_text(int(llama_cpp.llama_vocab_bos(self._vocab))),
-                add_generation_prompt=True,
-            )
+        self._template = ChatTemplate(spec.name, metadata, self._vocab)
         self._append = [self._special_token(text) for text in self.options.append_tokens]
         self._head, self._tail = self._special_framing()
-        self._yes: list[int] = []
-        self._no: list[int] = []
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self._embed_limit = min(spec.max_tokens, n_ctx_train)
         self._dimensions = head.outputs if head is not None else self._n_embd
@@ -109,11 +92,22 @@ class GgufBackend(Backend):
                 slots=spec.generation.parallel,
                 window=self._window,
                 tokenize=self._request_tokens,
-                piece=self._piece,
-                is_end=lambda token: bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)),
+                piece=self._vocab.piece,
+                is_end=self._vocab.is_end,
                 model_name=spec.name,
                 threads=int(gen.threads),
                 prompt_cache=spec.generation.prompt_cache,
+            )
+        self._judge: RelevanceJudge | None = None
+        if judges and gen is not None:
+            self._judge = RelevanceJudge(
+                spec,
+                gen,
+                self._vocab,
+                self._template,
+                seq=self._call_seq,
+                window=self._window,
+                before_decode=self._adapt_threads,
             )
 
     # -- Loading -------------------------------------------------------------------------------
@@ -160,10 +154,7 @@ class GgufBackend(Backend):
             if embeds:
                 params = embedding_params(spec, options.threads, n_ctx_train, attends_causally(settings, metadata))
                 emb = LlamaContext(model, params, what="embedding")
-            backend = cls(spec, model=model, gen=gen, emb=emb, metadata=metadata, head=head)
-            if relevance:
-                backend._prepare_relevance()
-            return backend
+            return cls(spec, model=model, gen=gen, emb=emb, metadata=metadata, head=head, judges=relevance)
         except BaseException:
             for ctx in (gen, emb):
                 if ctx is not None:
@@ -177,38 +168,7 @@ class GgufBackend(Backend):
         return len(self._input_tokens(text))
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
-        """Token spans from the byte length of each token's piece.
-
-        Tokenizers that add a leading space (SentencePiece's "add prefix space") make the pieces one
-        byte longer than the text; that byte is taken off the first token. Tokens that split a
-        character's UTF-8 bytes get the whole character.
-        """
-        data = text.encode("utf-8")
-        ends: list[int] = []
-        total = 0
-        for token in self._tokenize(text, special=False, parse=False):
-            total += len(self._piece(token))
-            ends.append(total)
-        shift = max(0, total - len(data))
-        # char_of[b]: the character that byte b belongs to; char_of[len] = len(text).
-        char_of = [0] * (len(data) + 1)
-        position = 0
-        for index, char in enumerate(text):
-            width = len(char.encode("utf-8"))
-            char_of[position : position + width] = [index] * width
-            position += width
-        char_of[len(data)] = len(text)
-        spans: list[tuple[int, int]] = []
-        begin = 0
-        for end in ends:
-            end_byte = min(len(data), max(0, end - shift))
-            start_char = char_of[begin]
-            # An end inside a character extends to that character's end.
-            inside = end_byte < len(data) and not _starts_char(data, end_byte)
-            end_char = char_of[end_byte] + 1 if inside else char_of[end_byte]
-            spans.append((start_char, max(start_char, end_char)))
-            begin = end_byte
-        return spans
+        return self._vocab.token_offsets(text)
 
     def interrupt(self) -> None:
         """Stop the decode in progress on the generation context: a stream step (the stream engine's
@@ -224,9 +184,11 @@ class GgufBackend(Backend):
             ctx = self._gen
             owner = ctx.claim(self._call_seq)
             try:
-                index = self._decode(ctx, self._tokenize("ok", special=True, parse=False), 0, output_last=True)
+                self._adapt_threads()
+                tokens = self._vocab.tokenize("ok", special=True, parse=False)
+                index = ctx.decode_tokens(tokens, 0, self._call_seq, output_last=True)
                 assert index is not None  # nothing cancels it
-                logits = ctx.logits(index, self._n_vocab)
+                logits = ctx.logits(index, self._vocab.n_tokens)
             finally:
                 if ctx.owned_by(owner):
                     ctx.clear(self._call_seq)
@@ -239,6 +201,7 @@ class GgufBackend(Backend):
 
     def close(self) -> None:
         self._engine = None
+        self._judge = None
         for ctx in (self._gen, self._emb):
             if ctx is not None:
                 ctx.close()
@@ -246,7 +209,7 @@ class GgufBackend(Backend):
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
-            self._vocab = None
+            self._vocab.ptr = None
 
     # -- Generation ----------------------------------------------------------------------------
 
@@ -297,23 +260,8 @@ class GgufBackend(Backend):
 
     def _request_tokens(self, prompt: str | None, messages: Sequence[ChatMessage]) -> list[int]:
         if messages:
-            return self._tokenize(self._render(messages), special=False, parse=True)
-        return self._tokenize(prompt or "", special=True, parse=True)
-
-    def _render(self, messages: Sequence[ChatMessage]) -> str:
-        if self._template is None:
-            raise InvalidArgumentError(
-                f"model {self.spec.name!r} has no chat template in its GGUF file; send a plain prompt"
-            )
-        try:
-            rendered = self._template(messages=[{"role": m.role, "content": m.content} for m in messages])
-        except Exception as exc:
-            # The template's own raise_exception (a plain ValueError) refuses these messages; any
-            # other error is a broken template: the model's fault, not the caller's.
-            if type(exc) is ValueError:
-                raise InvalidArgumentError(f"the chat template of model {self.spec.name!r} refused: {exc}") from None
-            raise FailedPreconditionError(f"the chat template of model {self.spec.name!r} is broken: {exc}") from None
-        return str(rendered.prompt)
+            return self._vocab.tokenize(self._template.render(messages), special=False, parse=True)
+        return self._vocab.tokenize(prompt or "", special=True, parse=True)
 
     # -- Embeddings ----------------------------------------------------------------------------
 
@@ -415,126 +363,12 @@ class GgufBackend(Backend):
         truncate: bool,
         cancelled: Callable[[], bool],
     ) -> Iterator[tuple[float, int]]:
-        """P(yes) against P(no) as the judge's next token, a document at a time.
-
-        The prompt up to the document (system, examples, instruction, query) is evaluated once;
-        each document then runs on top of those KV cells and is dropped from the cache after.
-        Documents go one per decode: packing several into one decode (a sequence each, sharing
-        the prefix cells) was 1.6x faster here, but moved a document's score by up to 0.04
-        depending on its neighbours (the quantized model amplifies float-order differences),
-        and a score should depend on the query and the document only.
-
-        A document takes seconds on a long text, so the caller's absence (`cancelled()`) is
-        checked between decodes: an abandoned rerank stops within one decode, not after every
-        document.
-        """
-        ctx = self._context(self._gen if self._yes else None, Task.RERANK)
-        if not documents:
-            return
-        frame = self._rerank_frame(query, instruction)
-        prefix, suffix = frame.prefix, frame.suffix
-        limit = min(self.spec.max_tokens, self._window)
-        room = limit - len(prefix) - len(suffix)
-        if room <= 0:
-            raise InvalidArgumentError(
-                f"the query and instruction take {len(prefix) + len(suffix)} tokens of the "
-                f"{limit} that model {self.spec.name!r} reads per document: shorten the query"
-            )
-        bodies: list[list[int]] = []
-        for i, document in enumerate(documents):
-            body = self._tokenize(" " + document, special=False, parse=False)
-            if len(body) > room:
-                if not truncate:
-                    raise InputTooLongError(i, len(prefix) + len(body) + len(suffix), limit, self.spec.name)
-                body = body[:room]
-            bodies.append(body + suffix)
-
-        seq = self._call_seq
-        owner = ctx.claim(seq)
-        try:
-            if self._decode(ctx, prefix, 0, output_last=False, cancelled=cancelled) is None:
-                return
-            for body in bodies:
-                ctx.check(owner)
-                index = self._decode(ctx, body, len(prefix), output_last=True, cancelled=cancelled)
-                if index is None:
-                    return
-                score = yes_probability(ctx.logits(index, self._n_vocab), self._yes, self._no)
-                llama_cpp.llama_memory_seq_rm(ctx.memory, seq, len(prefix), -1)
-                yield score, len(prefix) + len(body)
-        except ComputeInterrupted:
-            return  # `interrupt`: the caller is gone
-        finally:
-            # A generator dropped late must not empty the cells of a use that took the context over.
-            if ctx.ptr and ctx.owned_by(owner):
-                ctx.clear(seq)
-
-    def _decode(
-        self,
-        ctx: LlamaContext,
-        tokens: list[int],
-        start: int,
-        *,
-        output_last: bool,
-        cancelled: Callable[[], bool] = bool,
-    ) -> int | None:
-        """Decode `tokens` at positions start.. in the calls' sequence (between the streams' steps,
-        beside their cells), a batch at a time; returns the batch index of the last token (where
-        its logits are read when `output_last`), or None if `cancelled()` turned true between two
-        batches."""
-        index = 0
-        seq = self._call_seq
-        if self._engine is not None:
-            self._engine.adapt_threads()
-        for offset in range(0, len(tokens), ctx.n_batch):
-            if cancelled():
-                return None
-            for k in range(offset, min(offset + ctx.n_batch, len(tokens))):
-                index = ctx.add(tokens[k], start + k, seq, output_last and k == len(tokens) - 1)
-            ctx.decode()
-        return index
-
-    def _prepare_relevance(self) -> None:
-        if self._template is None:
-            raise FailedPreconditionError(
-                f"model {self.spec.name!r} reranks by relevance, which needs a chat template, "
-                "and its GGUF file has none; use rerank_method: cosine"
-            )
-        for words, ids in ((YES, self._yes), (NO, self._no)):
-            for word in words:
-                tokens = self._tokenize(word, special=False, parse=False)
-                if len(tokens) == 1:
-                    ids.append(tokens[0])
-            if not ids:
-                raise FailedPreconditionError(
-                    f"model {self.spec.name!r}: its vocabulary has no single token for {words[0]!r}, "
-                    "so it cannot judge relevance; use rerank_method: cosine"
-                )
-        self._rerank_frame("query", "instruction")  # fails now, not at the first request
-
-    def _rerank_frame(self, query: str, instruction: str) -> RerankFrame:
-        messages: list[ChatMessage] = [ChatMessage("system", RERANK_SYSTEM)]
-        for example_query, example_document, answer in RERANK_EXAMPLES:
-            content = rerank_user_turn(" " + instruction, " " + example_query, " " + example_document)
-            messages += [ChatMessage("user", content), ChatMessage("assistant", answer)]
-        messages.append(ChatMessage("user", rerank_user_turn(*SLOTS)))
-        rendered = self._render(messages)
-        pieces: list[str] = []
-        rest = rendered
-        for slot in SLOTS:
-            before, found, rest = rest.partition(slot)
-            if not found or slot in rest:
-                raise FailedPreconditionError(
-                    f"model {self.spec.name!r}: its chat template changes message text, "
-                    "so relevance prompts cannot be built from it; use rerank_method: cosine"
-                )
-            pieces.append(before)
-        prefix = self._tokenize(pieces[0], special=False, parse=True)
-        prefix += self._tokenize(" " + instruction, special=False, parse=False)
-        prefix += self._tokenize(pieces[1], special=False, parse=True)
-        prefix += self._tokenize(" " + query, special=False, parse=False)
-        prefix += self._tokenize(pieces[2], special=False, parse=True)
-        return RerankFrame(prefix=prefix, suffix=self._tokenize(rest, special=False, parse=True))
+        """P(yes) against P(no) as the judge's next token, a document at a time
+        (`relevance.RelevanceJudge.steps`)."""
+        judge = self._judge
+        self._context(judge.ctx if judge is not None else None, Task.RERANK)
+        assert judge is not None
+        yield from judge.steps(query, documents, instruction=instruction, truncate=truncate, cancelled=cancelled)
 
     # -- Helpers -------------------------------------------------------------------------------
 
@@ -545,44 +379,22 @@ class GgufBackend(Backend):
             raise self._unsupported(task)
         return ctx
 
-    def _tokenize(self, text: str, *, special: bool, parse: bool) -> list[int]:
-        """`special`: add the BOS/EOS the model's tokenizer adds; `parse`: read "<|...|>" as tokens."""
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buffer = (llama_cpp.llama_token * capacity)()
-        n = int(llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, special, parse))
-        if n < 0:
-            capacity = -n
-            buffer = (llama_cpp.llama_token * capacity)()
-            n = int(llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, special, parse))
-            if n < 0:
-                raise RuntimeError(f"llama_tokenize failed ({n})")
-        return [int(t) for t in buffer[:n]]
-
-    def _piece(self, token: int) -> bytes:
-        buf = self._piece_buf
-        n = int(llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False))
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = int(llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False))
-        return buf.raw[: max(n, 0)]
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return str(llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace"))
+    def _adapt_threads(self) -> None:
+        """Before a decode of the calls' sequence: the stream engine's thread count follows the load."""
+        if self._engine is not None:
+            self._engine.adapt_threads()
 
     def _input_tokens(self, text: str) -> list[int]:
         """The tokens embedding reads for `text`: the tokenizer's, special ones included, then the
         `append_tokens` the model must end with, unless the tokenizer already put them there."""
-        tokens = self._tokenize(text, special=True, parse=False)
+        tokens = self._vocab.tokenize(text, special=True, parse=False)
         append = self._append
         if append and tokens[len(tokens) - len(append) :] != append:
             tokens += append
         return tokens
 
     def _special_token(self, text: str) -> int:
-        tokens = self._tokenize(text, special=False, parse=True)
+        tokens = self._vocab.tokenize(text, special=False, parse=True)
         if len(tokens) != 1:
             raise FailedPreconditionError(
                 f"model {self.spec.name!r}: options.append_tokens names {text!r}, which is not one token of "
@@ -592,14 +404,9 @@ class GgufBackend(Backend):
 
     def _special_framing(self) -> tuple[int, int]:
         """How many special tokens an input has before and after its text (appended ones included)."""
-        plain = self._tokenize("a", special=False, parse=False)
+        plain = self._vocab.tokenize("a", special=False, parse=False)
         framed = self._input_tokens("a")
         for head in range(len(framed) - len(plain) + 1):
             if framed[head : head + len(plain)] == plain:
                 return head, len(framed) - head - len(plain)
         return 0, 0
-
-
-def _starts_char(data: bytes, index: int) -> bool:
-    """Whether byte `index` of UTF-8 `data` begins a character (is not a continuation byte)."""
-    return (data[index] & 0xC0) != 0x80

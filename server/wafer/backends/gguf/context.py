@@ -4,6 +4,7 @@ generation and embedding contexts are made with."""
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
@@ -120,6 +121,27 @@ class LlamaContext:
             raise ComputeInterrupted
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def decode_tokens(
+        self,
+        tokens: list[int],
+        start: int,
+        seq: int,
+        *,
+        output_last: bool,
+        cancelled: Callable[[], bool] = bool,
+    ) -> int | None:
+        """Decode `tokens` at positions start.. of sequence `seq`, a batch at a time; returns the
+        batch index of the last token (where its logits are read when `output_last`), or None if
+        `cancelled()` turned true between two batches."""
+        index = 0
+        for offset in range(0, len(tokens), self.n_batch):
+            if cancelled():
+                return None
+            for k in range(offset, min(offset + self.n_batch, len(tokens))):
+                index = self.add(tokens[k], start + k, seq, output_last and k == len(tokens) - 1)
+            self.decode()
+        return index
 
     def logits(self, index: int, n_vocab: int) -> Vector:
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)
