@@ -17,7 +17,7 @@ from wafer.config import Settings
 from wafer.contexts import ContextStore
 from wafer.engine import EngineLimits, InferenceEngine
 from wafer.errors import WaferError
-from wafer.http.app import Door
+from wafer.http.app import Door, DoorOptions
 from wafer.http.server import HttpServer
 from wafer.indexing import IndexService
 from wafer.jobs import JobManager, JobOptions, JobState, PolicyChecker, PowerProbe
@@ -61,6 +61,16 @@ def job_options(settings: Settings) -> JobOptions:
         sqlite_query_seconds=settings.jobs_sqlite_query_seconds,
         sqlite_max_rows=settings.jobs_sqlite_max_rows,
         max_line_bytes=settings.jobs_max_line_bytes,
+    )
+
+
+def door_options(settings: Settings) -> DoorOptions:
+    """The settings the HTTP door shares with the gRPC one."""
+    return DoorOptions(
+        default_deadline_seconds=settings.default_deadline_seconds,
+        auth_all_rpcs=settings.auth_all_rpcs,
+        max_message_bytes=settings.max_message_bytes,
+        default_max_new_tokens=settings.default_max_new_tokens,
     )
 
 
@@ -108,7 +118,7 @@ async def serve(settings: Settings) -> None:
             Door(
                 engine=engine,
                 registry=registry,
-                settings=settings,
+                options=door_options(settings),
                 drain=wafer.drain,
                 metrics=metrics,
                 token=load_token(settings),

@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from tests.fakes.fake_backend import FakeBackend
 from tests.unit.conftest import startup_settled
-from wafer.app import engine_limits
+from wafer.app import door_options, engine_limits
 from wafer.config import Settings
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError
@@ -44,7 +44,7 @@ async def serve(tmp_path: Path, registry: ModelRegistry) -> AsyncIterator[Serve]
         door = Door(
             engine=InferenceEngine(registry, engine_limits(settings)),
             registry=registry,
-            settings=settings,
+            options=door_options(settings),
             drain=DrainInterceptor(),
             token=token,
         )
@@ -238,7 +238,7 @@ def test_an_unexpected_error_is_a_500_with_the_request_id(registry: ModelRegistr
         door = Door(
             engine=InferenceEngine(registry, engine_limits(settings)),
             registry=registry,
-            settings=settings,
+            options=door_options(settings),
             drain=DrainInterceptor(),
         )
         request = Request(
@@ -262,14 +262,16 @@ async def test_open_inference_on_a_reachable_address_is_refused(tmp_path: Path, 
     door = Door(
         engine=InferenceEngine(registry, engine_limits(settings)),
         registry=registry,
-        settings=settings,
+        options=door_options(settings),
         drain=DrainInterceptor(),
     )
     with pytest.raises(FailedPreconditionError, match="other machines can reach it"):
         HttpServer(settings, door, address="0.0.0.0:0")
     allowed = Settings(data_dir=tmp_path / "data", allow_remote_admin=True)
     server = HttpServer(
-        allowed, Door(engine=door.engine, registry=registry, settings=allowed, drain=door.drain), "0.0.0.0:0"
+        allowed,
+        Door(engine=door.engine, registry=registry, options=door_options(allowed), drain=door.drain),
+        "0.0.0.0:0",
     )
     await server.stop()
 
@@ -279,7 +281,7 @@ async def test_a_taken_port_fails_the_start(tmp_path: Path, registry: ModelRegis
     door = Door(
         engine=InferenceEngine(registry, engine_limits(settings)),
         registry=registry,
-        settings=settings,
+        options=door_options(settings),
         drain=DrainInterceptor(),
     )
     with socket.socket() as taken:

@@ -32,7 +32,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from wafer.config import Settings
 from wafer.domain import GenerateChunk, GenerateRequest, Priority, Timings, Usage
 from wafer.engine import InferenceEngine
 from wafer.errors import CancelledError, DeadlineExceededError, WaferError
@@ -61,13 +60,26 @@ DISCARD_LIMIT_BYTES: Final = 16 * 2**20
 _MAX_REQUEST_ID_CHARS = 128
 
 
+@dataclass(frozen=True, slots=True)
+class DoorOptions:
+    """The settings the HTTP door uses, the same values the gRPC door applies (app.py builds them
+    from Settings)."""
+
+    default_deadline_seconds: float
+    # Whether every call needs the token, or only the admin ones.
+    auth_all_rpcs: bool
+    max_message_bytes: int
+    # Generate's max_tokens when a body sets none.
+    default_max_new_tokens: int
+
+
 @dataclass
 class Door:
     """What the routes use: the engine and registry, and the state shared with the gRPC door."""
 
     engine: InferenceEngine
     registry: ModelRegistry
-    settings: Settings
+    options: DoorOptions
     drain: DrainInterceptor
     metrics: Metrics | None = None
     token: str | None = None
@@ -89,7 +101,7 @@ class Exchange:
         self.http_status = 200
         self.extra: dict[str, Any] = {}
         self.started = time.perf_counter()
-        self.deadline = asyncio.get_running_loop().time() + door.settings.default_deadline_seconds
+        self.deadline = asyncio.get_running_loop().time() + door.options.default_deadline_seconds
         self._held = contextlib.ExitStack()
         self._finished = False
 
@@ -137,7 +149,7 @@ class Exchange:
         except TimeoutError:
             if not timeout.expired():
                 raise
-            seconds = self.door.settings.default_deadline_seconds
+            seconds = self.door.options.default_deadline_seconds
             raise DeadlineExceededError(
                 f"the request ran past the server's deadline of {seconds:g} s; raise default_deadline_seconds"
             ) from None
@@ -255,13 +267,13 @@ def _endpoint(door: Door, endpoint: Endpoint) -> Callable[[Request], Awaitable[R
         streaming = False
         with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=endpoint.label):
             try:
-                if door.token is not None and needs_token(endpoint.grpc_method, all_rpcs=door.settings.auth_all_rpcs):
+                if door.token is not None and needs_token(endpoint.grpc_method, all_rpcs=door.options.auth_all_rpcs):
                     check_bearer(request.headers.items(), door.token)
                 elif door.token is not None:
                     # As over gRPC: only a call that carries the token may evict models (wafer.rpc.auth).
                     allow_on_demand_eviction(is_admin_call(request.headers.items(), door.token))
                 call.admit()
-                body = await read_json(request, door.settings.max_message_bytes) if endpoint.verb == "POST" else {}
+                body = await read_json(request, door.options.max_message_bytes) if endpoint.verb == "POST" else {}
                 async with call.within_deadline():
                     outcome = await _while_connected(request, endpoint.handler(door, call, request, body))
                 if isinstance(outcome, EventStream):
@@ -424,7 +436,7 @@ async def chat_completions(
     parsed = convert.parse(convert.ChatBody, body)
     call.user = parsed.user
     generate = convert.chat_request(
-        parsed, _lane(request, parsed.priority), default_max_tokens=door.settings.default_max_new_tokens
+        parsed, _lane(request, parsed.priority), default_max_tokens=door.options.default_max_new_tokens
     )
     include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
     return await _generate(door, call, generate, chat=True, stream=parsed.stream, include_usage=include_usage)
@@ -436,7 +448,7 @@ async def completions(
     parsed = convert.parse(convert.CompletionBody, body)
     call.user = parsed.user
     generate = convert.completion_request(
-        parsed, _lane(request, parsed.priority), default_max_tokens=door.settings.default_max_new_tokens
+        parsed, _lane(request, parsed.priority), default_max_tokens=door.options.default_max_new_tokens
     )
     include_usage = parsed.stream_options is not None and parsed.stream_options.include_usage
     return await _generate(door, call, generate, chat=False, stream=parsed.stream, include_usage=include_usage)
