@@ -16,13 +16,13 @@ from wafer.cache import EmbeddingCache
 from wafer.config import Settings
 from wafer.contexts import ContextStore
 from wafer.engine import EngineLimits, InferenceEngine
-from wafer.errors import WaferError
+from wafer.errors import InvalidArgumentError, WaferError
 from wafer.http.app import Door, DoorOptions
 from wafer.http.server import HttpServer
 from wafer.indexing import IndexService
 from wafer.jobs import JobManager, JobOptions, JobState, PolicyChecker, PowerProbe
 from wafer.logging import configure_logging
-from wafer.metrics import Metrics
+from wafer.metrics import Metrics, MetricsServer
 from wafer.registry import ModelRegistry, limit_heap_arenas
 from wafer.rpc.auth import load_token
 from wafer.rpc.server import create_server
@@ -72,6 +72,14 @@ def door_options(settings: Settings) -> DoorOptions:
         max_message_bytes=settings.max_message_bytes,
         default_max_new_tokens=settings.default_max_new_tokens,
     )
+
+
+def serve_metrics(metrics: Metrics, address: str) -> MetricsServer:
+    """Serve /metrics on `address`; a bad or busy address is the operator's mistake (INVALID_ARGUMENT)."""
+    try:
+        return metrics.serve(address)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
 
 
 async def serve(settings: Settings) -> None:
@@ -129,7 +137,7 @@ async def serve(settings: Settings) -> None:
     )
     # Started before the gRPC server so it can be scraped from the first call on; its thread is a
     # daemon, so a failed start below does not keep the process alive.
-    exporter = metrics.serve(settings.metrics_address) if settings.metrics_address else None
+    exporter = serve_metrics(metrics, settings.metrics_address) if settings.metrics_address else None
     if exporter is not None:
         log.info("metrics listening", address=exporter.address, path="/metrics")
 

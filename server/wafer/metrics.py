@@ -5,11 +5,13 @@ parts that record (the RPC interceptor, the engine); tests make their own, so no
 between servers or tests through prometheus_client's global registry.
 
 Events are recorded where they happen: calls in the interceptor (it alone sees the status code and
-the whole duration), batches and tokens in the engine (it alone sees the backend's output).
+the whole duration), batches in the model's scheduler and handle (they alone see the backend's
+output), finished generations in the engine.
 State is not copied: model state, memory, load time, in-flight and waiting calls are read from
 the model registry when /metrics is scraped, so they can never drift from what the registry says.
 
-This module is a leaf: it imports nothing of Wafer but its errors. The parts that record (cache,
+This module is a leaf: it imports nothing of Wafer (a bad address is a ValueError, which `app.py`
+reports as the configuration mistake it is). The parts that record (cache,
 engine, scheduler, jobs) declare what they report as small protocols that `Metrics` implements, and
 the collectors read the registry and the job manager through the protocols below; `app.py` wires
 them together. So those parts run, and are tested, without Prometheus.
@@ -27,8 +29,6 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from wafer.errors import InvalidArgumentError
 
 # From a sub-millisecond refusal to a long generation (minutes).
 LATENCY_BUCKETS = (
@@ -290,7 +290,7 @@ class Metrics:
         try:
             httpd, thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            raise InvalidArgumentError(f"cannot serve metrics on {address!r}: {exc}") from exc
+            raise ValueError(f"cannot serve metrics on {address!r}: {exc}") from exc
         return MetricsServer(httpd, thread, host)
 
 
@@ -299,7 +299,7 @@ def parse_address(address: str) -> tuple[str, int]:
     host, sep, port_text = address.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise InvalidArgumentError(f"metrics address {address!r} must be host:port, e.g. 127.0.0.1:9464")
+        raise ValueError(f"metrics address {address!r} must be host:port, e.g. 127.0.0.1:9464")
     return host, int(port_text)
 
 

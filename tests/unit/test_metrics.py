@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import wafer_client
 from tests.fakes.fake_backend import FakeBackend
 from tests.unit.conftest import fake_catalog
-from wafer.app import engine_limits
+from wafer.app import engine_limits, serve_metrics
 from wafer.config import Settings
 from wafer.domain import EmbedRequest, GenerateRequest, RerankRequest, SamplingParams
 from wafer.engine import InferenceEngine
@@ -275,8 +275,11 @@ def test_parse_address(address: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize("address", ["9464", ":9464", "host:", "host:port", "host:70000", "unix:///tmp/m.sock"])
 def test_bad_addresses_are_refused(address: str) -> None:
-    with pytest.raises(InvalidArgumentError, match="host:port"):
+    with pytest.raises(ValueError, match="host:port"):
         parse_address(address)
+    # The server reports it as the configuration mistake it is.
+    with pytest.raises(InvalidArgumentError, match="host:port"):
+        serve_metrics(Metrics(), address)
 
 
 def test_a_busy_port_is_a_clear_error() -> None:
@@ -284,7 +287,7 @@ def test_a_busy_port_is_a_clear_error() -> None:
     running = metrics.serve("127.0.0.1:0")
     try:
         with pytest.raises(InvalidArgumentError, match="cannot serve metrics"):
-            Metrics().serve(running.address)
+            serve_metrics(Metrics(), running.address)
     finally:
         running.stop()
 
