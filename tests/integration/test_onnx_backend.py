@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from tests.reference import PlainReference
 from wafer.backends.base import ComputeInterrupted, InputTooLongError, LoadOptions, ModelFiles, Tokenized
 from wafer.backends.onnx import MAX_PADDING_FRACTION, OnnxBackend, sub_batches
-from wafer.errors import FailedPreconditionError, UnavailableError
+from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, ModelSpec, Pooling
 
@@ -128,6 +128,27 @@ def test_texts_tokenized_ahead_and_joined_embed_as_in_one_call(backend: OnnxBack
     assert joined.token_counts == whole.token_counts
     with pytest.raises(InputTooLongError):
         backend.tokenize([LONG_TEXT], truncate=False)
+
+
+def test_requests_tokenized_together_get_what_each_gets_alone(backend: OnnxBackend) -> None:
+    texts = [text for text in TEXTS if text]
+    requests = [texts[:2], [LONG_TEXT], texts[2:], [" "], [texts[0], LONG_TEXT]]
+    together = backend.tokenize_each(requests, truncate=False)
+    assert len(together) == len(requests)
+    for texts_of_one, outcome in zip(requests, together, strict=True):
+        try:
+            alone = backend.tokenize(texts_of_one, truncate=False)
+        except InvalidArgumentError as error:
+            # The same refusal, naming the input by its place in its own request.
+            assert type(outcome) is type(error) and str(outcome) == str(error)
+            continue
+        assert isinstance(outcome, Tokenized)
+        assert outcome.token_counts == alone.token_counts
+        assert [e.ids for e in outcome.items] == [e.ids for e in alone.items]  # type: ignore[attr-defined]
+    assert isinstance(together[1], InputTooLongError) and isinstance(together[4], InputTooLongError)
+    assert together[4].index == 1
+    cut = backend.tokenize_each(requests, truncate=True)
+    assert [outcome.token_counts for outcome in cut if isinstance(outcome, Tokenized)][1] == [256]
 
 
 def test_vectors_are_pooled_not_normalized(backend: OnnxBackend) -> None:
