@@ -389,7 +389,7 @@ class ModelScheduler:
     async def _tokenize(self, texts: Sequence[str], truncate: bool) -> Tokenized:
         """`texts` tokenized off the event loop, with every other request that asks in this turn
         of the loop: one hop to a worker thread, one tokenizer call and one wake-up of the loop
-        for all of them, instead of one each (16 single-text clients send 16 requests a turn)."""
+        for all of them, instead of one each (a burst of single-text requests comes in a few turns)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Tokenized] = loop.create_future()
         if not self._tokenizing:
