@@ -22,7 +22,8 @@ clients x 1 text and 4 clients x 32 texts, against the compute-only ceiling of b
 (onnxruntime alone, the corpus tokenized beforehand, sorted by length, batches of 32, as many
 threads as cores) on the same cores. Then the same on the `--cores` subset (the server and the
 ceiling pinned with taskset / sched_setaffinity): the curve a machine with more cores follows.
-With --write: bench/RESULTS.md's "instances" section and bench/instances.png.
+With --write: bench/RESULTS.md's "instances" section and bench/instances.png (`--section NAME`:
+the section NAME and bench/NAME.png instead, for a new run beside an older one).
 """
 
 from __future__ import annotations
@@ -327,7 +328,9 @@ def instance_sweep(texts: list[str], texts_file: Path, cores: list[int], runs: i
     return rows
 
 
-def instances_report(corpus: str, runs: int, sweeps: dict[str, dict[str, Result]], load: list[str]) -> str:
+def instances_report(
+    corpus: str, runs: int, sweeps: dict[str, dict[str, Result]], load: list[str], chart_file: Path = INSTANCES_CHART
+) -> str:
     lines = [
         header("Model instances: scaling against the compute-only ceiling", corpus),
         f"- medians of {runs} runs; model: minilm (int8 ONNX), its threads shared out among its instances; "
@@ -353,11 +356,11 @@ def instances_report(corpus: str, runs: int, sweeps: dict[str, dict[str, Result]
                 f"{single['p50_ms']:.1f} | {bulk['texts_per_s']:.0f} | {bulk['texts_per_s'] / top:.2f} | "
                 f"{bulk['p50_ms']:.1f} |"
             )
-    lines += ["", f"![instances against the ceiling]({INSTANCES_CHART.name})"]
+    lines += ["", f"![instances against the ceiling]({chart_file.name})"]
     return "\n".join(lines) + "\n"
 
 
-def instances_chart(sweeps: dict[str, dict[str, Result]]) -> None:
+def instances_chart(sweeps: dict[str, dict[str, Result]], chart_file: Path = INSTANCES_CHART) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,7 +380,7 @@ def instances_chart(sweeps: dict[str, dict[str, Result]]) -> None:
         axis.set(xlabel="instances", ylabel="x ceiling", title=f"cores {cores} (ceiling {top:.0f} texts/s)")
         axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    figure.savefig(INSTANCES_CHART, dpi=110)
+    figure.savefig(chart_file, dpi=110)
 
 
 def instances_main(args: argparse.Namespace) -> None:
@@ -395,11 +398,12 @@ def instances_main(args: argparse.Namespace) -> None:
     sweeps = {",".join(map(str, cores)): instance_sweep(texts, texts_file, cores, runs) for cores in subsets}
     load.append(", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"load average: {load[1]}", flush=True)
-    text = instances_report(f"{described}; first {len(texts)} texts", runs, sweeps, load)
+    chart_file = INSTANCES_CHART.with_name(f"{args.section}.png")
+    text = instances_report(f"{described}; first {len(texts)} texts", runs, sweeps, load, chart_file)
     print(text)
     if args.write:
-        write_section("instances", text)
-        instances_chart(sweeps)
+        write_section(args.section, text)
+        instances_chart(sweeps, chart_file)
 
 
 def main() -> None:
@@ -411,6 +415,11 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md and the chart")
     parser.add_argument("--instances", action="store_true", help="the instances sweep instead (see above)")
     parser.add_argument("--cores", help="instances sweep: also on this CPU list, e.g. 0 or 0,1")
+    parser.add_argument(
+        "--section",
+        default="instances",
+        help="instances sweep, with --write: the RESULTS.md section (its markers) and the chart's name (NAME.png)",
+    )
     args = parser.parse_args()
     if args.instances:
         instances_main(args)

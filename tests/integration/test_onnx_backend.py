@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.metadata
+import itertools
 import json
 import math
 import struct
@@ -29,8 +30,8 @@ from tokenizers import Tokenizer
 
 from tests.reference import PlainReference
 from wafer.backends.base import ComputeInterrupted, InputTooLongError, LoadOptions, ModelFiles, Tokenized
-from wafer.backends.onnx import MAX_PADDING_FRACTION, OnnxBackend, sub_batches
-from wafer.errors import FailedPreconditionError, UnavailableError
+from wafer.backends.onnx import MAX_PADDING_FRACTION, RUN_OVERHEAD_TOKENS, OnnxBackend, planned_batches, sub_batches
+from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog, ModelSpec, Pooling
 
@@ -130,6 +131,27 @@ def test_texts_tokenized_ahead_and_joined_embed_as_in_one_call(backend: OnnxBack
         backend.tokenize([LONG_TEXT], truncate=False)
 
 
+def test_requests_tokenized_together_get_what_each_gets_alone(backend: OnnxBackend) -> None:
+    texts = [text for text in TEXTS if text]
+    requests = [texts[:2], [LONG_TEXT], texts[2:], [" "], [texts[0], LONG_TEXT]]
+    together = backend.tokenize_each(requests, truncate=False)
+    assert len(together) == len(requests)
+    for texts_of_one, outcome in zip(requests, together, strict=True):
+        try:
+            alone = backend.tokenize(texts_of_one, truncate=False)
+        except InvalidArgumentError as error:
+            # The same refusal, naming the input by its place in its own request.
+            assert type(outcome) is type(error) and str(outcome) == str(error)
+            continue
+        assert isinstance(outcome, Tokenized)
+        assert outcome.token_counts == alone.token_counts
+        assert [e.ids for e in outcome.items] == [e.ids for e in alone.items]  # type: ignore[attr-defined]
+    assert isinstance(together[1], InputTooLongError) and isinstance(together[4], InputTooLongError)
+    assert together[4].index == 1
+    cut = backend.tokenize_each(requests, truncate=True)
+    assert [outcome.token_counts for outcome in cut if isinstance(outcome, Tokenized)][1] == [256]
+
+
 def test_vectors_are_pooled_not_normalized(backend: OnnxBackend) -> None:
     norms = np.linalg.norm(backend.embed(TEXTS[:3], truncate=True).vectors, axis=1)
     assert not np.allclose(norms, 1.0, atol=1e-3)
@@ -146,6 +168,48 @@ def test_sub_batches_keep_caller_order(backend: OnnxBackend) -> None:
         backend.padded_token_budget = budget
     assert split.token_counts == whole.token_counts
     np.testing.assert_allclose(split.vectors, whole.vectors, rtol=0, atol=1e-5)
+
+
+def _plan_cost(runs: list[list[int]], lengths: list[int], run_tokens: int) -> int:
+    return sum(run_tokens + lengths[run[0]] * len(run) for run in runs)
+
+
+def _cheapest(order: list[int], lengths: list[int], budget: int, run_tokens: int) -> int:
+    """Every way of cutting `order` into consecutive runs, by brute force."""
+    best = None
+    for cuts in itertools.product((False, True), repeat=max(0, len(order) - 1)):
+        runs, run = [], [order[0]]
+        for index, cut in zip(order[1:], cuts, strict=True):
+            if cut:
+                runs.append(run)
+                run = []
+            run.append(index)
+        runs.append(run)
+        if any(len(r) > 1 and lengths[r[0]] * len(r) > budget for r in runs):
+            continue
+        cost = _plan_cost(runs, lengths, run_tokens)
+        best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best
+
+
+def test_planned_batches_are_the_cheapest_cut_within_the_budget() -> None:
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        lengths = [int(x) for x in rng.integers(2, 120, size=int(rng.integers(1, 9)))]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+        budget = int(rng.choice([150, 300, 2048]))
+        runs = planned_batches(order, lengths, budget)
+        assert [i for run in runs for i in run] == order  # consecutive, each row once, order kept
+        assert all(len(run) == 1 or lengths[run[0]] * len(run) <= budget for run in runs)
+        assert _plan_cost(runs, lengths, RUN_OVERHEAD_TOKENS) == _cheapest(
+            order, lengths, budget, RUN_OVERHEAD_TOKENS
+        ), (trial, lengths, budget)
+    # Short texts of near lengths share a run; a long one does not pad them.
+    assert planned_batches([0, 1, 2, 3], [120, 20, 18, 15], 2048) == [[0], [1, 2, 3]]
+    assert planned_batches([], [], 300) == []
+    assert planned_batches([0, 1], [500, 10], 300) == [[0], [1]]
+    assert planned_batches([0, 1, 2], [30, 29, 28], 2048, run_tokens=0) == [[0], [1], [2]]
 
 
 def test_sub_batch_planning_respects_the_budget() -> None:

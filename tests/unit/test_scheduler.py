@@ -618,6 +618,8 @@ class TokenizingBackend(RecordingBackend):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
         self.tokenized_on: list[int] = []
+        # (requests, truncate) of each joint tokenizer call.
+        self.joint_calls: list[tuple[int, bool]] = []
 
     def tokenize(self, texts: Sequence[str], *, truncate: bool) -> Tokenized:
         self.tokenized_on.append(threading.get_ident())
@@ -628,6 +630,10 @@ class TokenizingBackend(RecordingBackend):
                 raise InputTooLongError(i, tokens, self.spec.max_tokens, self.spec.name)
             counts.append(min(tokens, self.spec.max_tokens))
         return Tokenized(items=list(texts), token_counts=counts)
+
+    def tokenize_each(self, requests: Sequence[Sequence[str]], *, truncate: bool) -> list[Tokenized | Exception]:
+        self.joint_calls.append((len(requests), truncate))
+        return super().tokenize_each(requests, truncate=truncate)
 
     def embed_tokenized(self, tokenized: Tokenized) -> Embeddings:
         texts = [str(item) for item in tokenized.items]
@@ -690,6 +696,35 @@ async def test_requests_are_tokenized_off_the_event_loop_and_batched_by_exact_to
         assert len(backend.calls) == calls
     finally:
         backend.hold.set()
+        await asyncio.to_thread(scheduler.close)
+
+
+async def test_requests_arriving_together_are_tokenized_in_one_call_and_fail_alone(open_gate: None) -> None:
+    backend = TokenizingBackend(spec(max_tokens=10))
+    backend.hold.set()
+    scheduler = ModelScheduler("m", backend, ComputeGate(), max_tokens=10)
+    try:
+        # Started in the same turn of the event loop, as a burst of RPCs is.
+        calls = [scheduler.embed([f"word {i}"], truncate=False) for i in range(5)]
+        calls.insert(2, scheduler.embed(["word " * 20], truncate=False))
+        calls.append(scheduler.embed(["word " * 20], truncate=True))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        # One call per truncation setting, not one per request.
+        assert sorted(backend.joint_calls) == [(1, True), (6, False)]
+        assert isinstance(results[2], InputTooLongError)
+        for i in (0, 1, 3, 4, 5):
+            result = results[i]
+            assert isinstance(result, Scheduled)
+            assert result.value.token_counts == [4]
+            assert result.tokenize_seconds > 0
+        last = results[6]
+        assert isinstance(last, Scheduled) and last.value.token_counts == [10]
+        # Every request that passed ran; the refused one never reached the model.
+        assert sum(len(call) for call in backend.calls) == 6
+        # Requests that come later get a call of their own.
+        await scheduler.embed(["later"], truncate=False)
+        assert len(backend.joint_calls) == 3
+    finally:
         await asyncio.to_thread(scheduler.close)
 
 

@@ -232,6 +232,19 @@ class Backend(abc.ABC):
         may run on any thread while the model's thread computes."""
         raise self._unsupported(Task.EMBED)
 
+    def tokenize_each(self, requests: Sequence[Sequence[str]], *, truncate: bool) -> list[Tokenized | Exception]:
+        """`tokenize` for several requests at once: each request's Tokenized, or the error
+        `tokenize` would raise for it alone (a bad input fails its own request, not the others).
+        Thread-safe, like `tokenize`. A backend whose tokenizer has a batch call overrides this
+        with one call for all the texts."""
+        results: list[Tokenized | Exception] = []
+        for texts in requests:
+            try:
+                results.append(self.tokenize(texts, truncate=truncate))
+            except Exception as exc:  # handed to the request it belongs to
+                results.append(exc)
+        return results
+
     def embed_tokenized(self, tokenized: Tokenized) -> Embeddings:
         """`embed` on texts `tokenize` prepared (possibly several requests' rows, joined)."""
         raise self._unsupported(Task.EMBED)

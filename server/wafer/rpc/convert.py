@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -16,6 +17,7 @@ from wafer.domain import (
     EmbedRequest,
     EmbedResult,
     FinishReason,
+    FloatMatrix,
     GenerateChunk,
     GenerateRequest,
     InputType,
@@ -51,6 +53,9 @@ _LOAD_TO_PROTO = {
     LoadPolicy.STARTUP: models_pb2.LOAD_POLICY_STARTUP,
     LoadPolicy.ON_DEMAND: models_pb2.LOAD_POLICY_ON_DEMAND,
 }
+# Field tags (field number << 3 | 2, length-delimited) of EmbedResponse.embeddings and Embedding.values.
+_EMBED_RESPONSE_EMBEDDINGS = bytes([2 << 3 | 2])
+_EMBEDDING_VALUES = bytes([1 << 3 | 2])
 _FINISH_TO_PROTO = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -115,14 +120,40 @@ def _context_request(message: inference_pb2.EmbedRequest) -> ContextRequest | No
 
 
 def embed_response(result: EmbedResult) -> inference_pb2.EmbedResponse:
-    return inference_pb2.EmbedResponse(
+    response = inference_pb2.EmbedResponse(
         model=result.model,
-        embeddings=[inference_pb2.Embedding(values=row) for row in result.vectors.tolist()],
         usage=usage_to_proto(result.usage),
         timings=timings_to_proto(result.timings),
         cached=result.cached,
         context_id=result.context_id,
     )
+    response.MergeFromString(embeddings_wire(result.vectors))
+    return response
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def embeddings_wire(vectors: FloatMatrix) -> bytes:
+    """EmbedResponse's `embeddings` field (2) for `vectors`, as protobuf encodes it: a row is an
+    Embedding whose packed `values` (field 1) are the row's little-endian float32 bytes. Parsed
+    into the response in C, it spares a Python float per value (`tolist`, then one conversion
+    each): the same message, at a fraction of the event loop's time."""
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    count = rows.shape[0]
+    width = rows.shape[1] * 4 if rows.ndim == 2 else 0
+    embedding = _EMBEDDING_VALUES + _varint(width) if width else b""
+    header = _EMBED_RESPONSE_EMBEDDINGS + _varint(len(embedding) + width) + embedding
+    wire = np.empty((count, len(header) + width), dtype=np.uint8)
+    wire[:, : len(header)] = np.frombuffer(header, dtype=np.uint8)
+    wire[:, len(header) :] = rows.view(np.uint8).reshape(count, width)
+    return wire.tobytes()
 
 
 def rerank_request(message: inference_pb2.RerankRequest) -> RerankRequest:

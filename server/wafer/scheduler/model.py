@@ -268,6 +268,20 @@ def _context_id(work: _EmbedWork) -> str:
     return "" if work.embed_context is None else work.embed_context.id
 
 
+@dataclass(frozen=True, slots=True)
+class _Tokenizing:
+    """A request waiting for this turn's joint tokenizer call."""
+
+    texts: Sequence[str]
+    truncate: bool
+    future: asyncio.Future[Tokenized]
+
+
+def _settle_all(results: list[tuple[asyncio.Future[Tokenized], object]]) -> None:
+    for future, value in results:
+        _settle(future, value)
+
+
 def _settle(future: asyncio.Future[Any], value: object) -> None:
     if future.done():
         return
@@ -302,6 +316,8 @@ class ModelScheduler:
         self._max_tokens = max_tokens
         self._observer = observer
         self._changed = threading.Condition()
+        # Requests to tokenize in the next joint call (event loop side only).
+        self._tokenizing: list[_Tokenizing] = []
         self._queues: dict[Priority, deque[_Work]] = {lane: deque() for lane in Priority}
         self._queued_rows = dict.fromkeys(Priority, 0)
         self._queued_tokens = dict.fromkeys(Priority, 0)
@@ -344,12 +360,13 @@ class ModelScheduler:
         A backend that tokenizes ahead has the request tokenized here, on a thread beside the
         event loop (the tokenizer's batch call releases the GIL), while the model's thread
         computes other requests: the batch is then budgeted by exact token counts, and bad input
-        is refused before it queues."""
+        is refused before it queues. Requests that arrive in the same turn of the event loop are
+        tokenized together, in one call on one thread (`_tokenize`)."""
         tokenized: Tokenized | None = None
         tokenize_seconds = 0.0
         if self._backend.tokenizes_ahead and context is None:
             started = time.perf_counter()
-            tokenized = await asyncio.to_thread(self._backend.tokenize, texts, truncate=truncate)
+            tokenized = await self._tokenize(texts, truncate)
             tokenize_seconds = time.perf_counter() - started
             if self._observer is not None:
                 self._observer.record_tokenization(self.name, tokenize_seconds)
@@ -369,6 +386,40 @@ class ModelScheduler:
         )
         result: Scheduled[Embeddings] = await self._wait(work)
         return result
+
+    async def _tokenize(self, texts: Sequence[str], truncate: bool) -> Tokenized:
+        """`texts` tokenized off the event loop, with every other request that asks in this turn
+        of the loop: one hop to a worker thread, one tokenizer call and one wake-up of the loop
+        for all of them, instead of one each (a burst of single-text requests comes in a few turns)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Tokenized] = loop.create_future()
+        if not self._tokenizing:
+            loop.call_soon(self._tokenize_pending, loop)
+        self._tokenizing.append(_Tokenizing(texts, truncate, future))
+        return await future
+
+    def _tokenize_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending, self._tokenizing = self._tokenizing, []
+        loop.run_in_executor(None, self._tokenize_together, pending, loop)
+
+    def _tokenize_together(self, pending: list[_Tokenizing], loop: asyncio.AbstractEventLoop) -> None:
+        """On a worker thread: one `tokenize_each` per truncation setting; each request gets its
+        own Tokenized or its own error."""
+        results: list[tuple[asyncio.Future[Tokenized], object]] = []
+        for truncate in (False, True):
+            group = [each for each in pending if each.truncate == truncate]
+            if not group:
+                continue
+            try:
+                outcomes: Sequence[object] = self._backend.tokenize_each(
+                    [each.texts for each in group], truncate=truncate
+                )
+                if len(outcomes) != len(group):
+                    raise RuntimeError(f"tokenize_each answered {len(outcomes)} of {len(group)} requests")
+            except Exception as exc:  # the tokenizer itself failed: everyone in the call hears of it
+                outcomes = [exc] * len(group)
+            results += [(each.future, outcome) for each, outcome in zip(group, outcomes, strict=True)]
+        loop.call_soon_threadsafe(_settle_all, results)
 
     async def run(self, fn: Callable[[], T], *, lane: Priority = Priority.INTERACTIVE) -> Scheduled[T]:
         """Run `fn` on the model's thread, in one turn of the compute gate."""
