@@ -241,6 +241,34 @@ def test_a_closed_stream_frees_its_cells_and_sequence_at_once(backend: GgufBacke
     assert_free(engine, backend)
 
 
+def test_a_new_stream_keeps_the_running_sequences_consecutive(
+    resolver: SourceResolver, smollm2_spec: ModelSpec
+) -> None:
+    """llama.cpp decodes sequences 0 and 2 of a non-unified cache in two micro-batches (two passes
+    over the weights per token step), 0 and 1 in one: a stream without a cached prefix takes the
+    free sequence that fills a gap, even when another was used less recently."""
+    fresh = load(resolver, smollm2_spec)  # four sequences, all empty
+    try:
+        engine = engine_of(fresh)
+        sampling = SamplingParams(max_tokens=8, temperature=0.0)
+        # Plain prompts of a few tokens, sharing no prefix: none is cached or hits a cache.
+        a, b, c, d = (
+            engine.open(prompt=p, messages=(), sampling=sampling) for p in ("Apples", "Boats", "Cats", "Dogs")
+        )
+        for stream in (a, b, c):
+            assert isinstance(stream, Stream) and engine.admit(stream)
+        assert isinstance(a, Stream) and isinstance(b, Stream) and isinstance(c, Stream)
+        assert (a.seq, b.seq, c.seq) == (0, 1, 2)
+        engine.close(b)  # sequence 1 was used last; 3 never
+        assert engine.admit(d)
+        assert isinstance(d, Stream) and d.seq == 1 and d.cached == 0
+        for stream in (a, c, d):
+            engine.close(stream)
+        assert_free(engine, fresh)
+    finally:
+        fresh.close()
+
+
 def test_each_stream_has_kv_cells_of_its_own(resolver: SourceResolver, smollm2_spec: ModelSpec) -> None:
     spec = smollm2_spec.model_copy(
         update={"generation": smollm2_spec.generation.model_copy(update={"parallel": 2, "kv_cells": 256})}
@@ -553,7 +581,8 @@ def test_the_least_recently_used_prefix_is_evicted_first(resolver: SourceResolve
             return stream
 
         trains = (ChatMessage("system", LONG_CONTEXT), ChatMessage("user", "When?"))
-        boats = (ChatMessage("system", LONG_CONTEXT.replace("train", "boat")), ChatMessage("user", "When?"))
+        # Two system prompts that share no prefix (past the chat template's opening).
+        boats = (ChatMessage("system", "Boats. " + LONG_CONTEXT.replace("train", "boat")), ChatMessage("user", "When?"))
         first = finish(trains)
         second = finish(boats)
         assert first.seq != second.seq

@@ -35,8 +35,10 @@ Prompt (prefix) cache: a stream that ends leaves the cells of its prompt in its 
 stream takes the free sequence whose cached tokens share the longest prefix with its prompt, at
 least MIN_CACHED_PREFIX tokens, and decodes only the rest (the same system prompt, the same chat
 history, the chat template's own default system prompt); without such a match it takes the least
-recently used free sequence, whose cache it replaces. The cache is thus bounded by the free
-sequences' cells and evicts least recently used first. A cached prefix is the very cells a fresh
+recently used free sequence, whose cache it replaces, among those that keep the running streams'
+sequence ids consecutive (`_sequence_for`: llama.cpp decodes non-consecutive sequences in separate
+micro-batches, each a pass over the weights). The cache is thus bounded by the free sequences' cells
+and evicts least recently used first, where that costs no decoding speed. A cached prefix is the very cells a fresh
 prefill writes, and the rest of the prompt is cut at the same positions (multiples of
 PREFILL_CHUNK) as without a cache; without flash attention neither where a chunk starts nor its
 length changes a token, so the tokens are the same with and without the cache.
@@ -70,9 +72,11 @@ from wafer.errors import InvalidArgumentError
 # Prompt tokens decoded per step: a chunk takes ~0.7 s at ~360 tokens/s on 2 cores, which is what
 # the other streams' next token waits at most.
 PREFILL_CHUNK = 256
-# The shortest common prefix a new stream takes a cached sequence for. Shorter ones are the chat
-# template's opening (a few tokens every prompt shares), not worth the sequence's cached prompt.
-MIN_CACHED_PREFIX = 16
+# The shortest common prefix a new stream takes a cached sequence for: longer than a chat template's
+# opening, which every prompt shares (3 tokens for ChatML's "<|im_start|>system\n") and which is not
+# worth another prompt's cached cells; as long as a one-line system prompt ("You are a helpful
+# assistant." and its framing: 14 tokens with SmolLM2).
+MIN_CACHED_PREFIX = 8
 
 # llama.cpp's abort callback is polled after every graph node (~700 per SmolLM2 decode) by a compute
 # thread. A Python callback would take the GIL each time, and wait for it while the event loop holds
@@ -311,8 +315,17 @@ class StreamEngine(GenerationStreams):
 
     def _sequence_for(self, tokens: list[int]) -> tuple[int, int]:
         """The free sequence for a prompt, and how many of its tokens' cells it already holds: the
-        longest reusable prefix, else the least recently used sequence."""
-        best, reuse = min(self._free, key=lambda seq: self._free[seq][1]), 0
+        longest reusable prefix; else, of the sequences that keep the running streams' ids in the
+        fewest runs of consecutive ids, the least recently used. llama.cpp decodes only consecutive
+        sequences of a non-unified cache in one micro-batch, so a token step of sequences 0 and 2
+        passes over the weights twice, and one of 0 and 1 once."""
+        running = {stream.seq for stream in self._active}
+
+        def runs(seq: int) -> int:
+            ids = running | {seq}
+            return sum(1 for each in ids if each - 1 not in ids)
+
+        best, reuse = min(self._free, key=lambda seq: (runs(seq), self._free[seq][1])), 0
         for seq, (cached, _) in self._free.items():
             common = 0
             for a, b in zip(cached, tokens, strict=False):
