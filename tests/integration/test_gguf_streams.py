@@ -13,7 +13,7 @@ import pytest
 
 from wafer.backends.base import ComputeInterrupted, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
-from wafer.backends.gguf.streams import PREFILL_CHUNK, Stream, StreamEngine
+from wafer.backends.gguf.streams import MIN_CACHED_PREFIX, PREFILL_CHUNK, Stream, StreamEngine
 from wafer.domain import ChatMessage, GenerationDelta, Priority, SamplingParams
 from wafer.errors import InvalidArgumentError
 from wafer.metrics import Metrics
@@ -130,6 +130,41 @@ def test_streams_that_join_together_read_their_prompts_in_one_step(backend: Gguf
     assert_free(engine, backend)
 
 
+def test_short_prompts_arriving_one_after_another_are_read_back_to_back(backend: GgufBackend) -> None:
+    """The second of two callers waits for the first's prompt, not for its second token too; a long
+    prompt still takes turns with the tokens (at most PREFILL_CHUNK prompt tokens between two)."""
+    engine = engine_of(backend)
+    sampling = SamplingParams(max_tokens=40, temperature=0.0)
+    first, second = (
+        engine.open(prompt=None, messages=chat(q + " In a word."), sampling=sampling) for q in QUESTIONS[:2]
+    )
+    assert isinstance(first, Stream) and isinstance(second, Stream)
+    assert engine.admit(first)
+    engine.step()
+    assert first.generated == 1
+    assert engine.admit(second)
+    engine.step()
+    assert second.prefilled == len(second.tokens) and second.generated == 1
+    assert first.generated == 1, "the second prompt waited for the first stream's next token"
+    engine.step()
+    assert first.generated == second.generated == 2
+
+    # A system prompt of its own: nothing of it is cached, all of it is read.
+    messages = (ChatMessage("system", "Read in turns."), ChatMessage("user", LONG_CONTEXT))
+    long = engine.open(prompt=None, messages=messages, sampling=sampling)
+    assert isinstance(long, Stream) and len(long.tokens) > 2 * PREFILL_CHUNK
+    assert engine.admit(long) and long.cached == 0
+    read = 0
+    while long.prefilled < len(long.tokens):
+        before, tokens = long.prefilled, first.generated
+        engine.step()
+        read = 0 if first.generated > tokens else read + long.prefilled - before
+        assert read <= PREFILL_CHUNK, "the generating streams waited for more than a chunk"
+    for stream in (first, second, long):
+        engine.close(stream)
+    assert_free(engine, backend)
+
+
 def test_a_long_prompt_prefilled_in_chunks_beside_running_streams(backend: GgufBackend) -> None:
     engine = engine_of(backend)
     long = (chat(LONG_CONTEXT + "\nWhen does the train leave?"), SamplingParams(max_tokens=16, temperature=0.0))
@@ -193,14 +228,45 @@ def test_a_closed_stream_frees_its_cells_and_sequence_at_once(backend: GgufBacke
     memory = llama_cpp.llama_get_memory(backend._gen.ptr)  # type: ignore[union-attr]
     first = streams[0]
     assert isinstance(first, Stream)
-    assert llama_cpp.llama_memory_seq_pos_max(memory, first.seq) >= 0
+    # Its prompt and two tokens of its reply (the third is sampled, not yet decoded).
+    assert llama_cpp.llama_memory_seq_pos_max(memory, first.seq) + 1 == len(first.tokens) + 2
     seq = first.seq
     engine.close(first)
-    assert llama_cpp.llama_memory_seq_pos_max(memory, seq) == -1
+    # The reply's cells go at once; the prompt's stay, as the free sequence's cached prefix.
+    assert llama_cpp.llama_memory_seq_pos_max(memory, seq) + 1 == len(first.tokens) == engine.cached_prefix(seq)
     assert engine.admit(extra)
+    assert isinstance(extra, Stream) and extra.seq == seq
     for stream in [*streams[1:], extra]:
         engine.close(stream)
     assert_free(engine, backend)
+
+
+def test_a_new_stream_keeps_the_running_sequences_consecutive(
+    resolver: SourceResolver, smollm2_spec: ModelSpec
+) -> None:
+    """llama.cpp decodes sequences 0 and 2 of a non-unified cache in two micro-batches (two passes
+    over the weights per token step), 0 and 1 in one: a stream without a cached prefix takes the
+    free sequence that fills a gap, even when another was used less recently."""
+    fresh = load(resolver, smollm2_spec)  # four sequences, all empty
+    try:
+        engine = engine_of(fresh)
+        sampling = SamplingParams(max_tokens=8, temperature=0.0)
+        # Plain prompts of a few tokens, sharing no prefix: none is cached or hits a cache.
+        a, b, c, d = (
+            engine.open(prompt=p, messages=(), sampling=sampling) for p in ("Apples", "Boats", "Cats", "Dogs")
+        )
+        for stream in (a, b, c):
+            assert isinstance(stream, Stream) and engine.admit(stream)
+        assert isinstance(a, Stream) and isinstance(b, Stream) and isinstance(c, Stream)
+        assert (a.seq, b.seq, c.seq) == (0, 1, 2)
+        engine.close(b)  # sequence 1 was used last; 3 never
+        assert engine.admit(d)
+        assert isinstance(d, Stream) and d.seq == 1 and d.cached == 0
+        for stream in (a, c, d):
+            engine.close(stream)
+        assert_free(engine, fresh)
+    finally:
+        fresh.close()
 
 
 def test_each_stream_has_kv_cells_of_its_own(resolver: SourceResolver, smollm2_spec: ModelSpec) -> None:
@@ -233,8 +299,12 @@ def test_each_stream_has_kv_cells_of_its_own(resolver: SourceResolver, smollm2_s
 def test_interrupt_stops_a_long_prefill_within_50_ms_and_the_step_runs_again(backend: GgufBackend) -> None:
     engine = engine_of(backend)
     sampling = SamplingParams(max_tokens=4, temperature=0.0)
-    # A prompt no earlier test sent: nothing of it is cached, the whole of it is prefilled.
-    messages = chat("A timetable to interrupt. " + LONG_CONTEXT + "\nWhen does the train leave?")
+    # A prompt that shares no prefix with any earlier test's (a system prompt of its own, not the chat
+    # template's default one): nothing of it is cached, the whole of it is prefilled.
+    messages = (
+        ChatMessage("system", "A timetable to interrupt."),
+        ChatMessage("user", LONG_CONTEXT + "\nWhen does the train leave?"),
+    )
     stream = engine.open(prompt=None, messages=messages, sampling=sampling)
     assert engine.admit(stream)
     assert engine.cached_tokens(stream) == 0
@@ -267,6 +337,56 @@ def test_interrupt_stops_a_long_prefill_within_50_ms_and_the_step_runs_again(bac
         out += [delta for _, delta in engine.step()]
     assert texts([out]) == texts([alone(backend, messages, sampling)])
     assert_free(engine, backend)
+
+
+def test_an_interrupted_step_of_several_micro_batches_leaves_nothing_behind(
+    resolver: SourceResolver, smollm2_spec: ModelSpec
+) -> None:
+    """Prompts of unequal lengths read in one step are split into micro-batches (llama.cpp's
+    non-unified cache takes as many tokens of each sequence); llama.cpp takes back only the cells
+    of the one it stopped in. The engine cuts every sequence back, and the step runs again."""
+    fresh = load(resolver, smollm2_spec, parallel=2)  # sequences 0 and 1, both empty
+    try:
+        engine = engine_of(fresh)
+        sampling = SamplingParams(max_tokens=4, temperature=0.0)
+        short = chat(QUESTIONS[0])
+        expected = texts([alone(fresh, short, sampling)])  # cached in sequence 0 now, all but its last token reused
+        long = (ChatMessage("system", "Cut back."), ChatMessage("user", LONG_CONTEXT[:600]))
+        first = engine.open(prompt=None, messages=short, sampling=sampling)
+        second = engine.open(prompt=None, messages=long, sampling=sampling)
+        assert isinstance(first, Stream) and isinstance(second, Stream)
+        assert engine.admit(first) and engine.admit(second)
+        assert (first.seq, second.seq) == (0, 1)
+        assert len(first.tokens) - first.cached == 1 and second.cached == 0
+        assert len(second.tokens) + 1 <= PREFILL_CHUNK, "both are read in one step"
+        seen: list[bool] = []
+
+        def step() -> None:
+            try:
+                engine.step()
+            except ComputeInterrupted:
+                seen.append(True)
+
+        thread = threading.Thread(target=step)
+        thread.start()
+        # The first micro-batch (a token of each) is as short as a token step; the second, the
+        # rest of the long prompt, takes far longer.
+        time.sleep(0.15)
+        engine.interrupt()
+        thread.join(10)
+        assert seen, "the step was not interrupted"
+        memory = llama_cpp.llama_get_memory(fresh._gen.ptr)  # type: ignore[union-attr]
+        for stream in (first, second):
+            held = llama_cpp.llama_memory_seq_pos_max(memory, stream.seq) + 1
+            assert held == stream.prefilled == stream.cached, (stream.seq, held, stream.prefilled)
+        out: dict[int, list[GenerationDelta]] = {id(first): [], id(second): []}
+        while not (first.closed and second.closed):
+            for handle, delta in engine.step():
+                out[id(handle)].append(delta)
+        assert texts([out[id(first)]]) == expected
+        assert_free(engine, fresh)
+    finally:
+        fresh.close()
 
 
 # -- through the scheduler ---------------------------------------------------------------------------
@@ -374,6 +494,10 @@ def load(resolver: SourceResolver, spec: ModelSpec, **generation: object) -> Ggu
     return GgufBackend.load(spec, ModelFiles(weights=resolver.resolve(spec.source, model=spec.name)), LoadOptions(2))
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def system_chat(question: str) -> tuple[ChatMessage, ...]:
     return (ChatMessage("system", LONG_CONTEXT), ChatMessage("user", question))
 
@@ -405,8 +529,41 @@ def test_a_shared_system_prompt_is_decoded_once_and_changes_no_token(
             out += [delta for _, delta in engine.step()]
         got.append(out)
     assert texts(got) == expected
-    assert cached[1] >= 2 * PREFILL_CHUNK and cached[2] == cached[1], cached
+    prompts = [engine.open(prompt=None, messages=m, sampling=s) for m, s in requests]
+    shared = [common_prefix(prompts[0].tokens, p.tokens) for p in prompts[1:]]
+    # The second reuses what it shares with the first; the third the longer of what it shares with each.
+    assert cached[1] == shared[0] >= 2 * PREFILL_CHUNK, cached
+    assert cached[2] == max(shared[1], common_prefix(prompts[1].tokens, prompts[2].tokens)), cached
     assert engine.cache_hits - hits == (2 if cached[0] == 0 else 3)
+    assert_free(engine, backend)
+
+
+def test_a_short_shared_prefix_is_reused_and_changes_no_token(
+    backend: GgufBackend, resolver: SourceResolver, smollm2_spec: ModelSpec
+) -> None:
+    """Two chat calls share the chat template's default system prompt and the start of the question
+    (a few dozen tokens, less than a chunk): the second decodes only the rest, with the same tokens."""
+    requests = [(chat(q), SamplingParams(max_tokens=16, temperature=0.0)) for q in ("Name a colour.", "Name a fruit.")]
+    uncached = load(resolver, smollm2_spec, prompt_cache=False)
+    try:
+        expected = texts([alone(uncached, m, s) for m, s in requests])
+    finally:
+        uncached.close()
+    engine = engine_of(backend)
+    got: list[list[GenerationDelta]] = []
+    streams: list[Stream] = []
+    for messages, sampling in requests:
+        stream = engine.open(prompt=None, messages=messages, sampling=sampling)
+        assert isinstance(stream, Stream) and engine.admit(stream)
+        streams.append(stream)
+        out: list[GenerationDelta] = []
+        while not stream.closed:
+            out += [delta for _, delta in engine.step()]
+        got.append(out)
+    assert texts(got) == expected
+    common = common_prefix(streams[0].tokens, streams[1].tokens)
+    assert MIN_CACHED_PREFIX <= common < PREFILL_CHUNK
+    assert streams[1].cached == common and streams[1].seq == streams[0].seq
     assert_free(engine, backend)
 
 
@@ -424,13 +581,17 @@ def test_the_least_recently_used_prefix_is_evicted_first(resolver: SourceResolve
             return stream
 
         trains = (ChatMessage("system", LONG_CONTEXT), ChatMessage("user", "When?"))
-        boats = (ChatMessage("system", LONG_CONTEXT.replace("train", "boat")), ChatMessage("user", "When?"))
+        # Two system prompts that share no prefix (past the chat template's opening).
+        boats = (ChatMessage("system", "Boats. " + LONG_CONTEXT.replace("train", "boat")), ChatMessage("user", "When?"))
         first = finish(trains)
         second = finish(boats)
         assert first.seq != second.seq
         assert engine.cached_prefix(first.seq) > 0 and engine.cached_prefix(second.seq) > 0
-        finish(chat("Something else entirely."))  # no match: takes the sequence used least recently
-        assert engine.cached_prefix(first.seq) == 0
+        # No match (the chat template's opening is shorter than MIN_CACHED_PREFIX): it takes the
+        # sequence used least recently, and its prompt replaces the cached one there.
+        other = finish(chat("Something else entirely."))
+        assert other.cached == 0 and other.seq == first.seq
+        assert engine.cached_prefix(first.seq) == len(other.tokens)
         assert engine.cached_prefix(second.seq) > 0
         assert finish(boats).cached >= PREFILL_CHUNK
     finally:
@@ -442,8 +603,8 @@ async def test_prompt_cache_hits_and_misses_are_counted(backend: GgufBackend) ->
     scheduler = ModelScheduler("smollm2-test", backend, ComputeGate(), observer=metrics)
     try:
         sampling = SamplingParams(max_tokens=2, temperature=0.0)
-        for question in ("Unrelated question number one?", "Which platform?", "Which platform now?"):
-            messages = chat(question) if question.startswith("Unrelated") else system_chat(question)
+        unrelated = (ChatMessage("system", "Unrelated."), ChatMessage("user", "Question number one?"))
+        for messages in (unrelated, system_chat("Which platform?"), system_chat("Which platform now?")):
             await _collect(scheduler, messages, sampling, Priority.INTERACTIVE)
         sample = metrics.registry.get_sample_value
         assert (sample("wafer_prompt_cache_hits_total", {"model": "smollm2-test"}) or 0) >= 1

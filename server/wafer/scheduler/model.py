@@ -66,6 +66,8 @@ from wafer.specs import BatchingSpec, Task
 T = TypeVar("T")
 
 _DONE = object()
+# Handed over with a step's deltas: the thread is done with the stream (`_Streamed.release`).
+_RELEASED = object()
 # Weight of the newest measurement in the model's speed estimate.
 _RATE_SMOOTHING = 0.3
 # English text runs about 4 characters per token with BPE and WordPiece vocabularies. Only the
@@ -280,6 +282,15 @@ class _Tokenizing:
 def _settle_all(results: list[tuple[asyncio.Future[Tokenized], object]]) -> None:
     for future, value in results:
         _settle(future, value)
+
+
+def _hand_over(batch: Sequence[tuple[_Streamed, object]]) -> None:
+    """Deliver a step's items to their streams' consumers, on their event loop."""
+    for work, item in batch:
+        if item is _RELEASED:
+            _settle(work.released, None)
+        else:
+            work.items.put_nowait(item)
 
 
 def _settle(future: asyncio.Future[Any], value: object) -> None:
@@ -718,13 +729,18 @@ class ModelScheduler:
                 self._end_streams(exc)
                 return
         owners = {id(work.handle): work for work in self._active}
+        handed: dict[asyncio.AbstractEventLoop, list[tuple[_GenWork, object]]] = {}
         for handle, delta in deltas:
             work = owners[id(handle)]
-            work.deliver(delta)
+            batch = handed.setdefault(work.loop, [])
+            batch.append((work, delta))
             if delta.finish_reason is not None:  # the backend closed the stream
-                work.deliver(_DONE)
-                work.release()
+                batch += [(work, _DONE), (work, _RELEASED)]
                 self._active.remove(work)
+        # One wake-up of each event loop per step, not one per token: each is a write to the loop's
+        # pipe, made between two decodes, while the compute threads wait.
+        for loop, batch in handed.items():
+            loop.call_soon_threadsafe(_hand_over, batch)
 
     def _drop_stopped(self, streams: GenerationStreams) -> None:
         """Close the streams whose callers left: their sequences and cells are free at once."""

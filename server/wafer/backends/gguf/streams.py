@@ -2,9 +2,11 @@
 
 Each stream is a sequence (its own seq_id) of the model's generation context. A *step* is one
 llama_decode: either the next token of every stream that is generating, or the next chunks of the
-joining streams' prompts. Prompt chunks and token steps alternate, so a new stream starts at once
-and a long prompt delays the others by a chunk per step, never by its whole prefill. A stream that
-ends, or whose caller leaves, gives its sequence and its cells back at once.
+joining streams' prompts. Between two of their tokens the generating streams wait for at most
+PREFILL_CHUNK prompt tokens: a new stream starts at once, short prompts that arrive one after
+another are read back to back, and a long prompt takes turns with the tokens, delaying the others
+by a chunk per step, never by its whole prefill. A stream that ends, or whose caller leaves, gives
+its sequence back at once, and its cells but its prompt's (the prompt cache, below).
 
 Streams that join together read their prompts together: a prompt step holds the next chunk of
 every joining prompt that fits in PREFILL_CHUNK tokens (the first one always), so the fourth of four
@@ -29,13 +31,17 @@ make that so on llama.cpp's CPU backend:
 `interrupt` stops a step in the middle of its llama_decode through llama.cpp's abort callback (the
 CPU backend polls it after every graph node); the step leaves nothing behind and runs again.
 
-Prompt (prefix) cache: a stream that ends leaves the cells of its prompt's whole chunks in its
-sequence. A new stream takes the free sequence whose cached tokens share the longest prefix with its
-prompt and decodes only the rest (the same system prompt, the same chat history); without any
-match it takes the least recently used free sequence, whose cache it replaces. The cache is thus
-bounded by the free sequences' cells and evicts least recently used first. Only whole chunks are
-reused, so the rest of the prompt is cut into the same chunks as without a cache (which, without
-flash attention, would not change a token either), and the tokens are the same with and without it.
+Prompt (prefix) cache: a stream that ends leaves the cells of its prompt in its sequence. A new
+stream takes the free sequence whose cached tokens share the longest prefix with its prompt, at
+least MIN_CACHED_PREFIX tokens, and decodes only the rest (the same system prompt, the same chat
+history, the chat template's own default system prompt); without such a match it takes the least
+recently used free sequence, whose cache it replaces, among those that keep the running streams'
+sequence ids consecutive (`_sequence_for`: llama.cpp decodes non-consecutive sequences in separate
+micro-batches, each a pass over the weights). The cache is thus bounded by the free sequences' cells
+and evicts least recently used first, where that costs no decoding speed. A cached prefix is the very cells a fresh
+prefill writes, and the rest of the prompt is cut at the same positions (multiples of
+PREFILL_CHUNK) as without a cache; without flash attention neither where a chunk starts nor its
+length changes a token, so the tokens are the same with and without the cache.
 
 The thread count follows the machine's load. llama.cpp's threads meet at a barrier after every graph
 node; when another process keeps a core busy, one of them waits for a time slice at each barrier.
@@ -66,6 +72,11 @@ from wafer.errors import InvalidArgumentError
 # Prompt tokens decoded per step: a chunk takes ~0.7 s at ~360 tokens/s on 2 cores, which is what
 # the other streams' next token waits at most.
 PREFILL_CHUNK = 256
+# The shortest common prefix a new stream takes a cached sequence for: longer than a chat template's
+# opening, which every prompt shares (3 tokens for ChatML's "<|im_start|>system\n") and which is not
+# worth another prompt's cached cells; as long as a one-line system prompt ("You are a helpful
+# assistant." and its framing: 14 tokens with SmolLM2).
+MIN_CACHED_PREFIX = 8
 
 # llama.cpp's abort callback is polled after every graph node (~700 per SmolLM2 decode) by a compute
 # thread. A Python callback would take the GIL each time, and wait for it while the event loop holds
@@ -230,8 +241,9 @@ class StreamEngine(GenerationStreams):
         self.cache_misses = 0
         self._active: list[Stream] = []
         self._abort_flag = ctypes.create_string_buffer(2)
-        # Whether the last step was a prompt chunk: chunks and token steps take turns.
-        self._chunk_last = False
+        # Prompt tokens read since the last token step: the generating streams wait for at most
+        # PREFILL_CHUNK of them between two of their tokens.
+        self._read_since_tokens = 0
 
     # -- GenerationStreams ---------------------------------------------------------------------
 
@@ -278,8 +290,10 @@ class StreamEngine(GenerationStreams):
         stream.closed = True
         if stream.seq < 0:
             return
-        # The prompt's whole chunks stay, as a cached prefix; the rest (reply included) goes.
-        keep = min(stream.prefilled, len(stream.tokens)) // PREFILL_CHUNK * PREFILL_CHUNK if self._prompt_cache else 0
+        # The prompt's cells stay, as a cached prefix; the reply's go.
+        keep = min(stream.prefilled, len(stream.tokens)) if self._prompt_cache else 0
+        if keep < MIN_CACHED_PREFIX:
+            keep = 0
         if self._ctx.memory:
             llama_cpp.llama_memory_seq_rm(self._ctx.memory, stream.seq, keep, -1)
         llama_cpp.llama_sampler_free(stream.sampler)
@@ -301,17 +315,26 @@ class StreamEngine(GenerationStreams):
 
     def _sequence_for(self, tokens: list[int]) -> tuple[int, int]:
         """The free sequence for a prompt, and how many of its tokens' cells it already holds: the
-        longest reusable prefix, else the least recently used sequence."""
-        best, reuse = min(self._free, key=lambda seq: self._free[seq][1]), 0
+        longest reusable prefix; else, of the sequences that keep the running streams' ids in the
+        fewest runs of consecutive ids, the least recently used. llama.cpp decodes only consecutive
+        sequences of a non-unified cache in one micro-batch, so a token step of sequences 0 and 2
+        passes over the weights twice, and one of 0 and 1 once."""
+        running = {stream.seq for stream in self._active}
+
+        def runs(seq: int) -> int:
+            ids = running | {seq}
+            return sum(1 for each in ids if each - 1 not in ids)
+
+        best, reuse = min(self._free, key=lambda seq: (runs(seq), self._free[seq][1])), 0
         for seq, (cached, _) in self._free.items():
             common = 0
             for a, b in zip(cached, tokens, strict=False):
                 if a != b:
                     break
                 common += 1
-            # Whole chunks only, and never the whole prompt: its last token's logits are needed.
-            usable = min(common, len(tokens) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
-            if usable > reuse:
+            # Never the whole prompt: its last token's logits are needed.
+            usable = min(common, len(tokens) - 1)
+            if usable >= MIN_CACHED_PREFIX and usable > reuse:
                 best, reuse = seq, usable
         return best, reuse
 
@@ -326,32 +349,40 @@ class StreamEngine(GenerationStreams):
 
     def step_streams(self, streams: Sequence[Stream]) -> list[tuple[object, GenerationDelta]]:
         """One decode for `streams` (admitted ones): the next prompt chunk of the streams still
-        reading their prompts, if the last step was not a chunk too; otherwise every generating
-        stream's next token."""
+        reading their prompts, unless the generating streams have waited for PREFILL_CHUNK prompt
+        tokens since their last token; otherwise every generating stream's next token. Short prompts
+        that arrive one after another are thus read back to back (the first of four callers does not
+        make the other three wait for its second token), and a long one takes turns with the tokens."""
         ctx = self._ctx
         # In sequence order: llama.cpp puts only consecutive sequence ids in one micro-batch of a
         # non-unified cache (llama_batch_allocr::split_equal), so an unordered step costs more graphs.
         reading = sorted((s for s in streams if s.prefilled < len(s.tokens)), key=lambda s: s.seq)
         generating = sorted((s for s in streams if s.prefilled == len(s.tokens)), key=lambda s: s.seq)
-        if reading and (not generating or not self._chunk_last):
-            self._chunk_last = True
-            return self._prefill(reading)
-        self._chunk_last = False
+        if reading:
+            chunks = self._chunks(reading)
+            size = sum(end - stream.prefilled for stream, end in chunks)
+            if not generating or self._read_since_tokens == 0 or self._read_since_tokens + size <= PREFILL_CHUNK:
+                firsts = self._prefill(chunks)
+                # Tokens read while no stream was generating kept nobody waiting.
+                self._read_since_tokens = (self._read_since_tokens if generating else 0) + size
+                return firsts
+        self._read_since_tokens = 0
         if not generating:
             return []
         outputs = [(s, ctx.add(s.previous, s.pos, s.seq, True)) for s in generating]
-        self._decode()
+        self._decode([(s.seq, s.pos) for s in generating])
         deltas: list[tuple[object, GenerationDelta]] = []
         for stream, index in outputs:
             stream.pos += 1
             deltas += [(stream, delta) for delta in self._sample(stream, index)]
         return deltas
 
-    def _prefill(self, reading: list[Stream]) -> list[tuple[object, GenerationDelta]]:
+    @staticmethod
+    def _chunks(reading: list[Stream]) -> list[tuple[Stream, int]]:
         """The next chunk of the first reading stream's prompt, and of the others' while the step
-        holds at most PREFILL_CHUNK tokens, in one decode: streams that join together read their
-        prompts together. Each stream's chunk ends at a multiple of PREFILL_CHUNK or its prompt's end."""
-        ctx = self._ctx
+        holds at most PREFILL_CHUNK tokens: streams that join together read their prompts together.
+        Each stream's chunk ends at a multiple of PREFILL_CHUNK or its prompt's end (the stream, and
+        where its chunk ends)."""
         chunks: list[tuple[Stream, int]] = []
         total = 0
         for stream in reading:
@@ -360,13 +391,18 @@ class StreamEngine(GenerationStreams):
                 continue
             total += end - stream.prefilled
             chunks.append((stream, end))
+        return chunks
+
+    def _prefill(self, chunks: list[tuple[Stream, int]]) -> list[tuple[object, GenerationDelta]]:
+        """Decode `chunks` (from `_chunks`) in one step; the deltas of the streams whose prompt it ends."""
+        ctx = self._ctx
         outputs: list[tuple[Stream, int]] = []
         for stream, end in chunks:
             for k in range(stream.prefilled, end):
                 index = ctx.add(stream.tokens[k], k, stream.seq, k == len(stream.tokens) - 1)
             if end == len(stream.tokens):
                 outputs.append((stream, index))
-        self._decode()
+        self._decode([(stream.seq, stream.prefilled) for stream, _ in chunks])
         for stream, end in chunks:
             stream.prefilled = stream.pos = end
         deltas: list[tuple[object, GenerationDelta]] = []
@@ -388,7 +424,13 @@ class StreamEngine(GenerationStreams):
             llama_cpp.llama_set_n_threads(self._ctx.ptr, threads, threads)
             self.threads = threads
 
-    def _decode(self) -> None:
+    def _decode(self, starts: list[tuple[int, int]]) -> None:
+        """Decode the batch; `starts` holds each of its sequences and the first position it writes.
+
+        An interrupted decode leaves nothing behind: llama.cpp takes back the cells of the micro-batch
+        it stopped in, but not those of the micro-batches before it in the same decode (a step
+        whose sequences are not consecutive ids, or read unequal chunks, is split into several),
+        so every sequence of the step is cut back to where the step began."""
         self.adapt_threads()
         ctx = self._ctx
         flag = self._abort_flag
@@ -400,7 +442,10 @@ class StreamEngine(GenerationStreams):
             # Cleared after the decode, not before: an interrupt that came before it started (interactive
             # work that arrived as the turn began) must stop it, not be forgotten.
             flag[0] = b"\x00"
-        if rc == 2:  # llama.cpp aborted and took the batch's cells back out of the cache
+        if rc == 2:  # aborted
+            if ctx.memory:
+                for seq, start in starts:
+                    llama_cpp.llama_memory_seq_rm(ctx.memory, seq, start, -1)
             raise ComputeInterrupted
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
