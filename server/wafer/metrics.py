@@ -84,6 +84,11 @@ class ModelSource(Protocol):
 
     def statuses(self) -> Sequence[ModelSnapshot]: ...
 
+    def memory_in_use(self) -> int: ...
+
+    @property
+    def memory_budget_bytes(self) -> int | None: ...
+
 
 class JobSnapshot(Protocol):
     """What the job gauges read of one job (the job manager's `JobStatus`)."""
@@ -339,9 +344,17 @@ class _RegistryCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         # Declared without samples so registering does not run a scrape.
         yield from self._families()
+        yield from self._memory_families()
 
     def collect(self) -> Iterator[Metric]:
         state, memory, load, in_flight, queue = self._families()
+        in_use, budget = self._memory_families()
+        # Retiring instances (a swap's old one, draining) count too: the budget is checked
+        # against this, not against the sum of the models' own gauges.
+        in_use.add_metric([], self._registry.memory_in_use())
+        budget_bytes = self._registry.memory_budget_bytes
+        if budget_bytes is not None:
+            budget.add_metric([], budget_bytes)
         for status in self._registry.statuses():
             name = status.spec.name
             # Every state of the model's state enum: 1 for its own, 0 for the others.
@@ -352,7 +365,21 @@ class _RegistryCollector(Collector):
             in_flight.add_metric([name], status.active_requests)
             queue.add_metric([name, "interactive"], status.waiting_interactive)
             queue.add_metric([name, "batch"], status.waiting_batch)
-        yield from (state, memory, load, in_flight, queue)
+        yield from (state, memory, load, in_flight, queue, in_use, budget)
+
+    @staticmethod
+    def _memory_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "wafer_memory_in_use_bytes",
+                "Memory every loaded model instance holds, retiring ones included, as measured at their "
+                "loads: what the memory budget is checked against.",
+            ),
+            GaugeMetricFamily(
+                "wafer_memory_budget_bytes",
+                "The registry's memory budget (absent when the server has none).",
+            ),
+        )
 
     @staticmethod
     def _families() -> tuple[

@@ -149,6 +149,37 @@ async def test_model_state_follows_load_unload_and_failure(registry: ModelRegist
     assert state("future") == {"unloaded"}
 
 
+async def test_memory_in_use_is_what_the_loaded_models_hold(registry: ModelRegistry, metrics: Metrics) -> None:
+    assert value(metrics, "wafer_memory_in_use_bytes") == 0
+    # This registry has no budget: the budget gauge is absent, not a budget of 0.
+    assert metrics.registry.get_sample_value("wafer_memory_budget_bytes", {}) is None
+
+    await registry.load("lazy")
+    held = value(metrics, "wafer_model_memory_bytes", model="lazy")
+    assert value(metrics, "wafer_memory_in_use_bytes") == held == registry.memory_in_use()
+
+    await registry.unload("lazy")
+    assert value(metrics, "wafer_memory_in_use_bytes") == 0
+
+
+async def test_the_memory_budget_is_reported_when_there_is_one(tmp_path: Path, metrics: Metrics) -> None:
+    catalog = fake_catalog(tmp_path)
+    budget = 512 * 2**20
+    registry = ModelRegistry(
+        catalog,
+        SourceResolver(catalog.base_dir, tmp_path / "hub"),
+        {"fake": FakeBackend},
+        threads=1,
+        drain_timeout_seconds=5,
+        memory_budget_bytes=budget,
+    )
+    metrics.watch(registry)
+    try:
+        assert value(metrics, "wafer_memory_budget_bytes") == budget
+    finally:
+        await registry.close()
+
+
 async def test_in_flight_and_queue_depth_follow_held_calls(
     registry: ModelRegistry, measured: InferenceEngine, metrics: Metrics
 ) -> None:
