@@ -12,9 +12,9 @@ on the same GGUF file and thread count, in one run.
 - wafer: `wafer serve` over gRPC.
 
 Each reports tokens/s of one stream over its whole call, the total of 4 and 8 concurrent streams,
-each stream's time to first token (TTFT), and the TTFT of three calls sharing a ~1,000-token system
-prompt. The machine may be shared: the load average is printed, and the ratios within one run are
-what to compare.
+each stream's time to first token (TTFT), the TTFT of three calls sharing a ~1,000-token system
+prompt, and of four callers who send another such prompt at once. The machine may be shared: the
+load average is printed, and the ratios within one run are what to compare.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ SYSTEM = " ".join(
     f"Rule {i}: answer politely, cite the station timetable for line {i % 9 + 1}, and never invent a platform."
     for i in range(45)
 )
+# Another ~1,000-token system prompt, sent only by four callers at once (nothing of it is cached).
+NEW_SYSTEM = "A second rule book. " + SYSTEM.replace("answer politely", "answer briefly")
 
 
 def chat_prompt(question: str, system: str = "You are a helpful assistant.") -> str:
@@ -71,6 +73,8 @@ class Run:
     totals: dict[int, float] = field(default_factory=dict)
     ttfts: dict[int, list[float]] = field(default_factory=dict)
     system_ttfts: list[float] = field(default_factory=list)
+    # Four callers at once with one ~1,000-token system prompt no call has sent before.
+    shared_system_ttfts: list[float] = field(default_factory=list)
     note: str = ""
 
 
@@ -179,6 +183,17 @@ def measure(stream: Streamer, tokens: int) -> Run:
         run.ttfts[n] = sorted(c.ttft_ms for c in calls)
     for question in QUESTIONS[:3]:
         run.system_ttfts.append(stream(chat_prompt(question, SYSTEM), 8).ttft_ms)
+    shared: list[float] = [0.0] * 4
+
+    def caller(i: int) -> None:
+        shared[i] = stream(chat_prompt(QUESTIONS[i], NEW_SYSTEM), 8).ttft_ms
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    run.shared_system_ttfts = sorted(shared)
     return run
 
 
@@ -272,18 +287,20 @@ def report(runs: dict[str, Run], tokens: int, threads: int, loads: list[tuple[fl
         f"Load average (1, 5, 15 min) before each peer: " + "; ".join(f"{a:.1f} {b:.1f} {c:.1f}" for a, b, c in loads),
         "",
         "| | one stream tok/s | after its first token | its TTFT (ms) | total tok/s, 4 streams | their TTFTs (ms) "
-        "| total tok/s, 8 streams | their slowest TTFT (ms) | ~1,000-token system prompt, TTFT of 3 calls (ms) |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+        "| total tok/s, 8 streams | their slowest TTFT (ms) | ~1,000-token system prompt, TTFT of 3 calls (ms) "
+        "| a new one sent by 4 callers at once, their TTFTs (ms) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for name, run in runs.items():
         ttft4 = ", ".join(f"{t:.0f}" for t in run.ttfts.get(4, [])) or "-"
         slowest8 = f"{max(run.ttfts[8]):.0f}" if run.ttfts.get(8) else "-"
         system = ", ".join(f"{t:.0f}" for t in run.system_ttfts) or "-"
+        shared = ", ".join(f"{t:.0f}" for t in run.shared_system_ttfts) or "-"
         ttft1 = "-" if run.one_stream_ttft_ms != run.one_stream_ttft_ms else f"{run.one_stream_ttft_ms:.0f}"
         lines.append(
             f"| {name} | {run.one_stream_tps:.1f} | {run.one_stream_decode_tps:.1f} | {ttft1} "
             f"| {run.totals.get(4, float('nan')):.1f} | {ttft4} "
-            f"| {run.totals.get(8, float('nan')):.1f} | {slowest8} | {system} |"
+            f"| {run.totals.get(8, float('nan')):.1f} | {slowest8} | {system} | {shared} |"
         )
     base = runs["raw llama_decode"]
     lines.append("")
@@ -298,6 +315,9 @@ def report(runs: dict[str, Run], tokens: int, threads: int, loads: list[tuple[fl
             ratios.append(f"slowest of 4 TTFTs {max(run.ttfts[4]) / run.one_stream_ttft_ms:.1f}x a lone TTFT")
         if len(run.system_ttfts) >= 2:
             ratios.append(f"repeated system prompt {run.system_ttfts[1] / run.system_ttfts[0]:.2f}x the first")
+        if run.shared_system_ttfts and run.system_ttfts:
+            slowest = max(run.shared_system_ttfts) / run.system_ttfts[0]
+            ratios.append(f"4 callers of a new system prompt: slowest TTFT {slowest:.2f}x one caller's uncached one")
         lines.append(f"- {name}: " + "; ".join(ratios) + (f" ({run.note})" if run.note else ""))
     lines.append(f"- raw llama_decode: {base.note}")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ import pytest
 
 from wafer.backends.base import ComputeInterrupted, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
-from wafer.backends.gguf.streams import MIN_CACHED_PREFIX, PREFILL_CHUNK, Stream, StreamEngine
+from wafer.backends.gguf.streams import MIN_CACHED_PREFIX, MIN_COPIED_PREFIX, PREFILL_CHUNK, Stream, StreamEngine
 from wafer.domain import ChatMessage, GenerationDelta, Priority, SamplingParams
 from wafer.errors import InvalidArgumentError
 from wafer.metrics import Metrics
@@ -564,6 +564,58 @@ def test_a_short_shared_prefix_is_reused_and_changes_no_token(
     common = common_prefix(streams[0].tokens, streams[1].tokens)
     assert MIN_CACHED_PREFIX <= common < PREFILL_CHUNK
     assert streams[1].cached == common and streams[1].seq == streams[0].seq
+    assert_free(engine, backend)
+
+
+@pytest.mark.parametrize("joins", ["after the first read its prompt", "with the first"])
+def test_a_caller_who_joins_a_running_stream_with_its_system_prompt_copies_those_cells(
+    backend: GgufBackend,
+    resolver: SourceResolver,
+    smollm2_spec: ModelSpec,
+    joins: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two callers with the same long system prompt at once: the second is not made to read it
+    again; the first's cells are copied into its own sequence once the first has read them, and no
+    token of either changes."""
+    system = f"{joins.capitalize()}: a timetable seen by no other test. " + LONG_CONTEXT
+    requests = [
+        ((ChatMessage("system", system), ChatMessage("user", q)), SamplingParams(max_tokens=16, temperature=0.0))
+        for q in ("When does the first train leave?", "Which train is the slowest?")
+    ]
+    uncached = load(resolver, smollm2_spec, prompt_cache=False)
+    try:
+        expected = texts([alone(uncached, m, s) for m, s in requests])
+    finally:
+        uncached.close()
+    engine = engine_of(backend)
+    first, second = (engine.open(prompt=None, messages=m, sampling=s) for m, s in requests)
+    assert isinstance(first, Stream) and isinstance(second, Stream)
+    out: dict[int, list[GenerationDelta]] = {id(first): [], id(second): []}
+    assert engine.admit(first) and first.cached == 0
+    if joins == "after the first read its prompt":
+        while first.prefilled < len(first.tokens):
+            for handle, delta in engine.step():
+                out[id(handle)].append(delta)
+    assert engine.admit(second)
+    shared = common_prefix(first.tokens, second.tokens)
+    assert shared >= MIN_COPIED_PREFIX
+    assert second.cached == shared and second.seq != first.seq, (second.cached, shared)
+    read_by_second = 0
+    prefill = engine._prefill
+
+    def counting_prefill(chunks: list[tuple[Stream, int]]) -> list[tuple[object, GenerationDelta]]:
+        nonlocal read_by_second
+        read_by_second += sum(end - stream.prefilled for stream, end in chunks if stream is second)
+        return prefill(chunks)
+
+    monkeypatch.setattr(engine, "_prefill", counting_prefill)
+    while not (first.closed and second.closed):
+        for handle, delta in engine.step():
+            out[id(handle)].append(delta)
+    # The second read only what follows the shared prefix (its copy counts as no reading).
+    assert read_by_second == len(second.tokens) - shared, (read_by_second, len(second.tokens), shared)
+    assert texts([out[id(first)], out[id(second)]]) == expected
     assert_free(engine, backend)
 
 

@@ -38,7 +38,11 @@ history, the chat template's own default system prompt); without such a match it
 recently used free sequence, whose cache it replaces, among those that keep the running streams'
 sequence ids consecutive (`_sequence_for`: llama.cpp decodes non-consecutive sequences in separate
 micro-batches, each a pass over the weights). The cache is thus bounded by the free sequences' cells
-and evicts least recently used first, where that costs no decoding speed. A cached prefix is the very cells a fresh
+and evicts least recently used first, where that costs no decoding speed. A prompt that shares a
+longer prefix, of at least MIN_COPIED_PREFIX tokens, with a running stream (callers who arrive
+together with the same system prompt) gets that stream's cells copied into its own sequence
+(`llama_memory_seq_cp`: between sequences of a non-unified cache llama.cpp copies the source's whole
+buffer at the next decode) and the copy's tail past the shared prefix dropped. A cached prefix is the very cells a fresh
 prefill writes, and the rest of the prompt is cut at the same positions (multiples of
 PREFILL_CHUNK) as without a cache; without flash attention neither where a chunk starts nor its
 length changes a token, so the tokens are the same with and without the cache.
@@ -77,6 +81,9 @@ PREFILL_CHUNK = 256
 # worth another prompt's cached cells; as long as a one-line system prompt ("You are a helpful
 # assistant." and its framing: 14 tokens with SmolLM2).
 MIN_CACHED_PREFIX = 8
+# The shortest prefix copied from a running stream's sequence: a copy moves the source's whole buffer
+# (SmolLM2's 2,048 cells: 47 MB, a few ms), worth it once it saves more prompt tokens than that.
+MIN_COPIED_PREFIX = 32
 
 # llama.cpp's abort callback is polled after every graph node (~700 per SmolLM2 decode) by a compute
 # thread. A Python callback would take the GIL each time, and wait for it while the event loop holds
@@ -200,6 +207,10 @@ class Stream:
         self.previous = -1  # the last sampled token, decoded at the next step
         self.generated = 0
         self.cached = 0  # prompt tokens whose cells were found in the cache
+        # A running stream still reading the prompt prefix this one shares with it, and that
+        # prefix's length: this one waits for those cells and copies them (`_take_copies`).
+        self.follows: Stream | None = None
+        self.follow_upto = 0
         self.sampler: Any = None
         self.closed = False
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -265,14 +276,18 @@ class StreamEngine(GenerationStreams):
             return stream.seq >= 0
         if not self._free:
             return False
-        seq, reuse = self._sequence_for(stream.tokens)
+        seq, reuse, source = self._sequence_for(stream.tokens)
         del self._free[seq]
         if self._ctx.memory:
             llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq, reuse, -1)
         stream.seq = seq
         stream.prefilled = stream.pos = stream.cached = reuse
+        if source is not None:
+            stream.follows, stream.follow_upto = source
+            stream.cached = stream.follow_upto
+            self._take_copies([stream])
         if self._prompt_cache:
-            if reuse:
+            if stream.cached:
                 self.cache_hits += 1
             else:
                 self.cache_misses += 1
@@ -313,30 +328,45 @@ class StreamEngine(GenerationStreams):
         """Tokens cached in free sequence `seq` (0 if it is not free)."""
         return len(self._free.get(seq, ([], 0.0))[0])
 
-    def _sequence_for(self, tokens: list[int]) -> tuple[int, int]:
+    def _sequence_for(self, tokens: list[int]) -> tuple[int, int, tuple[Stream, int] | None]:
         """The free sequence for a prompt, and how many of its tokens' cells it already holds: the
         longest reusable prefix; else, of the sequences that keep the running streams' ids in the
         fewest runs of consecutive ids, the least recently used. llama.cpp decodes only consecutive
         sequences of a non-unified cache in one micro-batch, so a token step of sequences 0 and 2
-        passes over the weights twice, and one of 0 and 1 once."""
+        passes over the weights twice, and one of 0 and 1 once. The third value is a running stream
+        whose prompt shares a longer prefix (at least MIN_COPIED_PREFIX tokens) than any free
+        sequence holds, and that prefix's length: its cells are copied once it has read them
+        (callers who arrive together with one system prompt read it once); None otherwise."""
         running = {stream.seq for stream in self._active}
 
         def runs(seq: int) -> int:
             ids = running | {seq}
             return sum(1 for each in ids if each - 1 not in ids)
 
-        best, reuse = min(self._free, key=lambda seq: (runs(seq), self._free[seq][1])), 0
-        for seq, (cached, _) in self._free.items():
+        def usable(cached: Sequence[int]) -> int:
             common = 0
             for a, b in zip(cached, tokens, strict=False):
                 if a != b:
                     break
                 common += 1
             # Never the whole prompt: its last token's logits are needed.
-            usable = min(common, len(tokens) - 1)
-            if usable >= MIN_CACHED_PREFIX and usable > reuse:
-                best, reuse = seq, usable
-        return best, reuse
+            return min(common, len(tokens) - 1)
+
+        fresh = min(self._free, key=lambda seq: (runs(seq), self._free[seq][1]))
+        best, reuse = fresh, 0
+        for seq, (cached, _) in self._free.items():
+            shared = usable(cached)
+            if shared >= MIN_CACHED_PREFIX and shared > reuse:
+                best, reuse = seq, shared
+        source: tuple[Stream, int] | None = None
+        for running_stream in self._active:
+            # Its prompt's cells, read or to be read (its reply's lie past them and are not copied).
+            shared = usable(running_stream.tokens)
+            if shared >= MIN_COPIED_PREFIX and shared > max(reuse, source[1] if source else 0):
+                source = (running_stream, shared)
+        if source is not None:
+            return fresh, 0, source
+        return best, reuse, None
 
     def interrupt(self) -> None:
         self._abort_flag[0] = b"\x01"
@@ -354,9 +384,10 @@ class StreamEngine(GenerationStreams):
         that arrive one after another are thus read back to back (the first of four callers does not
         make the other three wait for its second token), and a long one takes turns with the tokens."""
         ctx = self._ctx
+        self._take_copies(streams)
         # In sequence order: llama.cpp puts only consecutive sequence ids in one micro-batch of a
         # non-unified cache (llama_batch_allocr::split_equal), so an unordered step costs more graphs.
-        reading = sorted((s for s in streams if s.prefilled < len(s.tokens)), key=lambda s: s.seq)
+        reading = sorted((s for s in streams if s.prefilled < len(s.tokens) and s.follows is None), key=lambda s: s.seq)
         generating = sorted((s for s in streams if s.prefilled == len(s.tokens)), key=lambda s: s.seq)
         if reading:
             chunks = self._chunks(reading)
@@ -376,6 +407,24 @@ class StreamEngine(GenerationStreams):
             stream.pos += 1
             deltas += [(stream, delta) for delta in self._sample(stream, index)]
         return deltas
+
+    def _take_copies(self, streams: Sequence[Stream]) -> None:
+        """Copy into each following stream the shared prefix its source has now read. A source
+        that ended first leaves its follower to read the prompt itself."""
+        for stream in streams:
+            source = stream.follows
+            if source is None:
+                continue
+            if source.closed or source.seq < 0:
+                stream.follows, stream.cached = None, stream.prefilled
+            elif source.prefilled >= stream.follow_upto:
+                if self._ctx.memory:
+                    # Between sequences of a non-unified cache llama.cpp copies the source's whole
+                    # buffer, at the start of the next decode; the tail past the prefix is dropped.
+                    llama_cpp.llama_memory_seq_cp(self._ctx.memory, source.seq, stream.seq, -1, -1)
+                    llama_cpp.llama_memory_seq_rm(self._ctx.memory, stream.seq, stream.follow_upto, -1)
+                stream.prefilled = stream.pos = stream.follow_upto
+                stream.follows = None
 
     @staticmethod
     def _chunks(reading: list[Stream]) -> list[tuple[Stream, int]]:
