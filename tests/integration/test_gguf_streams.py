@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import llama_cpp
 import pytest
@@ -498,6 +498,19 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def texts_without_cache(
+    resolver: SourceResolver, spec: ModelSpec, requests: Sequence[tuple[tuple[ChatMessage, ...], SamplingParams]]
+) -> list[str]:
+    """Each request's answer alone, from a backend with the prompt cache off: what the cache must not change."""
+    uncached = load(resolver, spec, prompt_cache=False)
+    try:
+        expected = texts([alone(uncached, m, s) for m, s in requests])
+        assert engine_of(uncached).cache_hits == 0
+    finally:
+        uncached.close()
+    return expected
+
+
 def system_chat(question: str) -> tuple[ChatMessage, ...]:
     return (ChatMessage("system", LONG_CONTEXT), ChatMessage("user", question))
 
@@ -511,12 +524,7 @@ def test_a_shared_system_prompt_is_decoded_once_and_changes_no_token(
         (system_chat("When does the last train leave?"), SamplingParams(max_tokens=16, temperature=0.0)),
         (system_chat("Which train is the fastest?"), SamplingParams(max_tokens=16, temperature=0.9, seed=3)),
     ]
-    uncached = load(resolver, smollm2_spec, prompt_cache=False)
-    try:
-        expected = texts([alone(uncached, m, s) for m, s in requests])
-        assert engine_of(uncached).cache_hits == 0
-    finally:
-        uncached.close()
+    expected = texts_without_cache(resolver, smollm2_spec, requests)
     hits = engine.cache_hits
     got: list[list[GenerationDelta]] = []
     cached: list[int] = []
@@ -544,11 +552,7 @@ def test_a_short_shared_prefix_is_reused_and_changes_no_token(
     """Two chat calls share the chat template's default system prompt and the start of the question
     (a few dozen tokens, less than a chunk): the second decodes only the rest, with the same tokens."""
     requests = [(chat(q), SamplingParams(max_tokens=16, temperature=0.0)) for q in ("Name a colour.", "Name a fruit.")]
-    uncached = load(resolver, smollm2_spec, prompt_cache=False)
-    try:
-        expected = texts([alone(uncached, m, s) for m, s in requests])
-    finally:
-        uncached.close()
+    expected = texts_without_cache(resolver, smollm2_spec, requests)
     engine = engine_of(backend)
     got: list[list[GenerationDelta]] = []
     streams: list[Stream] = []
@@ -583,11 +587,7 @@ def test_a_caller_who_joins_a_running_stream_with_its_system_prompt_copies_those
         ((ChatMessage("system", system), ChatMessage("user", q)), SamplingParams(max_tokens=16, temperature=0.0))
         for q in ("When does the first train leave?", "Which train is the slowest?")
     ]
-    uncached = load(resolver, smollm2_spec, prompt_cache=False)
-    try:
-        expected = texts([alone(uncached, m, s) for m, s in requests])
-    finally:
-        uncached.close()
+    expected = texts_without_cache(resolver, smollm2_spec, requests)
     engine = engine_of(backend)
     first, second = (engine.open(prompt=None, messages=m, sampling=s) for m, s in requests)
     assert isinstance(first, Stream) and isinstance(second, Stream)

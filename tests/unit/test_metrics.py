@@ -6,6 +6,7 @@ import asyncio
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -36,9 +37,8 @@ def metrics(tmp_path: Path) -> Metrics:
     return Metrics(models=fake_catalog(tmp_path).models)
 
 
-@pytest.fixture
-async def registry(tmp_path: Path, open_gate: None, metrics: Metrics) -> AsyncIterator[ModelRegistry]:
-    """The registry of conftest.py, telling these metrics about every backend call."""
+def watched_registry(tmp_path: Path, metrics: Metrics, **options: Any) -> ModelRegistry:
+    """A registry of the fake catalog whose models these metrics report."""
     catalog = fake_catalog(tmp_path)
     registry = ModelRegistry(
         catalog,
@@ -46,9 +46,16 @@ async def registry(tmp_path: Path, open_gate: None, metrics: Metrics) -> AsyncIt
         {"fake": FakeBackend},
         threads=1,
         drain_timeout_seconds=5,
-        batch_observer=metrics,
+        **options,
     )
     metrics.watch(registry)
+    return registry
+
+
+@pytest.fixture
+async def registry(tmp_path: Path, open_gate: None, metrics: Metrics) -> AsyncIterator[ModelRegistry]:
+    """The registry of conftest.py, telling these metrics about every backend call."""
+    registry = watched_registry(tmp_path, metrics, batch_observer=metrics)
     yield registry
     FakeBackend.gate.set()
     await registry.close()
@@ -163,17 +170,8 @@ async def test_memory_in_use_is_what_the_loaded_models_hold(registry: ModelRegis
 
 
 async def test_the_memory_budget_is_reported_when_there_is_one(tmp_path: Path, metrics: Metrics) -> None:
-    catalog = fake_catalog(tmp_path)
     budget = 512 * 2**20
-    registry = ModelRegistry(
-        catalog,
-        SourceResolver(catalog.base_dir, tmp_path / "hub"),
-        {"fake": FakeBackend},
-        threads=1,
-        drain_timeout_seconds=5,
-        memory_budget_bytes=budget,
-    )
-    metrics.watch(registry)
+    registry = watched_registry(tmp_path, metrics, memory_budget_bytes=budget)
     try:
         assert value(metrics, "wafer_memory_budget_bytes") == budget
     finally:

@@ -81,8 +81,10 @@ PREFILL_CHUNK = 256
 # worth another prompt's cached cells; as long as a one-line system prompt ("You are a helpful
 # assistant." and its framing: 14 tokens with SmolLM2).
 MIN_CACHED_PREFIX = 8
-# The shortest prefix copied from a running stream's sequence: a copy moves the source's whole buffer
-# (SmolLM2's 2,048 cells: 47 MB, a few ms), worth it once it saves more prompt tokens than that.
+# The shortest prefix copied from a running stream's sequence. A copy moves the source's whole buffer
+# (SmolLM2's 2,048 cells: 47 MB) and makes the new stream wait for the source's reading; measured,
+# a 63-token shared prefix already halved a joiner's prompt time (0.12-0.15 s against 0.29-0.34 s),
+# while the chat template's opening and a one-line system prompt stay below it.
 MIN_COPIED_PREFIX = 32
 
 # llama.cpp's abort callback is polled after every graph node (~700 per SmolLM2 decode) by a compute
