@@ -53,6 +53,9 @@ LATENCY_BUCKETS = (
 # Up to the largest request the settings allow by default (1024 inputs).
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+# Per instance, every size up to 16 on its own: what a few concurrent callers make of merging
+# (16 single-text clients on 2 instances form calls of 1 to 8), then as wafer_batch_size.
+INSTANCE_BATCH_SIZE_BUCKETS = (*range(1, 17), 32, 64, 128, 256, 512, 1024)
 
 
 class _Named(Protocol):
@@ -117,6 +120,9 @@ class Metrics:
         """`models`: the catalog's names, the only values a `model` label may take (None: any)."""
         self.registry = CollectorRegistry()
         self._models = frozenset(models) if models is not None else None
+        # Each call's time series, by method, model label and code (all bounded: registered
+        # methods, the catalog's names, the status codes).
+        self._call_children: dict[tuple[str, str, str], _CallChildren] = {}
         registry = self.registry
         self.requests = Counter(
             "wafer_requests",
@@ -157,6 +163,20 @@ class Metrics:
             "Tokens per backend call (embedding or relevance scoring), after truncation.",
             ["model", "task"],
             buckets=BATCH_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.instance_batch_size = Histogram(
+            "wafer_instance_batch_size",
+            "Sequences per embedding call, by model instance (0: the model's own; `instances:` in models.yaml).",
+            ["model", "instance"],
+            buckets=INSTANCE_BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.instance_busy_seconds = Counter(
+            "wafer_instance_busy_seconds",
+            "Time each model instance spent in embedding calls (its backend: padding, the model, pooling); "
+            "over wall time, how busy the instance was.",
+            ["model", "instance"],
             registry=registry,
         )
         self.tokenize_seconds = Histogram(
@@ -243,12 +263,24 @@ class Metrics:
     ) -> None:
         """One finished RPC. Queue and inference times come only with responses that report them."""
         model = self.model_label(model)
-        self.requests.labels(method, model, code).inc()
-        self.request_seconds.labels(method, model).observe(seconds)
+        key = (method, model, code)
+        children = self._call_children.get(key)
+        if children is None:
+            # Resolved once per method, model and code: `labels()` takes a lock and builds a
+            # key per call, on the event loop, for every request.
+            children = self._call_children[key] = _CallChildren(
+                self.requests.labels(method, model, code),
+                self.request_seconds.labels(method, model),
+                self.queue_seconds,
+                self.inference_seconds,
+                (method, model),
+            )
+        children.requests.inc()
+        children.seconds.observe(seconds)
         if queue_seconds is not None:
-            self.queue_seconds.labels(method, model).observe(queue_seconds)
+            children.queued().observe(queue_seconds)
         if inference_seconds is not None:
-            self.inference_seconds.labels(method, model).observe(inference_seconds)
+            children.inferred().observe(inference_seconds)
 
     def record_batch(self, model: str, task: str, size: int, tokens: int) -> None:
         """One backend call over `size` sequences holding `tokens` tokens; they count as prompt tokens.
@@ -256,6 +288,12 @@ class Metrics:
         self.batch_size.labels(model, str(task)).observe(size)
         self.batch_tokens.labels(model, str(task)).observe(tokens)
         self.prompt_tokens.labels(model, str(task)).inc(tokens)
+
+    def record_instance_call(self, model: str, instance: int, size: int, seconds: float) -> None:
+        """One embedding call of `size` sequences on a model's `instance`, `seconds` long."""
+        label = str(instance)
+        self.instance_batch_size.labels(model, label).observe(size)
+        self.instance_busy_seconds.labels(model, label).inc(seconds)
 
     def record_interruption(self, model: str) -> None:
         self.batch_interruptions.labels(model).inc()
@@ -297,6 +335,33 @@ class Metrics:
         except OSError as exc:
             raise ValueError(f"cannot serve metrics on {address!r}: {exc}") from exc
         return MetricsServer(httpd, thread, host)
+
+
+class _CallChildren:
+    """One method, model and code's time series of `Metrics.record_call`; the queue and inference
+    histograms' series are made on their first observation, so a method that never reports them
+    (ListModels) shows none, as before."""
+
+    __slots__ = ("_inference", "_inferred", "_labels", "_queue", "_queued", "requests", "seconds")
+
+    def __init__(
+        self, requests: Counter, seconds: Histogram, queue: Histogram, inference: Histogram, labels: tuple[str, str]
+    ) -> None:
+        self.requests = requests
+        self.seconds = seconds
+        self._queue, self._inference, self._labels = queue, inference, labels
+        self._queued: Histogram | None = None
+        self._inferred: Histogram | None = None
+
+    def queued(self) -> Histogram:
+        if self._queued is None:
+            self._queued = self._queue.labels(*self._labels)
+        return self._queued
+
+    def inferred(self) -> Histogram:
+        if self._inferred is None:
+            self._inferred = self._inference.labels(*self._labels)
+        return self._inferred
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -651,6 +651,9 @@ class TokenizationObserver:
     def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None:
         pass
 
+    def record_instance_call(self, model: str, instance: int, size: int, seconds: float) -> None:
+        pass
+
     def record_interruption(self, model: str) -> None:
         pass
 
@@ -775,6 +778,41 @@ async def test_merged_batches_go_to_a_free_instance_and_run_side_by_side(open_ga
     finally:
         first.hold.set()
         await asyncio.to_thread(scheduler.close)
+
+
+async def test_each_instance_reports_its_calls_and_busy_time_to_the_metrics(open_gate: None) -> None:
+    from wafer.metrics import Metrics
+
+    metrics = Metrics(models=["m"])
+    first, second = RecordingBackend(spec()), RecordingBackend(spec())
+    scheduler = ModelScheduler("m", [first, second], ComputeGate(), max_tokens=12, observer=metrics)
+    try:
+        first.hold.clear()
+        second.hold.clear()
+        holders = await hold_both(first, second, scheduler)
+        # One more request waits for a free instance; it runs as a call of 3 texts.
+        waiting = asyncio.create_task(scheduler.embed(["a", "b", "c"], truncate=False))
+        await asyncio.sleep(0.05)
+        first.hold.set()
+        second.hold.set()
+        await asyncio.gather(*holders, waiting)
+    finally:
+        first.hold.set()
+        second.hold.set()
+        await asyncio.to_thread(scheduler.close)
+
+    def sample(name: str, instance: str, **labels: str) -> float:
+        value = metrics.registry.get_sample_value(name, {"model": "m", "instance": instance, **labels})
+        return 0.0 if value is None else value
+
+    counts = [sample("wafer_instance_batch_size_count", str(i)) for i in range(2)]
+    assert sorted(counts) == [1, 2]  # the holders, one each; the three texts on whichever was free first
+    assert sum(sample("wafer_instance_batch_size_sum", str(i)) for i in range(2)) == 5
+    threes = [sample("wafer_instance_batch_size_bucket", str(i), le="3.0") for i in range(2)]
+    twos = [sample("wafer_instance_batch_size_bucket", str(i), le="2.0") for i in range(2)]
+    assert sum(threes) - sum(twos) == 1  # sizes are counted exactly up to 16
+    # The holders were held past 0.05 s on both instances.
+    assert all(sample("wafer_instance_busy_seconds_total", str(i)) >= 0.04 for i in range(2))
 
 
 async def test_calls_and_streams_run_only_on_the_models_own_instance(open_gate: None) -> None:

@@ -85,6 +85,8 @@ class BatchObserver(Protocol):
 
     def record_batch(self, model: str, task: Task, size: int, tokens: int) -> None: ...
 
+    def record_instance_call(self, model: str, instance: int, size: int, seconds: float) -> None: ...
+
     def record_interruption(self, model: str) -> None: ...
 
     def record_tokenization(self, model: str, seconds: float) -> None: ...
@@ -644,7 +646,7 @@ class ModelScheduler:
                 try:
                     # A copy: another instance may be running rows of the same request in its
                     # context, and a context is entered by one thread at a time.
-                    unit[0].work.context.copy().run(self._embed, unit, backend)
+                    unit[0].work.context.copy().run(self._embed, unit, backend, index)
                 finally:
                     with self._changed:
                         del self._running[index]
@@ -836,7 +838,7 @@ class ModelScheduler:
             )
         )
 
-    def _embed(self, unit: list[_Slice], backend: Backend) -> None:
+    def _embed(self, unit: list[_Slice], backend: Backend, instance: int = 0) -> None:
         texts = [text for part in unit for text in part.work.texts[part.start : part.stop]]
         started = time.perf_counter()
         try:
@@ -853,7 +855,7 @@ class ModelScheduler:
                 # Someone's input failed the merged call: run each request's rows alone, so only
                 # the one it belongs to gets the error.
                 for part in unit:
-                    self._embed([part], backend)
+                    self._embed([part], backend, instance)
             else:
                 part = unit[0]
                 if isinstance(exc, InputTooLongError):
@@ -868,6 +870,7 @@ class ModelScheduler:
             self._rate = rate if self._rate is None else self._rate + _RATE_SMOOTHING * (rate - self._rate)
         if self._observer is not None:
             self._observer.record_batch(self.name, unit[0].work.task, len(texts), sum(output.token_counts))
+            self._observer.record_instance_call(self.name, instance, len(texts), seconds)
         offset = 0
         for part in unit:
             count = part.stop - part.start
