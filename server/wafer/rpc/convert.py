@@ -3,6 +3,7 @@ and the protocol's own defaults (zero values meaning "unset")."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
+from numpy.typing import NDArray
 
 from wafer.domain import (
     ChatMessage,
@@ -148,12 +150,21 @@ def embeddings_wire(vectors: FloatMatrix) -> bytes:
     rows = np.ascontiguousarray(vectors, dtype="<f4")
     count = rows.shape[0]
     width = rows.shape[1] * 4 if rows.ndim == 2 else 0
-    embedding = _EMBEDDING_VALUES + _varint(width) if width else b""
-    header = _EMBED_RESPONSE_EMBEDDINGS + _varint(len(embedding) + width) + embedding
+    header = _row_header(width)
     wire = np.empty((count, len(header) + width), dtype=np.uint8)
-    wire[:, : len(header)] = np.frombuffer(header, dtype=np.uint8)
+    wire[:, : len(header)] = header
     wire[:, len(header) :] = rows.view(np.uint8).reshape(count, width)
     return wire.tobytes()
+
+
+@functools.cache
+def _row_header(width: int) -> NDArray[np.uint8]:
+    """The bytes before each row's values in `embeddings_wire`, for rows of `width` bytes: one per
+    model's dimensions, made once rather than per response."""
+    embedding = _EMBEDDING_VALUES + _varint(width) if width else b""
+    header = np.frombuffer(_EMBED_RESPONSE_EMBEDDINGS + _varint(len(embedding) + width) + embedding, dtype=np.uint8)
+    header.flags.writeable = False
+    return header
 
 
 def rerank_request(message: inference_pb2.RerankRequest) -> RerankRequest:

@@ -159,6 +159,15 @@ async def _deadline(context: grpc.aio.ServicerContext[Any, Any], default_seconds
         ) from None
 
 
+def _enter(call: _Call) -> None:
+    """Make `call` the one this task serves, and bind its request id and method to the log context.
+    Never reset: each RPC runs in its own task, whose context ends with it (a stream's generator
+    may even be finalized from another context, where resetting would raise), and skipping the
+    reset spares every call a context manager's set-up and tear-down on the event loop."""
+    _current.set(call)
+    structlog.contextvars.bind_contextvars(request_id=call.request_id, method=call.method)
+
+
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
@@ -168,20 +177,17 @@ def _wrap_unary(
 ) -> UnaryBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, request, context, metrics)
-        # Never reset: each RPC runs in its own task, whose context ends with it, and a stream's
-        # generator may be finalized from another context, where resetting would raise.
-        _current.set(call)
-        with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
-            try:
-                await call.begin()
-                async with _deadline(context, default_deadline):
-                    response = await behavior(request, context)
-                call.saw(response)
-                return response
-            except BaseException as error:
-                await call.settle(error)
-            finally:
-                call.finish()
+        _enter(call)
+        try:
+            await call.begin()
+            async with _deadline(context, default_deadline):
+                response = await behavior(request, context)
+            call.saw(response)
+            return response
+        except BaseException as error:
+            await call.settle(error)
+        finally:
+            call.finish()
 
     return handle
 
@@ -191,23 +197,20 @@ def _wrap_stream(
 ) -> StreamBehavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = _Call(method, request, context, metrics)
-        # Never reset: each RPC runs in its own task, whose context ends with it, and a stream's
-        # generator may be finalized from another context, where resetting would raise.
-        _current.set(call)
-        with structlog.contextvars.bound_contextvars(request_id=call.request_id, method=method):
-            try:
-                await call.begin()
-                messages = 0
-                async with _deadline(context, default_deadline):
-                    async for response in behavior(request, context):
-                        messages += 1
-                        call.saw(response)
-                        yield response
-                call.extra["messages"] = messages
-            except BaseException as error:
-                await call.settle(error)
-            finally:
-                call.finish()
+        _enter(call)
+        try:
+            await call.begin()
+            messages = 0
+            async with _deadline(context, default_deadline):
+                async for response in behavior(request, context):
+                    messages += 1
+                    call.saw(response)
+                    yield response
+            call.extra["messages"] = messages
+        except BaseException as error:
+            await call.settle(error)
+        finally:
+            call.finish()
 
     return handle
 
