@@ -41,10 +41,12 @@ _FALLBACK = [
 ]
 
 
-def in_process_engine(threads: int | None = None, gate: ComputeGate | None = None) -> InferenceEngine:
-    """The server's engine and registry over the repository's models.yaml, in this process, with
-    no gRPC: the baseline the served numbers are compared with."""
-    catalog = Catalog.from_yaml(ROOT / "models.yaml")
+def in_process_engine(
+    threads: int | None = None, gate: ComputeGate | None = None, models: Path | None = None
+) -> InferenceEngine:
+    """The server's engine and registry over the repository's models.yaml (or `models`), in this
+    process, with no gRPC: the baseline the served numbers are compared with."""
+    catalog = Catalog.from_yaml(models or ROOT / "models.yaml")
     settings = Settings(data_dir=Path(tempfile.mkdtemp()))
     if threads is not None:
         settings = settings.model_copy(update={"threads": threads})

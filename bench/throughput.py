@@ -32,23 +32,28 @@ import argparse
 import asyncio
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from bench.ceiling import BATCH, batches, package_file, session, tokens_per_second
 from bench.common import ROOT, header, in_process_engine, load_corpus, median, served, write_section
 from tests.conftest import loaded
-from wafer.backends.base import Backend
+from wafer.backends.base import Backend, Tokenized
 from wafer.specs import Task
 
 CONCURRENCY = (1, 4, 16, 64)
@@ -57,6 +62,8 @@ CHART = ROOT / "bench" / "throughput.png"
 INSTANCES = (1, 2, 4)
 INSTANCES_CHART = ROOT / "bench" / "instances.png"
 Result = dict[str, float]
+# Calls of each size (texts) one instance ran: {instance: {size: calls}}.
+Formed = dict[int, Counter[int]]
 
 
 # -- 1. the ceiling ------------------------------------------------------------------------------
@@ -305,19 +312,131 @@ def instances_catalog(instances: int) -> Path:
     return path
 
 
-def instance_sweep(texts: list[str], texts_file: Path, cores: list[int], runs: int) -> dict[str, Result]:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(address: str) -> Samples:
+    """Every sample of the server's /metrics, by name and labels."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def thread_times(pid: int) -> dict[int, float]:
+    """CPU seconds each of the server's threads has used, by native thread id."""
+    return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process(pid).threads()}
+
+
+def thread_cpu(pid: int, before: dict[int, float], after: dict[int, float], instances: int) -> Result:
+    """CPU seconds the server's threads used between two looks, by kind: the event loop (the main
+    thread), the model instances' threads (the `instances` busiest others: Python names threads
+    for itself only, so the OS cannot tell them apart) and the rest (the tokenizer's, gRPC's)."""
+    used = {thread: seconds - before.get(thread, 0.0) for thread, seconds in after.items()}
+    loop = used.pop(pid, 0.0)
+    ranked = sorted(used.values(), reverse=True)
+    return {"event loop": loop, "model": sum(ranked[:instances]), "other": sum(ranked[instances:])}
+
+
+def formed_calls(before: Samples, after: Samples) -> Formed:
+    """The calls each instance ran between two scrapes, by size (from wafer_instance_batch_size;
+    sizes past 16 are counted at their bucket's bound)."""
+    cumulative: dict[int, dict[float, float]] = {}
+    for (name, labels), value in after.items():
+        if name != "wafer_instance_batch_size_bucket":
+            continue
+        label = dict(labels)
+        bound = float(label["le"])
+        if bound == float("inf"):
+            continue
+        cumulative.setdefault(int(label["instance"]), {})[bound] = value - before.get((name, labels), 0.0)
+    formed: Formed = {}
+    for instance, buckets in cumulative.items():
+        counts: Counter[int] = Counter()
+        below = 0.0
+        for bound in sorted(buckets):
+            calls = round(buckets[bound] - below)
+            if calls:
+                counts[int(bound)] = calls
+            below = buckets[bound]
+        formed[instance] = counts
+    return formed
+
+
+def busy_seconds(before: Samples, after: Samples) -> dict[int, float]:
+    busy: dict[int, float] = {}
+    for (name, labels), value in after.items():
+        if name == "wafer_instance_busy_seconds_total":
+            busy[int(dict(labels)["instance"])] = value - before.get((name, labels), 0.0)
+    return busy
+
+
+def observed_run(
+    address: str, server: int, metrics: str, texts_file: Path, *, options: dict[str, Any], instances: int
+) -> tuple[Result, Formed]:
+    """One load generator run, with what the server did meanwhile: its CPU by kind of thread,
+    each instance's busy time and the calls it formed (from its /metrics)."""
+    before, times_before = scrape(metrics), thread_times(server)
+    result = finish(loadgen(address, texts_file, **options))
+    after, times_after = scrape(metrics), thread_times(server)
+    seconds = result["seconds"]
+    for group, used in thread_cpu(server, times_before, times_after, instances).items():
+        result[f"{group} cores"] = used / seconds
+    formed = formed_calls(before, after)
+    busy = busy_seconds(before, after)
+    calls = sum(sum(counts.values()) for counts in formed.values())
+    texts = sum(size * n for counts in formed.values() for size, n in counts.items())
+    result["mean call"] = texts / calls if calls else float("nan")
+    result["busy"] = sum(busy.values()) / seconds / max(1, len(busy))
+    return result, formed
+
+
+def instance_sweep(
+    texts: list[str], texts_file: Path, cores: list[int], runs: int, counts: tuple[int, ...] = INSTANCES
+) -> tuple[dict[str, Result], dict[int, Formed]]:
     """A server pinned to `cores` per instance count, at 16 x 1 and 4 x 32, and the ceiling on
-    them, measured before and after (the machine is shared: the mean of the two is the reference)."""
+    them, measured before and after (the machine is shared: the mean of the two is the reference).
+    Also what each 16 x 1 server formed: its calls, by instance and size."""
     before = compute_ceiling(texts, cores, runs)
     print(f"cores {cores}: ceiling before {before}", flush=True)
     rows: dict[str, Result] = {}
+    formed_by_count: dict[int, Formed] = {}
     listed = ",".join(str(core) for core in cores)
-    for count in INSTANCES:
-        with served(len(cores), models=instances_catalog(count), cores=listed) as (address, _):
+    for count in counts:
+        metrics = f"127.0.0.1:{free_port()}"
+        settings = {"WAFER_METRICS_ADDRESS": metrics}
+        with served(len(cores), models=instances_catalog(count), cores=listed, settings=settings) as (
+            address,
+            process,
+        ):
             for case, options in (("16 x 1", {"concurrency": 16}), ("4 x 32", {"concurrency": 4, "batch": 32})):
-                result = medians([finish(loadgen(address, texts_file, **options)) for _ in range(runs)])
+                results: list[Result] = []
+                for _ in range(runs):
+                    result, formed = observed_run(
+                        address, process.pid, metrics, texts_file, options=options, instances=count
+                    )
+                    results.append(result)
+                    if case == "16 x 1":
+                        merged = formed_by_count.setdefault(count, {})
+                        for instance, sizes in formed.items():
+                            merged.setdefault(instance, Counter()).update(sizes)
+                result = medians(results)
                 rows[f"{count} instance(s), {case}"] = result
-                print(f"cores {cores}: {count} instance(s), {case}: {result['texts_per_s']:.0f} texts/s", flush=True)
+                print(
+                    f"cores {cores}: {count} instance(s), {case}: {result['texts_per_s']:.0f} texts/s, "
+                    f"mean call {result['mean call']:.2f}, instances busy {result['busy']:.2f}, "
+                    f"client cores {result['client_cores']:.2f}",
+                    flush=True,
+                )
     after = compute_ceiling(texts, cores, runs)
     print(f"cores {cores}: ceiling after {after}", flush=True)
     rows["ceiling"] = {
@@ -325,11 +444,77 @@ def instance_sweep(texts: list[str], texts_file: Path, cores: list[int], runs: i
         "before": before["texts_per_s"],
         "after": after["texts_per_s"],
     }
-    return rows
+    for count, formed in formed_by_count.items():
+        rows[f"{count} instance(s), 16 x 1 formed"] = formed_ceiling(texts, cores, count, formed, runs)
+        print(f"cores {cores}: {count} instance(s), 16 x 1's calls: {rows[f'{count} instance(s), 16 x 1 formed']}")
+    return rows, formed_by_count
+
+
+def formed_ceiling(texts: list[str], cores: list[int], count: int, formed: Formed, runs: int) -> Result:
+    """Compute only, on the calls a 16 x 1 server formed: the server's own backend instances
+    (`count` of them, the cores' threads shared out as the server does), in this process, each on
+    its own thread running calls of the sizes its twin in the server ran, of consecutive corpus
+    texts (random lengths, as the clients send them), tokenized beforehand: no gRPC, no event loop,
+    no client. Texts/s over all instances."""
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+
+        async def measure() -> Result:
+            engine = in_process_engine(threads=len(cores), models=instances_catalog(count))
+            async with engine.registry.lease("minilm", Task.EMBED):
+                backends = list(loaded(engine.registry, "minilm").instances)
+                tokenized = backends[0].tokenize(texts, truncate=True)
+                calls = [(instance, size) for instance, sizes in formed.items() for size in sizes.elements()]
+                random.Random(0).shuffle(calls)
+                plan: dict[int, list[Tokenized]] = {index: [] for index in range(len(backends))}
+                start = 0
+                for instance, size in calls * (len(texts) // max(1, len(calls)) + 1):
+                    if start >= len(texts):
+                        break
+                    plan[instance % len(backends)].append(tokenized.rows(start, min(len(texts), start + size)))
+                    start += size
+                for backend in backends:
+                    backend.embed_tokenized(tokenized.rows(0, 8))
+
+                def serve(backend: Backend, units: list[Tokenized]) -> None:
+                    for unit in units:
+                        backend.embed_tokenized(unit)
+
+                rates = []
+                for _ in range(runs):
+                    workers = [
+                        threading.Thread(target=serve, args=(backend, plan[index]))
+                        for index, backend in enumerate(backends)
+                    ]
+                    started = time.perf_counter()
+                    for worker in workers:
+                        worker.start()
+                    for worker in workers:
+                        worker.join()
+                    rates.append(len(texts) / (time.perf_counter() - started))
+            await engine.registry.close()
+            sizes = [size for _, size in calls]
+            return {"texts_per_s": median(rates), "mean call": sum(sizes) / max(1, len(sizes))}
+
+        return asyncio.run(measure())
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+def swept(rows: dict[str, Result]) -> list[int]:
+    """The instance counts a sweep measured."""
+    return [count for count in INSTANCES if f"{count} instance(s), 16 x 1" in rows]
 
 
 def instances_report(
-    corpus: str, runs: int, sweeps: dict[str, dict[str, Result]], load: list[str], chart_file: Path = INSTANCES_CHART
+    corpus: str,
+    runs: int,
+    sweeps: dict[str, dict[str, Result]],
+    load: list[str],
+    *,
+    chart_file: Path = INSTANCES_CHART,
+    formed: dict[str, dict[int, Formed]] | None = None,
 ) -> str:
     lines = [
         header("Model instances: scaling against the compute-only ceiling", corpus),
@@ -337,6 +522,9 @@ def instances_report(
         "clients in a separate process (bench/loadgen.py), not pinned",
         "- ceiling: bench.ceiling's (onnxruntime alone, texts tokenized beforehand, length-sorted, "
         f"batches of {BATCH}, one thread per core) on the same cores",
+        "- 16 x 1's calls, compute only: the server's own instances in-process, on calls of the sizes "
+        "each instance formed at 16 x 1 (consecutive corpus texts, random lengths), tokenized beforehand: "
+        "no gRPC, event loop, tokenizing or client",
         f"- load average (1, 5, 15 min): {load[0]} before, {load[1]} after",
         "",
         "| cores | instances | 16 x 1 texts/s | x ceiling | p50 ms | 4 x 32 texts/s | x ceiling | p50 ms |",
@@ -349,13 +537,51 @@ def instances_report(
             f"| {cores} | ceiling (before {ceiling['before']:.0f}, after {ceiling['after']:.0f}) "
             f"| {top:.0f} | 1.00 | | {top:.0f} | 1.00 | |"
         )
-        for count in INSTANCES:
+        for count in swept(rows):
             single, bulk = rows[f"{count} instance(s), 16 x 1"], rows[f"{count} instance(s), 4 x 32"]
             lines.append(
                 f"| {cores} | {count} | {single['texts_per_s']:.0f} | {single['texts_per_s'] / top:.2f} | "
                 f"{single['p50_ms']:.1f} | {bulk['texts_per_s']:.0f} | {bulk['texts_per_s'] / top:.2f} | "
                 f"{bulk['p50_ms']:.1f} |"
             )
+        for count in swept(rows):
+            compute = rows.get(f"{count} instance(s), 16 x 1 formed")
+            if compute is not None:
+                lines.append(
+                    f"| {cores} | 16 x 1's calls, compute only: {count} (mean {compute['mean call']:.1f} texts) "
+                    f"| {compute['texts_per_s']:.0f} | {compute['texts_per_s'] / top:.2f} | | | | |"
+                )
+    lines += [
+        "",
+        "Where 16 x 1's time goes: the cores' time per text (cores x 1000 / texts/s) against the CPU "
+        "each part used per text (ms); idle is what is left; busy is an instance's time in embedding calls "
+        "over wall time (mean of the instances).",
+        "",
+        "| cores | instances | texts/s | mean call | busy | cores' ms/text | model threads | event loop "
+        "| other server threads | client | idle |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cores, rows in sweeps.items():
+        width = len(cores.split(","))
+        for count in swept(rows):
+            row = rows[f"{count} instance(s), 16 x 1"]
+            rate = row["texts_per_s"]
+            per_text = {key: row[f"{key} cores"] * 1000 / rate for key in ("model", "event loop", "other")}
+            client = row["client_cores"] * 1000 / rate
+            available = width * 1000 / rate
+            idle = available - sum(per_text.values()) - client
+            lines.append(
+                f"| {cores} | {count} | {rate:.0f} | {row['mean call']:.2f} | {row['busy']:.2f} | {available:.2f} | "
+                + " | ".join(f"{per_text[key]:.2f}" for key in per_text)
+                + f" | {client:.2f} | {idle:.2f} |"
+            )
+    for cores, by_count in (formed or {}).items():
+        for count, by_instance in by_count.items():
+            sizes: Counter[int] = Counter()
+            for counts in by_instance.values():
+                sizes.update(counts)
+            shown = ", ".join(f"{size}: {sizes[size]}" for size in sorted(sizes))
+            lines += ["", f"- cores {cores}, {count} instance(s), 16 x 1, calls by size (texts: calls): {shown}"]
     lines += ["", f"![instances against the ceiling]({chart_file.name})"]
     return "\n".join(lines) + "\n"
 
@@ -369,14 +595,15 @@ def instances_chart(sweeps: dict[str, dict[str, Result]], chart_file: Path = INS
     figure, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4), squeeze=False)
     for axis, (cores, rows) in zip(axes[0], sweeps.items(), strict=True):
         top = rows["ceiling"]["texts_per_s"]
-        positions = np.arange(len(INSTANCES))
+        counts = swept(rows)
+        positions = np.arange(len(counts))
         for shift, case in ((-0.2, "16 x 1"), (0.2, "4 x 32")):
-            ratios = [rows[f"{count} instance(s), {case}"]["texts_per_s"] / top for count in INSTANCES]
+            ratios = [rows[f"{count} instance(s), {case}"]["texts_per_s"] / top for count in counts]
             axis.bar(positions + shift, ratios, width=0.4, label=case)
         axis.axhline(1.0, color="grey", linestyle="--", label="compute-only ceiling")
         axis.axhline(0.9, color="grey", linestyle=":", label="0.9 x ceiling")
         axis.set_xticks(positions)
-        axis.set_xticklabels([str(count) for count in INSTANCES])
+        axis.set_xticklabels([str(count) for count in counts])
         axis.set(xlabel="instances", ylabel="x ceiling", title=f"cores {cores} (ceiling {top:.0f} texts/s)")
         axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
@@ -395,11 +622,16 @@ def instances_main(args: argparse.Namespace) -> None:
     subsets = [everything]
     if args.cores:
         subsets.append([int(core) for core in args.cores.split(",")])
-    sweeps = {",".join(map(str, cores)): instance_sweep(texts, texts_file, cores, runs) for cores in subsets}
+    counts = tuple(int(count) for count in args.counts.split(","))
+    measured = {",".join(map(str, cores)): instance_sweep(texts, texts_file, cores, runs, counts) for cores in subsets}
+    sweeps = {cores: rows for cores, (rows, _) in measured.items()}
+    formed = {cores: by_count for cores, (_, by_count) in measured.items()}
     load.append(", ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"load average: {load[1]}", flush=True)
     chart_file = INSTANCES_CHART.with_name(f"{args.section}.png")
-    text = instances_report(f"{described}; first {len(texts)} texts", runs, sweeps, load, chart_file)
+    text = instances_report(
+        f"{described}; first {len(texts)} texts", runs, sweeps, load, chart_file=chart_file, formed=formed
+    )
     print(text)
     if args.write:
         write_section(args.section, text)
@@ -415,6 +647,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md and the chart")
     parser.add_argument("--instances", action="store_true", help="the instances sweep instead (see above)")
     parser.add_argument("--cores", help="instances sweep: also on this CPU list, e.g. 0 or 0,1")
+    parser.add_argument("--counts", default="1,2,4", help="instances sweep: the instance counts to serve (of 1,2,4)")
     parser.add_argument(
         "--section",
         default="instances",
