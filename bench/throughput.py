@@ -403,9 +403,10 @@ def observed_run(
 def instance_sweep(
     texts: list[str], texts_file: Path, cores: list[int], runs: int, counts: tuple[int, ...] = INSTANCES
 ) -> tuple[dict[str, Result], dict[int, Formed]]:
-    """A server pinned to `cores` per instance count, at 16 x 1 and 4 x 32, and the ceiling on
-    them, measured before and after (the machine is shared: the mean of the two is the reference).
-    Also what each 16 x 1 server formed: its calls, by instance and size."""
+    """A server pinned to `cores` per instance count, warmed by one unmeasured 16 x 1 pass, at
+    16 x 1 and 4 x 32, and the ceiling on them, measured before and after (the machine is shared:
+    the mean of the two is the reference). Also what each 16 x 1 server formed: its calls, by
+    instance and size."""
     before = compute_ceiling(texts, cores, runs)
     print(f"cores {cores}: ceiling before {before}", flush=True)
     rows: dict[str, Result] = {}
@@ -418,6 +419,10 @@ def instance_sweep(
             address,
             process,
         ):
+            # Unmeasured: a fresh server's first pass costs more (its threads and buffers start up;
+            # 0.1 more cores of the server's other threads in the first of three runs, measured),
+            # and the ceiling is measured warm too.
+            finish(loadgen(address, texts_file, concurrency=16))
             for case, options in (("16 x 1", {"concurrency": 16}), ("4 x 32", {"concurrency": 4, "batch": 32})):
                 results: list[Result] = []
                 for _ in range(runs):
@@ -519,7 +524,8 @@ def instances_report(
     lines = [
         header("Model instances: scaling against the compute-only ceiling", corpus),
         f"- medians of {runs} runs; model: minilm (int8 ONNX), its threads shared out among its instances; "
-        "clients in a separate process (bench/loadgen.py), not pinned",
+        "clients in a separate process (bench/loadgen.py), not pinned; each server warmed by one unmeasured "
+        "16 x 1 pass",
         "- ceiling: bench.ceiling's (onnxruntime alone, texts tokenized beforehand, length-sorted, "
         f"batches of {BATCH}, one thread per core) on the same cores",
         "- 16 x 1's calls, compute only: the server's own instances in-process, on calls of the sizes "
