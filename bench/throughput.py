@@ -337,14 +337,15 @@ def thread_times(pid: int) -> dict[int, float]:
     return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process(pid).threads()}
 
 
-def thread_cpu(pid: int, before: dict[int, float], after: dict[int, float], instances: int) -> Result:
+def thread_cpu(pid: int, before: dict[int, float], after: dict[int, float], computing: int) -> Result:
     """CPU seconds the server's threads used between two looks, by kind: the event loop (the main
-    thread), the model instances' threads (the `instances` busiest others: Python names threads
-    for itself only, so the OS cannot tell them apart) and the rest (the tokenizer's, gRPC's)."""
+    thread), the model's threads (the `computing` busiest others: its instances' threads and
+    onnxruntime's intra-op threads; Python names threads for itself only, so the OS cannot tell
+    them apart) and the rest (the tokenizer's, gRPC's)."""
     used = {thread: seconds - before.get(thread, 0.0) for thread, seconds in after.items()}
     loop = used.pop(pid, 0.0)
     ranked = sorted(used.values(), reverse=True)
-    return {"event loop": loop, "model": sum(ranked[:instances]), "other": sum(ranked[instances:])}
+    return {"event loop": loop, "model": sum(ranked[:computing]), "other": sum(ranked[computing:])}
 
 
 def formed_calls(before: Samples, after: Samples) -> Formed:
@@ -381,15 +382,16 @@ def busy_seconds(before: Samples, after: Samples) -> dict[int, float]:
 
 
 def observed_run(
-    address: str, server: int, metrics: str, texts_file: Path, *, options: dict[str, Any], instances: int
+    address: str, server: int, metrics: str, texts_file: Path, *, options: dict[str, Any], computing: int
 ) -> tuple[Result, Formed]:
-    """One load generator run, with what the server did meanwhile: its CPU by kind of thread,
-    each instance's busy time and the calls it formed (from its /metrics)."""
+    """One load generator run, with what the server did meanwhile: its CPU by kind of thread
+    (`computing`: the model's threads, intra-op ones included), each instance's busy time and the
+    calls it formed (from its /metrics)."""
     before, times_before = scrape(metrics), thread_times(server)
     result = finish(loadgen(address, texts_file, **options))
     after, times_after = scrape(metrics), thread_times(server)
     seconds = result["seconds"]
-    for group, used in thread_cpu(server, times_before, times_after, instances).items():
+    for group, used in thread_cpu(server, times_before, times_after, computing).items():
         result[f"{group} cores"] = used / seconds
     formed = formed_calls(before, after)
     busy = busy_seconds(before, after)
@@ -413,6 +415,8 @@ def instance_sweep(
     formed_by_count: dict[int, Formed] = {}
     listed = ",".join(str(core) for core in cores)
     for count in counts:
+        # The model's threads: each instance's own, and onnxruntime's intra-op ones beside it.
+        computing = count * max(1, len(cores) // count)
         metrics = f"127.0.0.1:{free_port()}"
         settings = {"WAFER_METRICS_ADDRESS": metrics}
         with served(len(cores), models=instances_catalog(count), cores=listed, settings=settings) as (
@@ -427,7 +431,7 @@ def instance_sweep(
                 results: list[Result] = []
                 for _ in range(runs):
                     result, formed = observed_run(
-                        address, process.pid, metrics, texts_file, options=options, instances=count
+                        address, process.pid, metrics, texts_file, options=options, computing=computing
                     )
                     results.append(result)
                     if case == "16 x 1":
@@ -561,12 +565,14 @@ def instances_report(
         "",
         "Where 16 x 1's time goes: the cores' time per text (cores x 1000 / texts/s) against the CPU "
         "each part used per text (ms); idle is what is left; busy is an instance's time in embedding calls "
-        "over wall time (mean of the instances).",
+        "over wall time (mean of the instances); model threads: the instances' and onnxruntime's intra-op "
+        "threads (the busiest threads but the event loop).",
         "",
         "| cores | instances | texts/s | mean call | busy | cores' ms/text | model threads | event loop "
         "| other server threads | client | idle |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    everything = max(len(cores.split(",")) for cores in sweeps)
     for cores, rows in sweeps.items():
         width = len(cores.split(","))
         for count in swept(rows):
@@ -575,11 +581,13 @@ def instances_report(
             per_text = {key: row[f"{key} cores"] * 1000 / rate for key in ("model", "event loop", "other")}
             client = row["client_cores"] * 1000 / rate
             available = width * 1000 / rate
-            idle = available - sum(per_text.values()) - client
+            # On a subset of the cores the (unpinned) client runs mostly on the others.
+            shared = width == everything
+            idle = available - sum(per_text.values()) - (client if shared else 0.0)
             lines.append(
                 f"| {cores} | {count} | {rate:.0f} | {row['mean call']:.2f} | {row['busy']:.2f} | {available:.2f} | "
                 + " | ".join(f"{per_text[key]:.2f}" for key in per_text)
-                + f" | {client:.2f} | {idle:.2f} |"
+                + f" | {client:.2f}{'' if shared else ' (other cores)'} | {idle:.2f} |"
             )
     for cores, by_count in (formed or {}).items():
         for count, by_instance in by_count.items():
