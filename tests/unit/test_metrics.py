@@ -326,3 +326,26 @@ def test_unknown_model_names_do_not_become_labels() -> None:
     assert metrics.model_label("known") == "known"
     assert metrics.model_label("anything else") == ""
     assert Metrics().model_label("anything") == "anything"  # no catalog: tests record freely
+
+
+def test_repeated_calls_add_to_the_same_series_and_report_only_what_they_measured() -> None:
+    """Each call's series are resolved once per method, model and code and then reused: repeated
+    calls add up, a call without queue or inference times makes no series for them, and a later
+    call that has them makes them then."""
+    metrics = Metrics(models=["m"])
+    labels = {"method": EMBED, "model": "m"}
+    for _ in range(3):
+        metrics.record_call(EMBED, "m", "OK", 0.01)
+    assert metrics.registry.get_sample_value("wafer_requests_total", {**labels, "code": "OK"}) == 3
+    assert metrics.registry.get_sample_value("wafer_request_duration_seconds_count", labels) == 3
+    assert metrics.registry.get_sample_value("wafer_request_queue_seconds_count", labels) is None
+    metrics.record_call(EMBED, "m", "OK", 0.02, queue_seconds=0.001, inference_seconds=0.005)
+    metrics.record_call(EMBED, "unknown", "NOT_FOUND", 0.001)
+    assert metrics.registry.get_sample_value("wafer_requests_total", {**labels, "code": "OK"}) == 4
+    assert metrics.registry.get_sample_value("wafer_request_queue_seconds_count", labels) == 1
+    assert metrics.registry.get_sample_value("wafer_request_inference_seconds_sum", labels) == 0.005
+    assert metrics.registry.get_sample_value("wafer_request_inference_seconds_count", {**labels, "model": ""}) is None
+    assert (
+        metrics.registry.get_sample_value("wafer_requests_total", {"method": EMBED, "model": "", "code": "NOT_FOUND"})
+        == 1
+    )
