@@ -22,6 +22,11 @@ clients x 1 text and 4 clients x 32 texts, against the compute-only ceiling of b
 (onnxruntime alone, the corpus tokenized beforehand, sorted by length, batches of 32, as many
 threads as cores) on the same cores. Then the same on the `--cores` subset (the server and the
 ceiling pinned with taskset / sched_setaffinity): the curve a machine with more cores follows.
+Each server is warmed by one unmeasured 16 x 1 pass, and each run also records where the time
+went: the server's CPU by kind of thread (event loop, model threads, the rest), the load
+generator's CPU, and from the server's /metrics each instance's busy time and the calls it formed;
+the compute-only ceiling is then run again on exactly those 16 x 1 calls (the server's own
+instances in-process, no gRPC, event loop or client). `--counts 2` serves only some instance counts.
 With --write: bench/RESULTS.md's "instances" section and bench/instances.png (`--section NAME`:
 the section NAME and bench/NAME.png instead, for a new run beside an older one).
 """
