@@ -100,6 +100,18 @@ def test_models_yaml_reference_lists_every_backend_option_and_file_role() -> Non
         assert not missing, f"docs/models-yaml.md does not describe {name}'s {missing}"
 
 
+def test_models_yaml_reference_names_every_backend_in_the_backend_field() -> None:
+    from wafer.backends import available_backends
+
+    text = (ROOT / "docs" / "models-yaml.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `backend` |"))
+    missing = [name for name in available_backends() if f"`{name}`" not in row]
+    assert not missing, f"docs/models-yaml.md's `backend` row does not name {missing}"
+    task_row = next(line for line in text.splitlines() if line.startswith("| `tasks` |"))
+    untold = [name for name in available_backends() if f"`{name}` models" not in task_row]
+    assert not untold, f"docs/models-yaml.md's `tasks` row does not say what {untold} models do"
+
+
 def test_operations_lists_every_setting() -> None:
     from wafer.config import Settings
 
