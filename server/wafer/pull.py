@@ -90,11 +90,22 @@ class PullProgress:
 
 async def in_thread(progress: Generator[PullProgress, None, None]) -> AsyncIterator[PullProgress]:
     """Drive a blocking pull from a worker thread, one report at a time; the event loop stays free."""
+    step: asyncio.Future[PullProgress | None] | None = None
     try:
-        while (item := await asyncio.to_thread(next, progress, None)) is not None:
+        while True:
+            step = asyncio.ensure_future(asyncio.to_thread(next, progress, None))
+            # Shielded: a caller that leaves does not stop the thread, which runs the step on.
+            item = await asyncio.shield(step)
+            if item is None:
+                return
             yield item
     finally:
-        # The caller went away: close the file being written (it stays, to resume from).
+        # The caller went away: close the file being written (it stays, to resume from), once the
+        # step in flight has returned (a generator running on another thread cannot be closed).
+        if step is not None and not step.done():
+            await asyncio.wait([step])
+            if not step.cancelled():
+                step.exception()  # what it raised has nobody to go to now: the caller left
         await asyncio.to_thread(progress.close)
 
 
