@@ -9,7 +9,9 @@ are not comparable.
 
 Contexts are kept in the data folder, one file per collection (`<data_dir>/contexts/<collection>.npz`:
 the matrix and the model that built it), written to a temporary file and renamed over the old one,
-so a crash leaves the old context or the new one, never half of either.
+so a crash leaves the old context or the new one, never half of either. A file that cannot be read
+is left as it is, never deleted or replaced on Wafer's own initiative: the collection it belongs to
+answers FAILED_PRECONDITION until it is restored or the collection is indexed again with a fresh context.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import io
 import random
 import threading
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from wafer.domain import Context
+from wafer.errors import FailedPreconditionError
 from wafer.files import write_atomically
 
 
@@ -80,14 +84,23 @@ class ContextStore:
         return self._folder / f"{collection}.npz"
 
     def get(self, collection: str) -> StoredContext | None:
+        """The collection's context, None if it has none; FailedPreconditionError if its file cannot
+        be read (not remembered: a file put back is read on the next call)."""
         with self._lock:
             if collection in self._loaded:
                 return self._loaded[collection]
         path = self._path(collection)
         stored: StoredContext | None = None
         if path.exists():
-            with np.load(path, allow_pickle=False) as data:
-                stored = StoredContext(model=str(data["model"]), context=Context.of(np.asarray(data["vectors"])))
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    stored = StoredContext(model=str(data["model"]), context=Context.of(np.asarray(data["vectors"])))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                raise FailedPreconditionError(
+                    f"the context of collection {collection!r} cannot be read from {path} "
+                    f"({type(exc).__name__}: {exc}); the file is left as it is: restore it, or index the "
+                    "collection again with a fresh context (docs/contextual.md)"
+                ) from None
         with self._lock:
             self._loaded[collection] = stored
         return stored

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
+import structlog
 
 from wafer.contexts import ContextStore, StoredContext
 from wafer.domain import (
@@ -45,6 +46,8 @@ from wafer.store.base import (
 )
 
 T = TypeVar("T")
+
+log = structlog.get_logger("wafer.indexing")
 
 DEFAULT_TOP_K = 10
 # A document's payload as JSON: every search and GetDocuments returns it.
@@ -346,7 +349,12 @@ class IndexService:
             return collections
         described = []
         for info in collections:
-            stored = await asyncio.to_thread(self._contexts.get, info.name)
+            try:
+                stored = await asyncio.to_thread(self._contexts.get, info.name)
+            except FailedPreconditionError as exc:
+                # One collection's unreadable context must not hide the others: listed without one.
+                log.warning("collection context unreadable", collection=info.name, error=exc.message)
+                stored = None
             described.append(replace(info, context_id=stored.context.id) if stored is not None else info)
         return described
 

@@ -13,6 +13,8 @@ metadata (commit, ETag, size, where the bytes are). Files land in huggingface_hu
   pull asks for the rest with `Range: bytes=N-` (and starts over if the server ignores the range).
 - Checksum: the ETag of an LFS file is its sha256, that of a file kept in git its git blob id (sha1);
   the complete file is hashed and compared before it enters the cache. A mismatch deletes it.
+- Stop: a download asked whether to go on (`cancelled`) after each read stops there, keeping what
+  arrived: a load cancelled at shutdown must not keep the process alive until the last byte comes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,22 @@ from typing import Any
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from wafer.specs import ModelSpec
 
+# Most bytes per read: a read returns what has arrived, up to this, so a slow link never holds one
+# read (and the check for a cancelled download after it) for long.
 CHUNK_BYTES = 1 << 20
 # Progress reports at most this often (plus one at the end of each file).
 REPORT_EVERY_SECONDS = 0.2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
+
+
+def never() -> bool:
+    """A download nobody cancels."""
+    return False
+
+
+class DownloadCancelledError(UnavailableError):
+    """The download was asked to stop (`cancelled`); what arrived is kept to resume from."""
 
 
 PKG_SCHEME = "pkg://"
@@ -77,11 +90,22 @@ class PullProgress:
 
 async def in_thread(progress: Generator[PullProgress, None, None]) -> AsyncIterator[PullProgress]:
     """Drive a blocking pull from a worker thread, one report at a time; the event loop stays free."""
+    step: asyncio.Future[PullProgress | None] | None = None
     try:
-        while (item := await asyncio.to_thread(next, progress, None)) is not None:
+        while True:
+            step = asyncio.ensure_future(asyncio.to_thread(next, progress, None))
+            # Shielded: a caller that leaves does not stop the thread, which runs the step on.
+            item = await asyncio.shield(step)
+            if item is None:
+                return
             yield item
     finally:
-        # The caller went away: close the file being written (it stays, to resume from).
+        # The caller went away: close the file being written (it stays, to resume from), once the
+        # step in flight has returned (a generator running on another thread cannot be closed).
+        if step is not None and not step.done():
+            await asyncio.wait([step])
+            if not step.cancelled():
+                step.exception()  # what it raised has nobody to go to now: the caller left
         await asyncio.to_thread(progress.close)
 
 
@@ -112,18 +136,27 @@ class HubPuller:
             return
         yield from self.fetch(source, hub_file, self._metadata(hub_file, model), model=model)
 
-    def download(self, source: str, hub_file: HubFile, meta: HubMetadata, *, model: str) -> Path:
+    def download(
+        self, source: str, hub_file: HubFile, meta: HubMetadata, *, model: str, cancelled: Callable[[], bool] = never
+    ) -> Path:
         """`fetch` to its end without reporting progress (an on-demand load); the cached path."""
-        *_, last = self.fetch(source, hub_file, meta, model=model)
+        *_, last = self.fetch(source, hub_file, meta, model=model, cancelled=cancelled)
         assert last.file_done, "fetch ends with the file's report"
         return Path(last.path)
 
     def fetch(
-        self, source: str, hub_file: HubFile, meta: HubMetadata, *, model: str
+        self,
+        source: str,
+        hub_file: HubFile,
+        meta: HubMetadata,
+        *,
+        model: str,
+        cancelled: Callable[[], bool] = never,
     ) -> Generator[PullProgress, None, None]:
         """Download the file `meta` (the Hub's answer for `hub_file`) describes into the cache:
         resumed from a partial file, checked against the Hub's checksum, then laid out as
-        huggingface_hub lays out its cache. The last report has `file_done` and the cached path."""
+        huggingface_hub lays out its cache. The last report has `file_done` and the cached path.
+        Once `cancelled()` is true the download stops (DownloadCancelledError), its bytes kept."""
         etag = (meta.etag or "").strip('"')
         if not (_SHA256.fullmatch(etag) or _SHA1.fullmatch(etag)) or not meta.commit_hash:
             raise FailedPreconditionError(
@@ -136,7 +169,7 @@ class HubPuller:
         blob.parent.mkdir(parents=True, exist_ok=True)
         total = int(meta.size or 0)
         if not blob.exists():
-            yield from self._download(source, meta.location, partial, total, model)
+            yield from self._download(source, meta.location, partial, total, model, cancelled=cancelled)
             _verify(partial, etag, source, model)
             partial.replace(blob)
         snapshot = repo_dir / "snapshots" / meta.commit_hash / hub_file.filename
@@ -185,7 +218,9 @@ class HubPuller:
             raise self._offline(hub_file, model, exc) from exc
         return HubMetadata.of(meta)
 
-    def _download(self, source: str, url: str, partial: Path, total: int, model: str) -> Iterator[PullProgress]:
+    def _download(
+        self, source: str, url: str, partial: Path, total: int, model: str, *, cancelled: Callable[[], bool]
+    ) -> Iterator[PullProgress]:
         # Public (documented) but exported lazily, which mypy cannot see.
         from huggingface_hub import constants
         from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
@@ -210,9 +245,14 @@ class HubPuller:
                     mode = "wb"
                 yield PullProgress(source, have, total, resumed_from_bytes=resumed)
                 with partial.open(mode) as file:
-                    while chunk := response.read(CHUNK_BYTES):
+                    while chunk := response.read1(CHUNK_BYTES):
                         file.write(chunk)
                         have += len(chunk)
+                        if cancelled():
+                            raise DownloadCancelledError(
+                                f"model {model!r}: the download of {source} was stopped at {have} of "
+                                f"{total or '?'} bytes (the load was cancelled); the next load or pull resumes it"
+                            )
                         now = time.monotonic()
                         if now - reported >= REPORT_EVERY_SECONDS:
                             reported = now

@@ -13,10 +13,11 @@ Three forms:
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
-from wafer.pull import HF_SCHEME, HubFile, HubMetadata, HubPuller
+from wafer.pull import HF_SCHEME, DownloadCancelledError, HubFile, HubMetadata, HubPuller, never
 
 PKG_SCHEME = "pkg://"
 
@@ -58,11 +59,13 @@ class SourceResolver:
                 "in one of those folders"
             )
 
-    def resolve(self, source: str, *, model: str) -> Path:
+    def resolve(self, source: str, *, model: str, cancelled: Callable[[], bool] = never) -> Path:
+        """The local file of `source`; an hf:// file not cached yet is downloaded first, until
+        `cancelled()` turns true (then DownloadCancelledError, the bytes so far kept to resume from)."""
         if source.startswith(PKG_SCHEME):
             return self._from_distribution(source, model)
         if source.startswith(HF_SCHEME):
-            return self._from_hub(source, model)
+            return self._from_hub(source, model, cancelled)
         if "://" in source:
             raise InvalidArgumentError(f"model {model!r}: unknown source scheme in {source!r}")
         path = Path(source).expanduser()
@@ -102,7 +105,7 @@ class SourceResolver:
             raise outside
         return path
 
-    def _from_hub(self, source: str, model: str) -> Path:
+    def _from_hub(self, source: str, model: str, cancelled: Callable[[], bool]) -> Path:
         # Imported here: huggingface_hub reads its environment (HF_ENDPOINT, HF_HUB_OFFLINE) at import,
         # and the client-only install does not need it.
         from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
@@ -132,9 +135,11 @@ class SourceResolver:
                 hf_hub_url(repo, filename, revision=revision, endpoint=self._hub_endpoint),
                 endpoint=self._hub_endpoint,
             )
-            return puller.download(source, hub_file, HubMetadata.of(meta), model=model)
-        except FailedPreconditionError:
-            raise  # what arrived cannot be verified, or was corrupted: the download says so
+            return puller.download(source, hub_file, HubMetadata.of(meta), model=model, cancelled=cancelled)
+        except (FailedPreconditionError, DownloadCancelledError):
+            # What arrived cannot be verified or was corrupted, or the load stopped its download:
+            # the download says so.
+            raise
         except GatedRepoError:
             raise FailedPreconditionError(
                 f"model {model!r}: the Hub repository {repo} is gated: accept its terms on the Hub, "

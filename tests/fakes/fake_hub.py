@@ -9,7 +9,8 @@ It answers the requests huggingface_hub 2.x makes, with the headers it reads:
     follows redirects that stay on the Hub's origin and stops at the first one that leaves it, reading the
     metadata from that redirect, which is the path real LFS downloads take.
 - `GET {cdn}/{sha256}`: the bytes, honouring `Range: bytes=N-` (resumed downloads); on request, a
-  download cut short (`cut_next_download_at`) or corrupted (`corrupt_downloads`).
+  download cut short (`cut_next_download_at`), corrupted (`corrupt_downloads`) or sent at a slow,
+  steady rate (`throttle_bytes_per_second`, a slow link: reads never time out, the end is far).
 - errors as the Hub sends them: 404 with `X-Error-Code: RepoNotFound`, `RevisionNotFound` or
   `EntryNotFound` (the last with `X-Repo-Commit`, so the client can cache the file's absence).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,6 +72,8 @@ class FakeHub:
         self.cut_next_download_at: int | None = None
         # ... and while set, every one sends bytes that do not match the file's sha256.
         self.corrupt_downloads = False
+        # ... and while set, every one sends its body at about this many bytes a second.
+        self.throttle_bytes_per_second: int | None = None
 
     @property
     def url(self) -> str:
@@ -237,8 +241,21 @@ def _handler(hub: FakeHub, *, cdn: bool) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(content) - start))
             self.end_headers()
-            if body:
+            if not body:
+                return
+            rate = hub.throttle_bytes_per_second
+            if rate is None:
                 self.wfile.write(content[start:stop])
+                return
+            piece = max(1, rate // 20)
+            end = len(content) if stop is None else stop
+            try:
+                for offset in range(start, end, piece):
+                    self.wfile.write(content[offset : min(offset + piece, end)])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away mid-download, as a stopped server does
 
         def _error(self, status: int, code: str, message: str, *, commit: str | None = None) -> None:
             payload = f'{{"error": "{message}"}}'.encode()

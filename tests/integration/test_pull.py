@@ -3,7 +3,9 @@ resumed with an HTTP Range request, a corrupted download caught by its checksum,
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from tests.fakes.fake_hub import FakeHub, running_fake_hub
 from tests.integration.test_hub_source import closed_port_url
 from wafer.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
-from wafer.pull import HubPuller, PullProgress, hub_sources
+from wafer.pull import HubPuller, PullProgress, hub_sources, in_thread
 from wafer.sources import SourceResolver
 from wafer.specs import ModelSpec, Task
 
@@ -158,3 +160,33 @@ def test_an_on_demand_load_refuses_a_corrupted_download(hub: FakeHub, cache: Pat
     with pytest.raises(FailedPreconditionError, match=r"arrived corrupted \(checksum .* instead of the Hub's"):
         resolver.resolve(SOURCE, model="m")
     assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def _partial_sizes(cache: Path) -> list[int]:
+    return [p.stat().st_size for p in cache.rglob("*.incomplete")]
+
+
+async def test_a_pull_whose_caller_leaves_ends_cancelled_and_stops(
+    puller: HubPuller, hub: FakeHub, cache: Path
+) -> None:
+    """A `wafer models pull` whose client goes away while a read runs on the worker thread: the
+    stream ends as cancelled (not with the generator's "already executing"), the download stops at
+    its next report, and what arrived stays to resume from."""
+    hub.throttle_bytes_per_second = 256 << 10  # WEIGHTS take about 12 s
+
+    async def follow() -> None:
+        async for _ in in_thread(puller.pull(SOURCE, model="m")):
+            pass
+
+    following = asyncio.create_task(follow())
+    deadline = time.monotonic() + 30
+    while not any(await asyncio.to_thread(_partial_sizes, cache)):
+        assert time.monotonic() < deadline, "the download did not start"
+        await asyncio.sleep(0.05)
+    following.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await following
+    (size,) = await asyncio.to_thread(_partial_sizes, cache)
+    await asyncio.sleep(1.0)
+    assert await asyncio.to_thread(_partial_sizes, cache) == [size]
+    assert size < len(WEIGHTS)

@@ -17,7 +17,7 @@ from wafer.config import Settings
 from wafer.contexts import ContextStore, Reservoir, sample_corpus
 from wafer.domain import Context, ContextRequest, EmbedRequest, InputType
 from wafer.engine import InferenceEngine
-from wafer.errors import InvalidArgumentError, NotFoundError
+from wafer.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from wafer.registry import ModelRegistry
 from wafer.sources import SourceResolver
 from wafer.specs import Catalog
@@ -190,3 +190,26 @@ def test_context_store_survives_a_new_instance(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
     ContextStore(tmp_path).delete("notes")
     assert ContextStore(tmp_path).get("notes") is None
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a zip file", b"PK\x03\x04truncated"])
+def test_an_unreadable_context_file_is_refused_by_name_and_kept(tmp_path: Path, garbage: bytes) -> None:
+    path = tmp_path / "notes.npz"
+    path.write_bytes(garbage)
+    store = ContextStore(tmp_path)
+    with pytest.raises(FailedPreconditionError, match=r"collection 'notes' cannot be read from .*notes\.npz"):
+        store.get("notes")
+    assert path.read_bytes() == garbage, "a file Wafer cannot read is never deleted or replaced by a read"
+    # Put back in place, it is read: the failure was not remembered.
+    context = _context(4)
+    ContextStore(tmp_path).put("notes", "ctx", context)
+    restored = store.get("notes")
+    assert restored is not None and restored.context.id == context.id
+
+
+async def test_an_unreadable_stored_context_is_a_failed_precondition(engine: InferenceEngine, tmp_path: Path) -> None:
+    folder = tmp_path / "contexts"
+    folder.mkdir()
+    (folder / "notes.npz").write_bytes(b"garbage")
+    with pytest.raises(FailedPreconditionError, match="context of collection 'notes' cannot be read"):
+        await engine.embed(EmbedRequest(inputs=["x"], model="ctx", context=ContextRequest(collection="notes")))

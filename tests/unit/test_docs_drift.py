@@ -4,6 +4,7 @@ tools/genproto.py writes), and must cover the whole contract."""
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,18 @@ def test_models_yaml_reference_lists_every_backend_option_and_file_role() -> Non
         assert not missing, f"docs/models-yaml.md does not describe {name}'s {missing}"
 
 
+def test_models_yaml_reference_names_every_backend_in_the_backend_field() -> None:
+    from wafer.backends import available_backends
+
+    text = (ROOT / "docs" / "models-yaml.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `backend` |"))
+    missing = [name for name in available_backends() if f"`{name}`" not in row]
+    assert not missing, f"docs/models-yaml.md's `backend` row does not name {missing}"
+    task_row = next(line for line in text.splitlines() if line.startswith("| `tasks` |"))
+    untold = [name for name in available_backends() if f"`{name}` models" not in task_row]
+    assert not untold, f"docs/models-yaml.md's `tasks` row does not say what {untold} models do"
+
+
 def test_operations_lists_every_setting() -> None:
     from wafer.config import Settings
 
@@ -150,3 +163,46 @@ def test_readme_layout_names_every_server_module() -> None:
     ]
     unnamed = [child.name for child in modules if child.relative_to(ROOT).as_posix() not in named]
     assert not unnamed, f"README.md's Layout does not name server/wafer/{unnamed}"
+
+
+def documented_commands() -> list[tuple[str, int, list[str]]]:
+    """Every `wafer ...` command line in the code blocks of README.md and docs/ (file, line, arguments),
+    diagrams and comments left out."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        in_code = False
+        # A shell line continued with a backslash is read whole.
+        text = re.sub(r"\\\n\s*", " ", path.read_text(encoding="utf-8"))
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip().startswith("```"):
+                in_code = not in_code
+                continue
+            match = re.search(r"(?:^|[\s|])(?:\.venv/bin/)?wafer ([^#|&;]*)", line)
+            if not in_code or match is None or any(c in line for c in "─┐┘▶"):
+                continue
+            found.append((path.name, number, shlex.split(match.group(1))))
+    return found
+
+
+def test_documented_commands_parse() -> None:
+    """A command the docs show runs as shown: its command, options and arguments are the CLI's."""
+    import typer
+    from typer._click.exceptions import UsageError
+
+    from wafer_client.cli import app
+
+    root = typer.main.get_command(app)
+    commands = documented_commands()
+    assert len(commands) > 20
+    wrong = []
+    for name, number, args in commands:
+        try:
+            context = root.make_context("wafer", args)
+            command = root
+            # A group keeps the sub-command and what follows it (click's `_protected_args`) for later.
+            while hasattr(command, "resolve_command") and (rest := [*context._protected_args, *context.args]):
+                sub_name, command, sub_args = command.resolve_command(context, rest)
+                context = command.make_context(sub_name, sub_args, parent=context)
+        except UsageError as exc:
+            wrong.append(f"{name}:{number}: wafer {shlex.join(args)}: {exc.format_message()}")
+    assert not wrong, "documented commands the CLI refuses:\n" + "\n".join(wrong)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from wafer.contexts import ContextStore
 from wafer.domain import Priority, StoredDocument
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError
@@ -125,3 +126,17 @@ async def test_upserts_do_not_count_the_collection_each_time(engine: InferenceEn
         assert CountingStore.described == 1
     finally:
         await again.close()
+
+
+async def test_one_unreadable_context_file_hides_no_collection(engine: InferenceEngine, tmp_path: Path) -> None:
+    service = IndexService(engine, EdgeStore(path=tmp_path / "edge"), ContextStore(tmp_path / "contexts"))
+    try:
+        for name in ("a", "b"):
+            await service.upsert(name, [StoredDocument(id="d", text="some words")])
+        (tmp_path / "contexts").mkdir()
+        (tmp_path / "contexts" / "a.npz").write_bytes(b"not a context")
+        listed = await service.list_collections()
+        assert sorted((c.name, c.context_id) for c in listed) == [("a", ""), ("b", "")]
+        assert (tmp_path / "contexts" / "a.npz").read_bytes() == b"not a context"
+    finally:
+        await service.close()

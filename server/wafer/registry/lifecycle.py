@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from types import MappingProxyType
 
 import structlog
@@ -431,10 +433,13 @@ class ModelRegistry:
 
     async def _load_instance(self, spec: ModelSpec, entry: Entry, *, evict: bool) -> Instance:
         pending: asyncio.Future[LoadedModel] | None = None
+        # Set when the load is cancelled: a Hub download for it stops at its next read. The thread
+        # itself cannot be cancelled, and shutdown waits for it (asyncio.run joins the executor).
+        stop = threading.Event()
         try:
             async with self._load_lock:
                 backend_cls = self._backend_for(spec)
-                files = await asyncio.to_thread(self._files, spec)
+                files = await asyncio.to_thread(self._files, spec, stop.is_set)
                 estimate = entry.measured_bytes if spec == entry.spec else 0
                 await self._memory.make_room(max(estimate, files_size(files)), entry, for_spec=spec, evict=evict)
                 started = time.perf_counter()
@@ -454,6 +459,7 @@ class ModelRegistry:
                 if evict:
                     await self._memory.make_room(instance.memory_bytes, entry, for_spec=spec, strict=False)
         except asyncio.CancelledError:
+            stop.set()
             # Shutdown while loading: the load thread cannot be interrupted; free what it returns.
             if pending is not None:
                 pending.add_done_callback(_close_when_loaded)
@@ -476,13 +482,14 @@ class ModelRegistry:
         backend_cls.check_spec(spec)
         return backend_cls
 
-    def _files(self, spec: ModelSpec) -> ModelFiles:
+    def _files(self, spec: ModelSpec, cancelled: Callable[[], bool]) -> ModelFiles:
+        def resolve(source: str) -> Path:
+            return self._resolver.resolve(source, model=spec.name, cancelled=cancelled)
+
         return ModelFiles(
-            weights=self._resolver.resolve(spec.source, model=spec.name),
-            tokenizer=self._resolver.resolve(spec.tokenizer, model=spec.name) if spec.tokenizer else None,
-            extra=MappingProxyType(
-                {role: self._resolver.resolve(source, model=spec.name) for role, source in spec.files.items()}
-            ),
+            weights=resolve(spec.source),
+            tokenizer=resolve(spec.tokenizer) if spec.tokenizer else None,
+            extra=MappingProxyType({role: resolve(source) for role, source in spec.files.items()}),
         )
 
     def _load_blocking(self, backend_cls: type[Backend], spec: ModelSpec, files: ModelFiles) -> LoadedModel:
