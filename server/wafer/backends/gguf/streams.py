@@ -10,7 +10,9 @@ its sequence back at once, and its cells but its prompt's (the prompt cache, bel
 
 Streams that join together read their prompts together: a prompt step holds the next chunk of
 every joining prompt that fits in PREFILL_CHUNK tokens (the first one always), so the fourth of four
-callers who arrive at once waits for one prefill, not for three others and their token steps.
+callers who arrive at once waits for one prefill, not for three others and their token steps (the
+scheduler holds an idle engine's first step for a few milliseconds, for callers who arrive
+together: wafer.scheduler.model.ADMISSION_GAP).
 
 A stream's tokens do not depend on who else is being served, on when it joined, on how its prompt
 was cut into chunks, on the thread count or on the prompt cache: its logits are bit-for-bit those of
@@ -42,10 +44,14 @@ and evicts least recently used first, where that costs no decoding speed. A prom
 longer prefix, of at least MIN_COPIED_PREFIX tokens, with a running stream (callers who arrive
 together with the same system prompt) gets that stream's cells copied into its own sequence
 (`llama_memory_seq_cp`: between sequences of a non-unified cache llama.cpp copies the source's whole
-buffer at the next decode) and the copy's tail past the shared prefix dropped. A cached prefix is the very cells a fresh
-prefill writes, and the rest of the prompt is cut at the same positions (multiples of
-PREFILL_CHUNK) as without a cache; without flash attention neither where a chunk starts nor its
-length changes a token, so the tokens are the same with and without the cache.
+buffer at the next decode) and the copy's tail past the shared prefix dropped. A shorter shared
+prefix, of at least MIN_COPIED_HELD tokens, is copied at once from a running stream that already
+holds its cells (a prompt it has read, or a cached prefix it took: of callers who arrive together
+with the chat template's system prompt, one finds it in a free sequence, the others copy it from
+that one). A cached or copied prefix is the very cells a fresh prefill writes, and the rest of the
+prompt is cut at the same positions (multiples of PREFILL_CHUNK) as without a cache; without flash
+attention neither where a chunk starts nor its length changes a token, so the tokens are the same
+with and without the cache.
 
 The thread count follows the machine's load. llama.cpp's threads meet at a barrier after every graph
 node; when another process keeps a core busy, one of them waits for a time slice at each barrier.
