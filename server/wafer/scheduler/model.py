@@ -29,11 +29,13 @@ Every call into a backend goes through its model's scheduler, never straight fro
   decode, each step its own turn of the compute gate, so other models' work (and this model's
   other calls) run between steps. A new stream joins at the next step when the backend has a free
   sequence and the cells for it (`generation.parallel`, `generation.kv_cells` in models.yaml);
-  others wait in their lane. Interactive streams are admitted first, batch-lane streams never take
-  the last free sequence, and a step with an interactive stream is an interactive turn; a
-  batch-lane-only step is interrupted (mid-decode) when interactive work arrives, and runs again.
-  A stream that ends or whose caller leaves gives its sequence back at once, its step interrupted
-  if it is in one. On other backends streams are served one at a time, a token per turn.
+  others wait in their lane. On an idle engine the first step waits a few milliseconds for more
+  calls (ADMISSION_GAP), so that callers who arrive together read their prompts in one step.
+  Interactive streams are admitted first, batch-lane streams never take the last free sequence,
+  and a step with an interactive stream is an interactive turn; a batch-lane-only step is
+  interrupted (mid-decode) when interactive work arrives, and runs again. A stream that ends or
+  whose caller leaves gives its sequence back at once, its step interrupted if it is in one. On
+  other backends streams are served one at a time, a token per turn.
 """
 
 from __future__ import annotations
