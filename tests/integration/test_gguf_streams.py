@@ -18,6 +18,7 @@ from wafer.domain import ChatMessage, GenerationDelta, Priority, SamplingParams
 from wafer.errors import InvalidArgumentError
 from wafer.metrics import Metrics
 from wafer.scheduler import ComputeGate, ModelScheduler
+from wafer.scheduler import model as model_scheduler
 from wafer.sources import SourceResolver
 from wafer.specs import ModelSpec
 
@@ -418,6 +419,40 @@ async def test_concurrent_generate_calls_are_decoded_together(backend: GgufBacke
         await asyncio.to_thread(scheduler.close)
 
 
+async def test_callers_who_arrive_within_the_admission_window_read_their_prompts_in_one_step(
+    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four callers a few milliseconds apart on an idle engine: the first step waits for the others
+    (while each comes within ADMISSION_GAP of the one before, widened here with the calls' spread so
+    that a loaded test machine keeps them inside it), and their four prompts are read in it, with
+    the same tokens."""
+    monkeypatch.setattr(model_scheduler, "ADMISSION_GAP", 0.5)
+    monkeypatch.setattr(model_scheduler, "ADMISSION_WINDOW", 5.0)
+    requests = list(zip([chat(q) for q in QUESTIONS], samplings(), strict=True))
+    expected = texts([alone(backend, m, s) for m, s in requests])
+    engine = engine_of(backend)
+    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate())
+    step = engine.step
+    admitted_at_steps: list[int] = []
+
+    def counting_step() -> list[tuple[object, GenerationDelta]]:
+        admitted_at_steps.append(engine.active)
+        return step()
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    try:
+        calls = []
+        for messages, sampling in requests:
+            calls.append(asyncio.create_task(_collect(scheduler, messages, sampling, Priority.INTERACTIVE)))
+            await asyncio.sleep(0.02)
+        runs = await asyncio.gather(*calls)
+        assert texts(list(runs)) == expected
+        assert admitted_at_steps[0] == 4, admitted_at_steps[:4]
+        assert_free(engine, backend)
+    finally:
+        await asyncio.to_thread(scheduler.close)
+
+
 async def test_a_caller_that_leaves_frees_its_sequence_and_the_others_go_on(backend: GgufBackend) -> None:
     sampling = SamplingParams(max_tokens=24, temperature=0.0)
     expected = texts([alone(backend, chat(QUESTIONS[1]), sampling)])
@@ -615,6 +650,61 @@ def test_a_caller_who_joins_a_running_stream_with_its_system_prompt_copies_those
             out[id(handle)].append(delta)
     # The second read only what follows the shared prefix (its copy counts as no reading).
     assert read_by_second == len(second.tokens) - shared, (read_by_second, len(second.tokens), shared)
+    assert texts([out[id(first)], out[id(second)]]) == expected
+    assert_free(engine, backend)
+
+
+@pytest.mark.parametrize("holds", ["a prompt it has read", "a cached prefix it took"])
+def test_a_short_prefix_a_running_stream_holds_is_copied_at_once(
+    backend: GgufBackend,
+    resolver: SourceResolver,
+    smollm2_spec: ModelSpec,
+    holds: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Callers who share a one-line system prompt (shorter than MIN_COPIED_PREFIX): the second
+    copies the cells the first already holds, without waiting, and reads only the rest; no token
+    changes. The first holds them because it read its prompt, or because it took the free sequence
+    that had them cached (then the second has no cached sequence left to take)."""
+    system = f"Holding {holds}: say it short."
+    requests = [
+        ((ChatMessage("system", system), ChatMessage("user", q)), SamplingParams(max_tokens=12, temperature=0.0))
+        for q in ("Name a colour.", "Name a fruit.", "Name a bird.")
+    ]
+    expected = texts_without_cache(resolver, smollm2_spec, requests[:2])
+    engine = engine_of(backend)
+    if holds == "a cached prefix it took":
+        warm = engine.open(prompt=None, messages=requests[2][0], sampling=requests[2][1])
+        assert engine.admit(warm)
+        while not warm.closed:
+            engine.step()
+    first, second = (engine.open(prompt=None, messages=m, sampling=s) for m, s in requests[:2])
+    assert isinstance(first, Stream) and isinstance(second, Stream)
+    out: dict[int, list[GenerationDelta]] = {id(first): [], id(second): []}
+    assert engine.admit(first)
+    shared = common_prefix(first.tokens, second.tokens)
+    assert MIN_CACHED_PREFIX <= shared < MIN_COPIED_PREFIX, shared
+    if holds == "a prompt it has read":
+        for handle, delta in engine.step():
+            out[id(handle)].append(delta)
+        assert first.prefilled == len(first.tokens)
+    else:
+        assert first.cached == first.prefilled == shared
+    assert engine.admit(second)
+    assert second.cached == second.prefilled == shared and second.follows is None and second.seq != first.seq
+    read_by_second = 0
+    prefill = engine._prefill
+
+    def counting_prefill(chunks: list[tuple[Stream, int]]) -> list[tuple[object, GenerationDelta]]:
+        nonlocal read_by_second
+        read_by_second += sum(end - stream.prefilled for stream, end in chunks if stream is second)
+        return prefill(chunks)
+
+    monkeypatch.setattr(engine, "_prefill", counting_prefill)
+    while not (first.closed and second.closed):
+        for handle, delta in engine.step():
+            out[id(handle)].append(delta)
+    assert read_by_second == len(second.tokens) - shared
     assert texts([out[id(first)], out[id(second)]]) == expected
     assert_free(engine, backend)
 

@@ -10,7 +10,9 @@ its sequence back at once, and its cells but its prompt's (the prompt cache, bel
 
 Streams that join together read their prompts together: a prompt step holds the next chunk of
 every joining prompt that fits in PREFILL_CHUNK tokens (the first one always), so the fourth of four
-callers who arrive at once waits for one prefill, not for three others and their token steps.
+callers who arrive at once waits for one prefill, not for three others and their token steps (the
+scheduler holds an idle engine's first step for a few milliseconds, for callers who arrive
+together: wafer.scheduler.model.ADMISSION_GAP).
 
 A stream's tokens do not depend on who else is being served, on when it joined, on how its prompt
 was cut into chunks, on the thread count or on the prompt cache: its logits are bit-for-bit those of
@@ -42,10 +44,14 @@ and evicts least recently used first, where that costs no decoding speed. A prom
 longer prefix, of at least MIN_COPIED_PREFIX tokens, with a running stream (callers who arrive
 together with the same system prompt) gets that stream's cells copied into its own sequence
 (`llama_memory_seq_cp`: between sequences of a non-unified cache llama.cpp copies the source's whole
-buffer at the next decode) and the copy's tail past the shared prefix dropped. A cached prefix is the very cells a fresh
-prefill writes, and the rest of the prompt is cut at the same positions (multiples of
-PREFILL_CHUNK) as without a cache; without flash attention neither where a chunk starts nor its
-length changes a token, so the tokens are the same with and without the cache.
+buffer at the next decode) and the copy's tail past the shared prefix dropped. A shorter shared
+prefix, of at least MIN_COPIED_HELD tokens, is copied at once from a running stream that already
+holds its cells (a prompt it has read, or a cached prefix it took: of callers who arrive together
+with the chat template's system prompt, one finds it in a free sequence, the others copy it from
+that one). A cached or copied prefix is the very cells a fresh prefill writes, and the rest of the
+prompt is cut at the same positions (multiples of PREFILL_CHUNK) as without a cache; without flash
+attention neither where a chunk starts nor its length changes a token, so the tokens are the same
+with and without the cache.
 
 The thread count follows the machine's load. llama.cpp's threads meet at a barrier after every graph
 node; when another process keeps a core busy, one of them waits for a time slice at each barrier.
@@ -86,6 +92,11 @@ MIN_CACHED_PREFIX = 8
 # a 63-token shared prefix already halved a joiner's prompt time (0.12-0.15 s against 0.29-0.34 s),
 # while the chat template's opening and a one-line system prompt stay below it.
 MIN_COPIED_PREFIX = 32
+# The shortest prefix copied at once from a running stream that already holds its cells (a prompt
+# it has read, a cached prefix it took): the copy costs what reading ~10 tokens does. Measured on
+# SmolLM2 (2,048 cells a sequence), 2 threads: a copy added 15-19 ms to a step when three were made
+# together and 40 ms alone, and reading a prompt token in a step costs ~4 ms.
+MIN_COPIED_HELD = 12
 
 # llama.cpp's abort callback is polled after every graph node (~700 per SmolLM2 decode) by a compute
 # thread. A Python callback would take the GIL each time, and wait for it while the event loop holds
@@ -364,7 +375,13 @@ class StreamEngine(GenerationStreams):
         for running_stream in self._active:
             # Its prompt's cells, read or to be read (its reply's lie past them and are not copied).
             shared = usable(running_stream.tokens)
-            if shared >= MIN_COPIED_PREFIX and shared > max(reuse, source[1] if source else 0):
+            if shared < MIN_COPIED_PREFIX:
+                # Too short to wait for, but worth copying if the stream holds those cells already
+                # (a prompt it has read, or a cached prefix it took).
+                shared = min(shared, running_stream.prefilled if running_stream.follows is None else 0)
+                if shared < MIN_COPIED_HELD:
+                    continue
+            if shared > max(reuse, source[1] if source else 0):
                 source = (running_stream, shared)
         if source is not None:
             return fresh, 0, source
