@@ -58,6 +58,30 @@ def engine_of(backend: GgufBackend) -> StreamEngine:
     return streams
 
 
+def run_counting_reads(
+    engine: StreamEngine,
+    streams: tuple[Stream, ...],
+    reader: Stream,
+    out: dict[int, list[GenerationDelta]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> int:
+    """Step `engine` until every one of `streams` is closed, its deltas into `out`; the prompt
+    tokens `reader` read in those steps (a copied prefix counts as none)."""
+    read = 0
+    prefill = engine._prefill
+
+    def counting_prefill(chunks: list[tuple[Stream, int]]) -> list[tuple[object, GenerationDelta]]:
+        nonlocal read
+        read += sum(end - stream.prefilled for stream, end in chunks if stream is reader)
+        return prefill(chunks)
+
+    monkeypatch.setattr(engine, "_prefill", counting_prefill)
+    while not all(stream.closed for stream in streams):
+        for handle, delta in engine.step():
+            out[id(handle)].append(delta)
+    return read
+
+
 def chat(question: str) -> tuple[ChatMessage, ...]:
     return (ChatMessage("user", question),)
 
@@ -636,18 +660,7 @@ def test_a_caller_who_joins_a_running_stream_with_its_system_prompt_copies_those
     shared = common_prefix(first.tokens, second.tokens)
     assert shared >= MIN_COPIED_PREFIX
     assert second.cached == shared and second.seq != first.seq, (second.cached, shared)
-    read_by_second = 0
-    prefill = engine._prefill
-
-    def counting_prefill(chunks: list[tuple[Stream, int]]) -> list[tuple[object, GenerationDelta]]:
-        nonlocal read_by_second
-        read_by_second += sum(end - stream.prefilled for stream, end in chunks if stream is second)
-        return prefill(chunks)
-
-    monkeypatch.setattr(engine, "_prefill", counting_prefill)
-    while not (first.closed and second.closed):
-        for handle, delta in engine.step():
-            out[id(handle)].append(delta)
+    read_by_second = run_counting_reads(engine, (first, second), second, out, monkeypatch)
     # The second read only what follows the shared prefix (its copy counts as no reading).
     assert read_by_second == len(second.tokens) - shared, (read_by_second, len(second.tokens), shared)
     assert texts([out[id(first)], out[id(second)]]) == expected
@@ -692,18 +705,7 @@ def test_a_short_prefix_a_running_stream_holds_is_copied_at_once(
         assert first.cached == first.prefilled == shared
     assert engine.admit(second)
     assert second.cached == second.prefilled == shared and second.follows is None and second.seq != first.seq
-    read_by_second = 0
-    prefill = engine._prefill
-
-    def counting_prefill(chunks: list[tuple[Stream, int]]) -> list[tuple[object, GenerationDelta]]:
-        nonlocal read_by_second
-        read_by_second += sum(end - stream.prefilled for stream, end in chunks if stream is second)
-        return prefill(chunks)
-
-    monkeypatch.setattr(engine, "_prefill", counting_prefill)
-    while not (first.closed and second.closed):
-        for handle, delta in engine.step():
-            out[id(handle)].append(delta)
+    read_by_second = run_counting_reads(engine, (first, second), second, out, monkeypatch)
     assert read_by_second == len(second.tokens) - shared
     assert texts([out[id(first)], out[id(second)]]) == expected
     assert_free(engine, backend)
