@@ -458,7 +458,8 @@ class _RegistryCollector(Collector):
             ),
             GaugeMetricFamily(
                 "wafer_model_memory_bytes",
-                "Resident memory the model's last load added (0 when not loaded).",
+                "Resident memory the model's last load added, plus the working set its largest call touches "
+                "beyond it (0 when not loaded).",
                 labels=["model"],
             ),
             GaugeMetricFamily(

@@ -41,6 +41,8 @@ class FakeBackend(Backend):
     hold_after: ClassVar[int | None] = None
     # Raised by close() (after freeing), for tests of what a failed close leaves behind.
     close_error: ClassVar[Exception | None] = None
+    # What `working_bytes` reports: memory a long input would touch that the warm-up did not.
+    working: ClassVar[int] = 0
 
     def __init__(self, spec: ModelSpec, weights: mmap.mmap) -> None:
         super().__init__(spec)
@@ -122,6 +124,10 @@ class FakeBackend(Backend):
             yield GenerationDelta(text=word + " ")
         reason = FinishReason.LENGTH if len(words) > sampling.max_tokens else FinishReason.STOP
         yield GenerationDelta(text="", finish_reason=reason, prompt_tokens=len(words), completion_tokens=produced)
+
+    @property
+    def working_bytes(self) -> int:
+        return self.working
 
     def health(self) -> None:
         self._wait()

@@ -110,6 +110,42 @@ async def test_load_measures_memory(budgeted: ModelRegistry) -> None:
     assert budgeted.memory_in_use() == status.memory_bytes
 
 
+async def test_the_working_set_counts_against_the_budget(
+    budgeted: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(FakeBackend, "working", 8 * MIB)
+    status = await budgeted.load("a")
+    assert (MODEL_MIB * 0.8 + 8) * MIB <= status.memory_bytes <= (MODEL_MIB * 1.5 + 8) * MIB
+    assert budgeted.memory_in_use() == status.memory_bytes
+
+
+async def test_the_working_set_makes_room_by_evicting(budgeted: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    await budgeted.load("a")
+    monkeypatch.setattr(FakeBackend, "working", MODEL_MIB * MIB)  # b needs 48 MiB of the 64: a goes
+    await budgeted.load("b")
+    assert budgeted.status("a").state is ModelState.UNLOADED
+    assert budgeted.status("b").state is ModelState.READY
+    assert budgeted.memory_in_use() <= (budgeted.memory_budget_bytes or 0)
+
+
+async def test_a_model_whose_working_set_does_not_fit_is_refused_and_freed(
+    budgeted: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await budgeted.load("d")  # pinned: 24 of the 64 MiB stay taken
+    # The load and warm-up alone fit; the working set a long input would touch does not.
+    monkeypatch.setattr(FakeBackend, "working", 2 * MODEL_MIB * MIB)
+    closed = FakeBackend.closed
+    with pytest.raises(ResourceExhaustedError, match=r"'a' needs about \d+ MB.*d \(\d+ MB, pinned\)"):
+        await budgeted.load("a")
+    assert FakeBackend.closed == closed + 1
+    status = budgeted.status("a")
+    assert status.state is ModelState.UNLOADED
+    assert status.not_loaded_reason.startswith("load refused at ")
+    assert budgeted.memory_in_use() == budgeted.status("d").memory_bytes
+    monkeypatch.setattr(FakeBackend, "working", 0)
+    assert (await budgeted.load("a")).state is ModelState.READY
+
+
 async def test_eviction_picks_the_least_recently_used_idle_model(budgeted: ModelRegistry) -> None:
     await budgeted.load("a")
     await budgeted.load("b")

@@ -312,6 +312,16 @@ class Backend(abc.ABC):
         i.e. Python string indices), special tokens left out. Used to chunk long texts."""
         raise FailedPreconditionError(f"model {self.spec.name!r} ({self.spec.backend}) cannot split texts into tokens")
 
+    @property
+    def working_bytes(self) -> int:
+        """Memory the backend's largest call touches that its load and a warm-up `health()` do not:
+        buffers reserved at load but filled only by a long input (llama.cpp's logits, sized by the
+        context's window). The registry adds it to the RSS it measures around the load, so the
+        memory budget refuses a model that would outgrow it at its first long input. 0 for a
+        backend whose warm-up already touches what its calls use (ONNX Runtime's arena grows per
+        call, and is measured as it is)."""
+        return 0
+
     @abc.abstractmethod
     def health(self) -> None:
         """Raise if the model cannot serve (a tiny real inference, not a flag)."""

@@ -449,14 +449,23 @@ class ModelRegistry:
                 loop = asyncio.get_running_loop()
                 pending = loop.run_in_executor(None, self._load_blocking, backend_cls, spec, files)
                 loaded = await pending
+                working = sum(backend.working_bytes for backend in loaded.instances or (loaded.backend,))
                 instance = Instance(
                     loaded=loaded,
-                    memory_bytes=max(0, rss() - rss_before),
+                    memory_bytes=max(0, rss() - rss_before) + working,
                     load_seconds=time.perf_counter() - started,
                 )
-                # The estimate may have been low (a first load): make room for what it really took,
-                # as far as idle models allow; the model is loaded by now either way.
-                if evict:
+                if working:
+                    # Memory the model's long inputs will touch is not spent yet: a model it does
+                    # not fit beside the others is refused (and freed) now, not OOM-killed later.
+                    try:
+                        await self._memory.make_room(instance.memory_bytes, entry, for_spec=spec, evict=evict)
+                    except Exception:
+                        await asyncio.to_thread(_close, loaded)
+                        raise
+                elif evict:
+                    # The estimate may have been low (a first load): make room for what it really
+                    # took, as far as idle models allow; the model is loaded by now either way.
                     await self._memory.make_room(instance.memory_bytes, entry, for_spec=spec, strict=False)
         except asyncio.CancelledError:
             stop.set()

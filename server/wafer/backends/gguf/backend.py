@@ -179,6 +179,13 @@ class GgufBackend(Backend):
         if self._gen is not None:
             self._gen.abort()
 
+    @property
+    def working_bytes(self) -> int:
+        """The logits of both contexts at their largest decodes: the embedding context's are a row
+        per token of its batch (the whole window for a bidirectional model), the generation
+        context's a row per sequence."""
+        return sum(ctx.working_bytes(self._vocab.n_tokens) for ctx in (self._gen, self._emb) if ctx is not None)
+
     def health(self) -> None:
         if self._gen is not None:
             ctx = self._gen

@@ -37,6 +37,28 @@ EMBED_SEQS = 64
 # llama_decode's return code when the abort callback stopped it.
 DECODE_ABORTED = 2
 
+# Bytes of one logit (llama.cpp keeps them as float32).
+LOGIT_BYTES = 4
+
+
+def logits_bytes(n_vocab: int, outputs: int) -> int:
+    """Memory a context's logits take at its largest decode, `outputs` rows of `n_vocab` floats held
+    twice: as the logits tensor of the compute buffer and in the output buffer (`output_reserve` in
+    llama-context.cpp). Both are reserved when the context is made but touched only as rows are
+    computed, so a warm-up of a few tokens leaves them out of the RSS it measures. An embedding
+    context outputs every token (`output_all = cparams.embeddings` in `llama_context::decode`), and a
+    decoder's graph computes logits over the whole vocabulary even when only the pooled vector is
+    read (qwen2.cpp's `t_logits`): gte-Qwen2 at its 8192-token window, 2 x 151,646 x 4 B x 8192 is
+    9.9 GB (measured on a random Qwen2 of that vocabulary: RSS 0.18 GB after the load, 9.76 GB after
+    one full-window embed)."""
+    return 2 * LOGIT_BYTES * n_vocab * outputs
+
+
+def output_rows(params: Any) -> int:
+    """Rows of logits one decode of a context made with `params` may output: `n_outputs_max`, which
+    llama.cpp reads as n_batch when 0 (the embedding context: every token is an output)."""
+    return int(params.n_outputs_max) or int(params.n_batch)
+
 
 class LlamaContext:
     """One llama_context with a batch sized for it; used by one thread at a time."""
@@ -49,6 +71,7 @@ class LlamaContext:
         # llama.cpp rounds the context up (to 256 at least); the limit is what was asked for.
         self.n_ctx = min(int(params.n_ctx), int(llama_cpp.llama_n_ctx(self.ptr)))
         self.n_batch = int(params.n_batch)
+        self.outputs = output_rows(params)
         self.n_seq_max = int(params.n_seq_max)
         self.threads = int(params.n_threads)
         self.batch: Any = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
@@ -62,6 +85,10 @@ class LlamaContext:
         # changed only when another flag's turn comes: llama_set_abort_callback logs each call, and
         # two log lines per token crossed into Python and structlog (2% of a token step, profiled).
         self._abort_installed: ctypes.Array[ctypes.c_char] | None = None
+
+    def working_bytes(self, n_vocab: int) -> int:
+        """What this context's largest decode touches beyond a warm-up's: its logits (`logits_bytes`)."""
+        return logits_bytes(n_vocab, self.outputs)
 
     def claim(self, seq: int = -1) -> object:
         """Start a new use of the context, emptying its cache (or sequence `seq` of it: the streams'
