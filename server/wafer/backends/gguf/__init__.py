@@ -22,6 +22,7 @@ Everything llama.cpp hands back is untyped; it stays inside this package:
 - `loading.py`: the file, its metadata, `options` (`GgufOptions`), the projection head;
 - `relevance.py`: the judging prompt, its yes/no score, and the judge (`RelevanceJudge`);
 - `streams.py`: generation streams decoded together (continuous batching);
+- `threadpool.py`: the generation context's persistent ggml thread pool;
 - `vocab.py`: the tokenizer (tokens, pieces, offsets) and the chat template.
 """
 

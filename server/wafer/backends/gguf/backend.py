@@ -150,7 +150,7 @@ class GgufBackend(Backend):
                 check_embedding_shape(spec, n_embd, n_ctx_train, head, head_path)
             if generates:
                 params = generation_params(spec, options.threads, n_ctx_train)
-                gen = LlamaContext(model, params, what="generation")
+                gen = LlamaContext(model, params, what="generation", pooled=True)
             if embeds:
                 params = embedding_params(spec, options.threads, n_ctx_train, attends_causally(settings, metadata))
                 emb = LlamaContext(model, params, what="embedding")

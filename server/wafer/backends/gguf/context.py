@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 
 from wafer.backends.base import ComputeInterrupted
 from wafer.backends.gguf.streams import ABORT_IF_FLAG_SET
+from wafer.backends.gguf.threadpool import ThreadPool
 from wafer.errors import FailedPreconditionError
 from wafer.specs import ModelSpec, Pooling, Task
 
@@ -61,12 +62,24 @@ def output_rows(params: Any) -> int:
 
 
 class LlamaContext:
-    """One llama_context with a batch sized for it; used by one thread at a time."""
+    """One llama_context with a batch sized for it; used by one thread at a time.
 
-    def __init__(self, model: Any, params: Any, *, what: str) -> None:
+    `pooled`: its graphs run on a persistent thread pool of its `n_threads` (wafer.backends.gguf.threadpool),
+    freed after the context, instead of threads started and joined for each graph."""
+
+    def __init__(self, model: Any, params: Any, *, what: str, pooled: bool = False) -> None:
         self.ptr: Any = llama_cpp.llama_init_from_model(model, params)
         if not self.ptr:
             raise FailedPreconditionError(f"llama.cpp could not create the {what} context")
+        self.pool: ThreadPool | None = None
+        if pooled:
+            try:
+                self.pool = ThreadPool(int(params.n_threads))
+            except BaseException:
+                llama_cpp.llama_free(self.ptr)
+                self.ptr = None
+                raise
+            self.pool.attach(self.ptr)
         self.memory: Any = llama_cpp.llama_get_memory(self.ptr)
         # llama.cpp rounds the context up (to 256 at least); the limit is what was asked for.
         self.n_ctx = min(int(params.n_ctx), int(llama_cpp.llama_n_ctx(self.ptr)))
@@ -188,6 +201,10 @@ class LlamaContext:
             llama_cpp.llama_free(self.ptr)
             self.ptr = None
             self.memory = None
+        # After the context: a context never computes on a freed pool.
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
 
 def sequence_cells(spec: ModelSpec, n_ctx_train: int) -> int:

@@ -60,7 +60,9 @@ Measured on 2 cores: 2 threads fell to 12.9 tokens/s with one core busy elsewher
 a second) the engine counts the cores other processes kept busy since its last look (the machine's
 busy CPU time less this whole process's own, `OutsideLoad`) and uses the cores left, at least one and
 at most the model's `threads`. Not the load average: it trails by a minute, so the engine's own past
-threads read as someone else's, and a step down to one thread kept itself there.
+threads read as someone else's, and a step down to one thread kept itself there. The threads are the
+context's persistent pool of the model's `threads` (wafer.backends.gguf.threadpool), which sleep
+between graphs; `llama_set_n_threads` makes a step run on the first n of them.
 """
 
 from __future__ import annotations
