@@ -17,16 +17,12 @@ import pytest
 from numpy.typing import NDArray
 
 from tests.fakes.tiny_qwen2 import TinyQwen2, write_tiny_qwen2
+from tests.integration.gguf_engines import gguf_engine
 from tests.llama_reference import TokenStates
-from wafer.app import engine_limits
 from wafer.backends.base import InputTooLongError, LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
-from wafer.config import Settings
 from wafer.domain import ChatMessage, EmbedRequest, InputType, RerankRequest, SamplingParams
-from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError
-from wafer.registry import ModelRegistry
-from wafer.sources import SourceResolver
 from wafer.specs import Catalog, ModelSpec, Pooling
 
 pytestmark = pytest.mark.integration
@@ -195,14 +191,7 @@ def test_a_broken_chat_template_is_the_models_fault(
 async def test_engine_applies_the_query_prompt_to_queries_only(weights: Path, tmp_path: Path) -> None:
     spec = spec_for(Pooling.LAST, name="gte-tiny", source=str(weights))
     catalog = Catalog(models={spec.name: spec}, base_dir=tmp_path)
-    registry = ModelRegistry(
-        catalog,
-        SourceResolver(catalog.base_dir, tmp_path / "hub"),
-        {"gguf": GgufBackend},
-        threads=1,
-        drain_timeout_seconds=5,
-    )
-    engine = InferenceEngine(registry, engine_limits(Settings(data_dir=tmp_path / "data")))
+    registry, engine = gguf_engine(catalog, tmp_path)
     try:
         question = "where do trains to the coast leave from?"
         documents = ["Trains to the coast leave from platform 4.", "The bakery opens at seven."]

@@ -27,16 +27,14 @@ from tests.conftest import MODELS_YAML
 from tests.fakes.fake_hub import FakeHub, running_fake_hub
 from tests.fakes.tiny_bert import write_tiny_bert
 from tests.fakes.tiny_qwen2 import TinyQwen2, write_dense_head, write_tiny_qwen2
+from tests.integration.gguf_engines import gguf_engine
 from tests.qwen2_reference import Qwen2Reference, Tokenizer
-from wafer.app import engine_limits
 from wafer.backends.base import LoadOptions, ModelFiles
 from wafer.backends.gguf import GgufBackend
-from wafer.config import Settings
 from wafer.domain import EmbedRequest, InputType
 from wafer.engine import InferenceEngine
 from wafer.errors import FailedPreconditionError, InvalidArgumentError
-from wafer.registry import ModelRegistry
-from wafer.sources import HubFile, SourceResolver
+from wafer.sources import HubFile
 from wafer.specs import Catalog, LoadPolicy, ModelSpec, Pooling
 
 pytestmark = pytest.mark.integration
@@ -138,14 +136,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 @pytest.fixture
 async def engine(world: World, tmp_path: Path) -> AsyncIterator[InferenceEngine]:
     catalog = Catalog(models={GTE: tiny(GTE), STELLA: tiny(STELLA), EMBER: tiny(EMBER)}, base_dir=tmp_path)
-    registry = ModelRegistry(
-        catalog,
-        SourceResolver(catalog.base_dir, tmp_path / "hub-cache", hub_endpoint=world.hub.url),
-        {"gguf": GgufBackend},
-        threads=1,
-        drain_timeout_seconds=5,
-    )
-    yield InferenceEngine(registry, engine_limits(Settings(data_dir=tmp_path / "data")))
+    registry, engine = gguf_engine(catalog, tmp_path, hub="hub-cache", hub_endpoint=world.hub.url)
+    yield engine
     await registry.close()
 
 

@@ -12,15 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.tiny_qwen2 import TinyQwen2, write_tiny_qwen2
-from wafer.app import engine_limits
-from wafer.backends.gguf import GgufBackend
+from tests.integration.gguf_engines import gguf_engine
 from wafer.backends.gguf.context import logits_bytes
-from wafer.config import Settings
 from wafer.domain import EmbedRequest
-from wafer.engine import InferenceEngine
-from wafer.registry import ModelRegistry, trim_heap
+from wafer.registry import trim_heap
 from wafer.registry.memory import rss
-from wafer.sources import SourceResolver
 from wafer.specs import Catalog, ModelSpec
 
 pytestmark = pytest.mark.integration
@@ -49,14 +45,7 @@ async def test_reported_memory_covers_a_full_window_embed(tmp_path: Path) -> Non
         }
     )
     catalog = Catalog(models={spec.name: spec}, base_dir=tmp_path)
-    registry = ModelRegistry(
-        catalog,
-        SourceResolver(catalog.base_dir, tmp_path / "hub"),
-        {"gguf": GgufBackend},
-        threads=1,
-        drain_timeout_seconds=5,
-    )
-    engine = InferenceEngine(registry, engine_limits(Settings(data_dir=tmp_path / "data")))
+    registry, engine = gguf_engine(catalog, tmp_path)
     try:
         trim_heap()
         before = rss()
