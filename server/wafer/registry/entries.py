@@ -38,6 +38,11 @@ class LoadedModel:
     handle: ModelHandle
     instances: tuple[Backend, ...] = ()
 
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """Every instance; `backend` alone for a record made without the list."""
+        return self.instances or (self.backend,)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelStatus:

@@ -449,7 +449,7 @@ class ModelRegistry:
                 loop = asyncio.get_running_loop()
                 pending = loop.run_in_executor(None, self._load_blocking, backend_cls, spec, files)
                 loaded = await pending
-                working = sum(backend.working_bytes for backend in loaded.instances or (loaded.backend,))
+                working = sum(backend.working_bytes for backend in loaded.backends)
                 instance = Instance(
                     loaded=loaded,
                     memory_bytes=max(0, rss() - rss_before) + working,
@@ -565,7 +565,7 @@ class ModelRegistry:
 
 def _close(loaded: LoadedModel) -> None:
     loaded.scheduler.close()
-    for instance in loaded.instances or (loaded.backend,):
+    for instance in loaded.backends:
         instance.close()
     trim_heap()
 

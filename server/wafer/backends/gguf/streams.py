@@ -349,9 +349,10 @@ class StreamEngine(GenerationStreams):
         fewest runs of consecutive ids, the least recently used. llama.cpp decodes only consecutive
         sequences of a non-unified cache in one micro-batch, so a token step of sequences 0 and 2
         passes over the weights twice, and one of 0 and 1 once. The third value is a running stream
-        whose prompt shares a longer prefix (at least MIN_COPIED_PREFIX tokens) than any free
-        sequence holds, and that prefix's length: its cells are copied once it has read them
-        (callers who arrive together with one system prompt read it once); None otherwise."""
+        whose prompt shares a longer prefix than any free sequence holds, and that prefix's length:
+        at least MIN_COPIED_PREFIX tokens, copied once the stream has read them (callers who arrive
+        together with one system prompt read it once), or at least MIN_COPIED_HELD tokens it holds
+        already, copied at once; None otherwise."""
         running = {stream.seq for stream in self._active}
 
         def runs(seq: int) -> int:
