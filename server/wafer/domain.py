@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
@@ -164,6 +165,19 @@ class GenerationDelta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    @classmethod
+    def joined(cls, deltas: Sequence[GenerationDelta]) -> GenerationDelta:
+        """One delta for consecutive ones of a stream: their text, and the last one's end."""
+        if len(deltas) == 1:
+            return deltas[0]
+        last = deltas[-1]
+        return cls(
+            text="".join(delta.text for delta in deltas),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+        )
 
 
 @dataclass(frozen=True, slots=True)

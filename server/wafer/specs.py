@@ -99,6 +99,20 @@ class GenerationSpec(BaseModel):
         description="Keep each finished stream's prompt in its sequence's cells, so a later prompt that "
         "starts the same way (a system prompt, a chat history) decodes only the rest.",
     )
+    flash_attention: bool = Field(
+        default=False,
+        description="Decode with llama.cpp's flash attention kernel: faster, but a stream's tokens then "
+        "depend on the streams decoded beside it and on the thread count (see docs/architecture.md, "
+        "'Generation'). Off, each stream's tokens are those it gets alone.",
+    )
+    stream_interval_ms: float = Field(
+        default=40.0,
+        ge=0,
+        le=1000,
+        description="Text a stream generates within this long of its last message travels in its next "
+        "message: its first text and its end go at once. Each message costs the server and the client "
+        "CPU that decoding would use; 0 sends one message per token.",
+    )
 
 
 class ModelSpec(BaseModel):

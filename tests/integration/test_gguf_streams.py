@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import llama_cpp
+import numpy as np
 import pytest
 
 from wafer.backends.base import ComputeInterrupted, LoadOptions, ModelFiles
@@ -152,6 +153,45 @@ def test_streams_that_join_together_read_their_prompts_in_one_step(backend: Gguf
     assert all(isinstance(s, Stream) and s.prefilled == len(s.tokens) and s.generated == 1 for s in streams)
     for stream in streams:
         engine.close(stream)
+    assert_free(engine, backend)
+
+
+def test_prompts_of_nearly_equal_length_are_padded_into_one_pass_with_the_same_tokens(
+    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp reads a step's chunks in micro-batches of equal length per sequence: prompts a few
+    tokens apart are padded to the longest (one pass over the weights), the padding's cells dropped
+    after the step, and every stream's tokens are those it gets alone."""
+    engine = engine_of(backend)
+    questions = ("Name a fruit.", "Name two fruits.", "Name three red fruits.", "Name a fruit, please.")
+    requests = [(chat(q), s) for q, s in zip(questions, samplings(), strict=True)]
+    expected = texts([alone(backend, m, s) for m, s in requests])
+    padding_of = engine._padding
+    chunk_lengths: list[list[int]] = []
+    paddings: list[list[int]] = []
+
+    def recording(chunks: list[tuple[Stream, int]]) -> list[int]:
+        chunk_lengths.append([end - stream.prefilled for stream, end in chunks])
+        paddings.append(padding_of(chunks))
+        return paddings[-1]
+
+    monkeypatch.setattr(engine, "_padding", recording)
+    streams = [engine.open(prompt=None, messages=m, sampling=s) for m, s in requests]
+    for stream in streams:
+        assert engine.admit(stream)
+    out: dict[int, list[GenerationDelta]] = {id(stream): [] for stream in streams}
+    for handle, delta in engine.step():
+        out[id(handle)].append(delta)
+    (lengths,) = chunk_lengths
+    assert len(set(lengths)) > 1
+    assert paddings == [[max(lengths) - length for length in lengths]]
+    memory = llama_cpp.llama_get_memory(backend._gen.ptr)  # type: ignore[union-attr]
+    for stream in streams:  # the prompt's cells, not the padding's
+        assert llama_cpp.llama_memory_seq_pos_max(memory, stream.seq) == len(stream.tokens) - 1
+    while not all(stream.closed for stream in streams):
+        for handle, delta in engine.step():
+            out[id(handle)].append(delta)
+    assert texts([out[id(stream)] for stream in streams]) == expected
     assert_free(engine, backend)
 
 
@@ -507,6 +547,69 @@ async def test_a_caller_that_leaves_frees_its_sequence_and_the_others_go_on(back
         await asyncio.to_thread(scheduler.close)
 
 
+async def test_text_within_the_stream_interval_travels_in_one_message(backend: GgufBackend) -> None:
+    """A stream's first text goes at once; what follows within `stream_interval` waits for the next
+    message (here: the end). The text is the same as one message per token."""
+    sampling = SamplingParams(max_tokens=64, temperature=0.0)
+    expected = texts([alone(backend, chat(QUESTIONS[0]), sampling)])
+    engine = engine_of(backend)
+    per_token = ModelScheduler("smollm2-test", backend, ComputeGate())
+    try:
+        one_each = await _collect(per_token, chat(QUESTIONS[0]), sampling, Priority.INTERACTIVE)
+    finally:
+        await asyncio.to_thread(per_token.close)
+    assert texts([one_each]) == expected
+    assert len(one_each) > 32
+
+    held = ModelScheduler("smollm2-test", backend, ComputeGate(), stream_interval=600.0)
+    try:
+        messages: list[GenerationDelta] = []
+        running_at_first: int | None = None
+        async for delta in held.generate(prompt=None, messages=chat(QUESTIONS[0]), sampling=sampling):
+            if not messages:
+                running_at_first = engine.active  # the stream is still decoding: its first text was not held
+            messages.append(delta)
+    finally:
+        await asyncio.to_thread(held.close)
+    assert texts([messages]) == expected
+    assert len(messages) == 2
+    assert running_at_first == 1
+    assert messages[0].finish_reason is None and messages[0].text
+    assert messages[1].completion_tokens == 64
+    assert_free(engine, backend)
+
+
+async def test_text_held_for_the_next_message_reaches_the_caller_before_an_error(
+    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sampling = SamplingParams(max_tokens=64, temperature=0.0)
+    (expected,) = texts([alone(backend, chat(QUESTIONS[1]), sampling)])
+    engine = engine_of(backend)
+    step, steps = engine.step, 0
+
+    def failing_step() -> list[tuple[object, GenerationDelta]]:
+        nonlocal steps
+        steps += 1
+        if steps == 12:
+            raise RuntimeError("llama_decode failed with code -3")
+        return step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate(), stream_interval=600.0)
+    received: list[GenerationDelta] = []
+    try:
+        with pytest.raises(RuntimeError, match="code -3"):
+            async for delta in scheduler.generate(prompt=None, messages=chat(QUESTIONS[1]), sampling=sampling):
+                received.append(delta)
+    finally:
+        await asyncio.to_thread(scheduler.close)
+    # The first text at once, then the ten steps' text held since: none of it lost.
+    assert len(received) == 2
+    text = "".join(delta.text for delta in received)
+    assert len(text) > len(received[0].text) and expected.startswith(text)
+    assert_free(engine, backend)
+
+
 async def test_batch_lane_streams_leave_a_sequence_for_interactive_ones(backend: GgufBackend) -> None:
     scheduler = ModelScheduler("smollm2-test", backend, ComputeGate())
     engine = engine_of(backend)
@@ -551,6 +654,32 @@ def test_an_interrupt_between_steps_costs_a_retry_not_the_answer(backend: GgufBa
 def load(resolver: SourceResolver, spec: ModelSpec, **generation: object) -> GgufBackend:
     spec = spec.model_copy(update={"generation": spec.generation.model_copy(update=generation)})
     return GgufBackend.load(spec, ModelFiles(weights=resolver.resolve(spec.source, model=spec.name)), LoadOptions(2))
+
+
+@pytest.mark.parametrize("flash_attention", [False, True])
+def test_with_flash_attention_a_lone_tokens_logits_depend_on_the_thread_count(
+    resolver: SourceResolver, smollm2_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch, flash_attention: bool
+) -> None:
+    """Why `generation.flash_attention` is off by default: with it, ggml's CPU kernel splits the keys
+    of a lone one-token decode over the threads once 512 cells are in view, so the thread count (which
+    follows the machine's load) changes the logits; without it, it does not."""
+    backend = load(resolver, smollm2_spec, flash_attention=flash_attention)
+    try:
+        engine, ctx = engine_of(backend), backend._gen
+        assert ctx is not None
+        prompt = backend._request_tokens(None, system_chat(QUESTIONS[0]))[:600]
+        logits = []
+        for threads in (1, 2):
+            pin_threads(engine, monkeypatch, threads)
+            ctx.clear(0)
+            ctx.decode_tokens(prompt[:-1], 0, 0, output_last=False)
+            index = ctx.decode_tokens(prompt[-1:], len(prompt) - 1, 0, output_last=True)  # a lone token
+            assert index is not None
+            logits.append(ctx.logits(index, backend._vocab.n_tokens))
+        ctx.clear(0)
+        assert np.array_equal(logits[0], logits[1]) is not flash_attention
+    finally:
+        backend.close()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -520,6 +520,7 @@ class ModelRegistry:
             self._gate,
             batching=spec.batching,
             max_tokens=spec.max_tokens,
+            stream_interval=spec.generation.stream_interval_ms / 1000,
             observer=self._batch_observer,
         )
         handle = ModelHandle(spec, scheduler, backend, observer=self._batch_observer)

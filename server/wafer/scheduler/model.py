@@ -31,6 +31,8 @@ Every call into a backend goes through its model's scheduler, never straight fro
   sequence and the cells for it (`generation.parallel`, `generation.kv_cells` in models.yaml);
   others wait in their lane. On an idle engine the first step waits a few milliseconds for more
   calls (ADMISSION_GAP), so that callers who arrive together read their prompts in one step.
+  A stream's first text and its end reach its caller at once; text within `stream_interval` of its
+  last message travels in its next one (fewer messages: less CPU taken from decoding).
   Interactive streams are admitted first, batch-lane streams never take the last free sequence,
   and a step with an interactive stream is an interactive turn; a batch-lane-only step is
   interrupted (mid-decode) when interactive work arrives, and runs again. A stream that ends or
@@ -253,6 +255,9 @@ class _GenWork(_Streamed):
         self.request = request
         self.on_start = on_start
         self.handle: object | None = None
+        # Deltas not yet handed to the consumer, and when the last ones were (0.0: none yet).
+        self.held: list[GenerationDelta] = []
+        self.sent = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,8 +331,10 @@ class ModelScheduler:
         *,
         batching: BatchingSpec | None = None,
         max_tokens: int = 512,
+        stream_interval: float = 0.0,
         observer: BatchObserver | None = None,
     ) -> None:
+        """`stream_interval`: seconds within which a batched stream's text is sent together (`_step`)."""
         self.name = name
         # Instances of one model: the first is the model's own; all are loaded alike.
         self._instances = [backend] if isinstance(backend, Backend) else list(backend)
@@ -337,6 +344,7 @@ class ModelScheduler:
         self._gate = gate
         self._batching = batching or BatchingSpec()
         self._max_tokens = max_tokens
+        self._stream_interval = stream_interval
         self._observer = observer
         self._changed = threading.Condition()
         # Requests to tokenize in the next joint call (event loop side only).
@@ -769,12 +777,27 @@ class ModelScheduler:
                 self._end_streams(exc)
                 return
         owners = {id(work.handle): work for work in self._active}
-        handed: dict[asyncio.AbstractEventLoop, list[tuple[_GenWork, object]]] = {}
         for handle, delta in deltas:
-            work = owners[id(handle)]
+            owners[id(handle)].held.append(delta)
+        self._hand_over_held(time.perf_counter())
+
+    def _hand_over_held(self, now: float) -> None:
+        """Hand each stream's held deltas to its consumer, as one: its first text and its end at once,
+        the rest once `stream_interval` has passed since its last message. Each message is an event
+        loop wake-up, a gRPC write and a client read, CPU taken from decoding: measured on 2 cores,
+        ~0.8 ms of a 13 ms token step for one stream. Text within the interval (~3 tokens of a
+        lone stream, one or two of four) goes together, at a delay nobody reading it sees."""
+        handed: dict[asyncio.AbstractEventLoop, list[tuple[_GenWork, object]]] = {}
+        for work in list(self._active):
+            if not work.held:
+                continue
+            finished = work.held[-1].finish_reason is not None
+            if not finished and work.sent and now - work.sent < self._stream_interval:
+                continue
             batch = handed.setdefault(work.loop, [])
-            batch.append((work, delta))
-            if delta.finish_reason is not None:  # the backend closed the stream
+            batch.append((work, GenerationDelta.joined(work.held)))
+            work.held, work.sent = [], now
+            if finished:  # the backend closed the stream
                 batch += [(work, _DONE), (work, _RELEASED)]
                 self._active.remove(work)
         # One wake-up of each event loop per step, not one per token: each is a write to the loop's
@@ -793,6 +816,8 @@ class ModelScheduler:
         for work in self._active:
             if self._streams is not None:
                 self._streams.close(work.handle)
+            if work.held:  # text generated before the error still reaches its caller
+                work.deliver(GenerationDelta.joined(work.held))
             work.deliver(error)
             work.release()
         self._active.clear()

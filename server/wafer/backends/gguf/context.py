@@ -228,7 +228,11 @@ def generation_params(spec: ModelSpec, threads: int, n_ctx_train: int) -> Any:
     # threads once 512 cells are in view and merges the partial sums (`use_split_kv_path` in
     # ggml-cpu/ops.cpp), and tiles prompt chunks of 64 tokens or more differently from shorter ones:
     # measured on SmolLM2, a stream's greedy tokens changed with the company it was decoded in.
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if spec.generation.flash_attention
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     # A decode reads the logits of one token per stream at most (not of every prompt token).
     params.n_outputs_max = params.n_seq_max
     return params
