@@ -610,6 +610,45 @@ async def test_text_held_for_the_next_message_reaches_the_caller_before_an_error
     assert_free(engine, backend)
 
 
+async def test_held_text_reaches_the_caller_before_other_work_on_the_models_thread(
+    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text held for a stream's next message does not wait behind a call the model's thread runs
+    between two steps (a rerank, an interrupted batch-lane step and the interactive work after it):
+    that can take seconds, and the text was generated before it."""
+    engine = engine_of(backend)
+    step, steps, stepped = engine.step, 0, threading.Event()
+
+    def counting_step() -> list[tuple[object, GenerationDelta]]:
+        nonlocal steps
+        steps += 1
+        if steps == 4:  # the prompt's step (the first text, sent) and token steps whose text is held
+            stepped.set()
+        return step()
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate(), stream_interval=600.0)
+    second = threading.Event()
+    received: list[GenerationDelta] = []
+
+    async def consume() -> None:
+        sampling = SamplingParams(max_tokens=64, temperature=0.0)
+        async for delta in scheduler.generate(prompt=None, messages=chat(QUESTIONS[0]), sampling=sampling):
+            received.append(delta)
+            if len(received) == 2:
+                second.set()
+
+    try:
+        consuming = asyncio.create_task(consume())
+        assert await asyncio.to_thread(stepped.wait, 30.0)
+        delivered = await scheduler.run(lambda: second.wait(timeout=5.0))
+        await consuming
+    finally:
+        await asyncio.to_thread(scheduler.close)
+    assert delivered.value
+    assert_free(engine, backend)
+
+
 async def test_batch_lane_streams_leave_a_sequence_for_interactive_ones(backend: GgufBackend) -> None:
     scheduler = ModelScheduler("smollm2-test", backend, ComputeGate())
     engine = engine_of(backend)
