@@ -296,12 +296,17 @@ def llama_server(binary: Path, threads: int, tokens: int, *, flash_attention: bo
 
 def wafer(threads: int, tokens: int, *, flash_attention: bool = False) -> Run:
     """`flash_attention`: with smollm2's `generation.flash_attention` on (off by default)."""
-    models = None
-    if flash_attention:
-        catalog = yaml.safe_load((ROOT / "models.yaml").read_text())
-        catalog["models"]["smollm2"]["generation"]["flash_attention"] = True
-        models = Path(tempfile.mkdtemp(prefix="wafer-bench-generation-")) / "models.yaml"
+    if not flash_attention:
+        return _wafer_run(threads, tokens, None)
+    catalog = yaml.safe_load((ROOT / "models.yaml").read_text())
+    catalog["models"]["smollm2"]["generation"]["flash_attention"] = True
+    with tempfile.TemporaryDirectory(prefix="wafer-bench-generation-") as folder:
+        models = Path(folder) / "models.yaml"
         models.write_text(yaml.safe_dump(catalog))
+        return _wafer_run(threads, tokens, models)
+
+
+def _wafer_run(threads: int, tokens: int, models: Path | None) -> Run:
     with served(threads, models=models) as (address, _):
         loop = asyncio.new_event_loop()
         client = AsyncWaferClient(address, timeout=600, retries=0)

@@ -102,7 +102,10 @@ def test_generate_streams_tokens(client: WaferClient) -> None:
             messages=[{"role": "user", "content": "Count from one to twenty."}], max_tokens=24, temperature=0
         )
     )
-    assert len(chunks) > 5, "tokens should arrive as a stream, not one message"
+    # The first text comes at once; what follows travels in messages generation.stream_interval_ms apart,
+    # so how many there are depends on the machine's speed.
+    assert len(chunks) >= 2, "tokens should arrive as a stream, not one message"
+    assert chunks[0].text and chunks[0].finish_reason is None
     text_chunks, last = chunks[:-1], chunks[-1]
     assert all(c.finish_reason is None for c in text_chunks)
     assert last.finish_reason == "length"

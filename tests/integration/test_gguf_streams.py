@@ -184,6 +184,7 @@ def test_prompts_of_nearly_equal_length_are_padded_into_one_pass_with_the_same_t
         out[id(handle)].append(delta)
     (lengths,) = chunk_lengths
     assert len(set(lengths)) > 1
+    assert sorted(stream.seq for stream in streams) == list(range(4))  # one run of consecutive ids
     assert paddings == [[max(lengths) - length for length in lengths]]
     memory = llama_cpp.llama_get_memory(backend._gen.ptr)  # type: ignore[union-attr]
     for stream in streams:  # the prompt's cells, not the padding's
@@ -701,7 +702,10 @@ def test_with_flash_attention_a_lone_tokens_logits_depend_on_the_thread_count(
 ) -> None:
     """Why `generation.flash_attention` is off by default: with it, ggml's CPU kernel splits the keys
     of a lone one-token decode over the threads once 512 cells are in view, so the thread count (which
-    follows the machine's load) changes the logits; without it, it does not."""
+    follows the machine's load) changes the logits; without it, it does not. With it on, this tests
+    llama.cpp, not Wafer: a llama.cpp whose kernel no longer splits would fail here, and the docs'
+    reason for the default (docs/architecture.md, "What is promised about a stream's tokens") would
+    need a new look."""
     backend = load(resolver, smollm2_spec, flash_attention=flash_attention)
     try:
         engine, ctx = engine_of(backend), backend._gen

@@ -495,20 +495,28 @@ class StreamEngine(GenerationStreams):
         return deltas
 
     def _padding(self, chunks: list[tuple[Stream, int]]) -> list[int]:
-        """Tokens to decode after each chunk, and drop, so that every chunk of the step is as long as
-        the longest and llama.cpp reads them in one pass over the weights, not one per length
-        (PADDING_PER_PASS); none when that costs more than the passes it saves. The padding sits at
+        """Tokens to decode after each chunk, and drop, so that the chunks of each run of consecutive
+        sequence ids are as long as the run's longest and llama.cpp reads them in one pass over the
+        weights, not one per length (it puts only consecutive ids in one micro-batch); none in a run
+        where that costs more than the passes it saves (PADDING_PER_PASS). The padding sits at
         positions after the chunk's tokens, which attend only to earlier ones (masked cells add exact
-        zeros), so no output of the chunk changes."""
-        lengths = [end - stream.prefilled for stream, end in chunks]
-        longest, passes = max(lengths), len(set(lengths))
-        padding = [longest - length for length in lengths]
-        fits = all(end + pad <= self._window for (_, end), pad in zip(chunks, padding, strict=True))
-        if passes == 1 or not fits or sum(padding) > PADDING_PER_PASS * (passes - 1):
-            return [0] * len(chunks)
-        if sum(lengths) + sum(padding) > self._ctx.n_batch:
-            return [0] * len(chunks)
-        return padding
+        zeros), so no output of the chunk changes. `chunks` are in sequence order."""
+        padding = [0] * len(chunks)
+        first = 0
+        for index in range(1, len(chunks) + 1):
+            if index < len(chunks) and chunks[index][0].seq == chunks[index - 1][0].seq + 1:
+                continue
+            run = range(first, index)
+            first = index
+            lengths = [chunks[k][1] - chunks[k][0].prefilled for k in run]
+            longest, passes = max(lengths), len(set(lengths))
+            pads = [longest - length for length in lengths]
+            fits = all(chunks[k][1] + pad <= self._window for k, pad in zip(run, pads, strict=True))
+            if passes > 1 and fits and sum(pads) <= PADDING_PER_PASS * (passes - 1):
+                for k, pad in zip(run, pads, strict=True):
+                    padding[k] = pad
+        tokens = sum(end - stream.prefilled for stream, end in chunks)
+        return padding if tokens + sum(padding) <= self._ctx.n_batch else [0] * len(chunks)
 
     def adapt_threads(self) -> None:
         """Use the cores other processes leave free (see the module docstring)."""
