@@ -650,6 +650,52 @@ async def test_held_text_reaches_the_caller_before_other_work_on_the_models_thre
     assert_free(engine, backend)
 
 
+async def test_held_text_reaches_the_caller_before_the_model_waits_for_another_models_turn(
+    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another model holds the compute gate (an embedding call, a rerank), this model's next
+    step waits; the text its streams hold goes to their callers before that wait, not after it."""
+    engine, gate = engine_of(backend), ComputeGate()
+    step, steps, stepped = engine.step, 0, threading.Event()
+
+    def counting_step() -> list[tuple[object, GenerationDelta]]:
+        nonlocal steps
+        steps += 1
+        if steps == 4:  # the prompt's step (the first text, sent) and token steps whose text is held
+            stepped.set()
+            # Let the other model queue for the gate while this turn is held: it goes next.
+            deadline = time.monotonic() + 30
+            while gate.waiting(Priority.INTERACTIVE) == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return step()
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    scheduler = ModelScheduler("smollm2-test", backend, gate, stream_interval=600.0)
+    second = threading.Event()
+    received: list[GenerationDelta] = []
+
+    async def consume() -> None:
+        sampling = SamplingParams(max_tokens=64, temperature=0.0)
+        async for delta in scheduler.generate(prompt=None, messages=chat(QUESTIONS[0]), sampling=sampling):
+            received.append(delta)
+            if len(received) == 2:
+                second.set()
+
+    def other_model() -> bool:
+        with gate.turn(Priority.INTERACTIVE):
+            return second.wait(timeout=5.0)
+
+    try:
+        consuming = asyncio.create_task(consume())
+        assert await asyncio.to_thread(stepped.wait, 30.0)
+        delivered = await asyncio.to_thread(other_model)
+        await consuming
+    finally:
+        await asyncio.to_thread(scheduler.close)
+    assert delivered
+    assert_free(engine, backend)
+
+
 async def test_batch_lane_streams_leave_a_sequence_for_interactive_ones(backend: GgufBackend) -> None:
     scheduler = ModelScheduler("smollm2-test", backend, ComputeGate())
     engine = engine_of(backend)

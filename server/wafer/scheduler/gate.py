@@ -118,6 +118,12 @@ class ComputeGate:
                 held.interrupt()
                 held.interrupt = None  # once is enough
 
+    @property
+    def busy(self) -> bool:
+        """Whether a turn is held or asked for now, so that a turn asked for next may wait: a hint,
+        read without the lock."""
+        return bool(self._holders) or any(self._lanes.values())
+
     def waiting(self, lane: Priority) -> int:
         """Turns asked for in `lane` and not granted yet."""
         return len(self._lanes[lane])

@@ -765,6 +765,8 @@ class ModelScheduler:
             return
         interactive = any(work.lane is Priority.INTERACTIVE for work in self._active)
         lane = Priority.INTERACTIVE if interactive else Priority.BATCH
+        if self._gate.busy:  # another model's turn may take long: the held text goes before the wait
+            self._hand_over_held(time.perf_counter(), flush=True)
         with self._gate.turn(lane):
             if lane is Priority.BATCH:
                 self._gate.allow_interrupt(streams.interrupt)
