@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import llama_cpp
 import numpy as np
@@ -611,62 +611,26 @@ async def test_text_held_for_the_next_message_reaches_the_caller_before_an_error
     assert_free(engine, backend)
 
 
-async def test_held_text_reaches_the_caller_before_other_work_on_the_models_thread(
-    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Text held for a stream's next message does not wait behind a call the model's thread runs
-    between two steps (a rerank, an interrupted batch-lane step and the interactive work after it):
-    that can take seconds, and the text was generated before it."""
+async def second_message_arrives_during(
+    backend: GgufBackend,
+    monkeypatch: pytest.MonkeyPatch,
+    gate: ComputeGate,
+    occupy: Callable[[ModelScheduler, threading.Event], Awaitable[bool]],
+    at_fourth_step: Callable[[], None] = lambda: None,
+) -> bool:
+    """Stream a 64-token answer whose text is held for 600 s. After its fourth step (the prompt's,
+    whose first text is sent at once, then token steps whose text is held), and `at_fourth_step`
+    within it, run `occupy`, which keeps the model's thread or the gate busy and answers whether the
+    stream's second message arrived meanwhile (the event given to it is set when it does)."""
     engine = engine_of(backend)
     step, steps, stepped = engine.step, 0, threading.Event()
 
     def counting_step() -> list[tuple[object, GenerationDelta]]:
         nonlocal steps
         steps += 1
-        if steps == 4:  # the prompt's step (the first text, sent) and token steps whose text is held
+        if steps == 4:
             stepped.set()
-        return step()
-
-    monkeypatch.setattr(engine, "step", counting_step)
-    scheduler = ModelScheduler("smollm2-test", backend, ComputeGate(), stream_interval=600.0)
-    second = threading.Event()
-    received: list[GenerationDelta] = []
-
-    async def consume() -> None:
-        sampling = SamplingParams(max_tokens=64, temperature=0.0)
-        async for delta in scheduler.generate(prompt=None, messages=chat(QUESTIONS[0]), sampling=sampling):
-            received.append(delta)
-            if len(received) == 2:
-                second.set()
-
-    try:
-        consuming = asyncio.create_task(consume())
-        assert await asyncio.to_thread(stepped.wait, 30.0)
-        delivered = await scheduler.run(lambda: second.wait(timeout=5.0))
-        await consuming
-    finally:
-        await asyncio.to_thread(scheduler.close)
-    assert delivered.value
-    assert_free(engine, backend)
-
-
-async def test_held_text_reaches_the_caller_before_the_model_waits_for_another_models_turn(
-    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """While another model holds the compute gate (an embedding call, a rerank), this model's next
-    step waits; the text its streams hold goes to their callers before that wait, not after it."""
-    engine, gate = engine_of(backend), ComputeGate()
-    step, steps, stepped = engine.step, 0, threading.Event()
-
-    def counting_step() -> list[tuple[object, GenerationDelta]]:
-        nonlocal steps
-        steps += 1
-        if steps == 4:  # the prompt's step (the first text, sent) and token steps whose text is held
-            stepped.set()
-            # Let the other model queue for the gate while this turn is held: it goes next.
-            deadline = time.monotonic() + 30
-            while gate.waiting(Priority.INTERACTIVE) == 0 and time.monotonic() < deadline:
-                time.sleep(0.001)
+            at_fourth_step()
         return step()
 
     monkeypatch.setattr(engine, "step", counting_step)
@@ -681,19 +645,50 @@ async def test_held_text_reaches_the_caller_before_the_model_waits_for_another_m
             if len(received) == 2:
                 second.set()
 
-    def other_model() -> bool:
-        with gate.turn(Priority.INTERACTIVE):
-            return second.wait(timeout=5.0)
-
     try:
         consuming = asyncio.create_task(consume())
         assert await asyncio.to_thread(stepped.wait, 30.0)
-        delivered = await asyncio.to_thread(other_model)
+        delivered = await occupy(scheduler, second)
         await consuming
     finally:
         await asyncio.to_thread(scheduler.close)
-    assert delivered
     assert_free(engine, backend)
+    return delivered
+
+
+async def test_held_text_reaches_the_caller_before_other_work_on_the_models_thread(
+    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text held for a stream's next message does not wait behind a call the model's thread runs
+    between two steps (a rerank, an interrupted batch-lane step and the interactive work after it):
+    that can take seconds, and the text was generated before it."""
+
+    async def call(scheduler: ModelScheduler, second: threading.Event) -> bool:
+        return (await scheduler.run(lambda: second.wait(timeout=5.0))).value
+
+    assert await second_message_arrives_during(backend, monkeypatch, ComputeGate(), call)
+
+
+async def test_held_text_reaches_the_caller_before_the_model_waits_for_another_models_turn(
+    backend: GgufBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another model holds the compute gate (an embedding call, a rerank), this model's next
+    step waits; the text its streams hold goes to their callers before that wait, not after it."""
+    gate = ComputeGate()
+
+    def let_the_other_model_queue() -> None:  # while this turn is held: its turn comes next
+        deadline = time.monotonic() + 30
+        while gate.waiting(Priority.INTERACTIVE) == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def other_model(second: threading.Event) -> bool:
+        with gate.turn(Priority.INTERACTIVE):
+            return second.wait(timeout=5.0)
+
+    async def turn(_: ModelScheduler, second: threading.Event) -> bool:
+        return await asyncio.to_thread(other_model, second)
+
+    assert await second_message_arrives_during(backend, monkeypatch, gate, turn, let_the_other_model_queue)
 
 
 async def test_batch_lane_streams_leave_a_sequence_for_interactive_ones(backend: GgufBackend) -> None:
