@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -482,7 +483,7 @@ class StreamEngine(GenerationStreams):
                 index = ctx.add(stream.tokens[k], k, stream.seq, k == len(stream.tokens) - 1)
             if end == len(stream.tokens):
                 outputs.append((stream, index))
-            for k in range(end, end + pad):
+            for k in range(end, end + pad):  # any token: no output is read, and its cells are dropped
                 ctx.add(stream.tokens[end - 1], k, stream.seq, False)
         self._decode([(stream.seq, stream.prefilled) for stream, _ in chunks])
         for (stream, end), pad in zip(chunks, padding, strict=True):
@@ -501,20 +502,16 @@ class StreamEngine(GenerationStreams):
         where that costs more than the passes it saves (PADDING_PER_PASS). The padding sits at
         positions after the chunk's tokens, which attend only to earlier ones (masked cells add exact
         zeros), so no output of the chunk changes. `chunks` are in sequence order."""
-        padding = [0] * len(chunks)
-        first = 0
-        for index in range(1, len(chunks) + 1):
-            if index < len(chunks) and chunks[index][0].seq == chunks[index - 1][0].seq + 1:
-                continue
-            run = range(first, index)
-            first = index
-            lengths = [chunks[k][1] - chunks[k][0].prefilled for k in run]
+        padding: list[int] = []
+        # Consecutive ids keep the same difference to their place in `chunks`.
+        for _, run in itertools.groupby(enumerate(chunks), key=lambda item: item[1][0].seq - item[0]):
+            members = [chunk for _, chunk in run]
+            lengths = [end - stream.prefilled for stream, end in members]
             longest, passes = max(lengths), len(set(lengths))
             pads = [longest - length for length in lengths]
-            fits = all(chunks[k][1] + pad <= self._window for k, pad in zip(run, pads, strict=True))
-            if passes > 1 and fits and sum(pads) <= PADDING_PER_PASS * (passes - 1):
-                for k, pad in zip(run, pads, strict=True):
-                    padding[k] = pad
+            fits = all(end + pad <= self._window for (_, end), pad in zip(members, pads, strict=True))
+            worth = passes > 1 and fits and sum(pads) <= PADDING_PER_PASS * (passes - 1)
+            padding += pads if worth else [0] * len(members)
         tokens = sum(end - stream.prefilled for stream, end in chunks)
         return padding if tokens + sum(padding) <= self._ctx.n_batch else [0] * len(chunks)
 
